@@ -1,0 +1,22 @@
+"""ds-checkfree: DeepSpeed pipeline training that survives lost stages without checkpoints.
+
+Importing the package is cheap; DeepSpeed is loaded only when ``initialize`` or the engine
+is first used, so config validation and the pure modules work without it.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["initialize", "CheckFreePipelineEngine", "CheckFreePipelineModule", "__version__"]
+
+
+def __getattr__(name):
+    if name == "initialize":
+        from .initialize import initialize
+        return initialize
+    if name == "CheckFreePipelineEngine":
+        from .engine import CheckFreePipelineEngine
+        return CheckFreePipelineEngine
+    if name == "CheckFreePipelineModule":
+        from .module import CheckFreePipelineModule
+        return CheckFreePipelineModule
+    raise AttributeError(name)

@@ -1,0 +1,453 @@
+"""The ``"checkfree"`` section of a DeepSpeed JSON config, validated up front.
+
+Everything here runs before any process group exists, so a bad config fails in
+milliseconds with a message naming the key, the offending value and the fix,
+instead of minutes later inside a pipeline rank (torchtitan style: one
+dataclass, validation in ``__post_init__``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "CheckFreeConfig",
+    "split_deepspeed_config",
+    "micro_batches_per_step",
+    "validate_world",
+    "MODES",
+    "RECOVERY_METHODS",
+    "GRAD_NORMS",
+    "MIN_STAGES",
+]
+
+SECTION = "checkfree"
+MODES = ("off", "checkfree", "checkfree_plus")
+RECOVERY_METHODS = ("weighted_average", "mean", "copy_prev", "copy_next", "random")
+GRAD_NORMS = ("post_clip", "pre_clip")
+# Why each minimum: "off" just needs a pipeline; CheckFree rebuilds an
+# intermediate stage from two neighbours, so one must exist (S >= 3);
+# CheckFree+ swaps stages (0,1) and (S-2,S-1), which must be disjoint (S >= 4).
+MIN_STAGES = {"off": 1, "checkfree": 3, "checkfree_plus": 4}
+_MIN_STAGES_WHY = {
+    "off": "a pipeline needs at least one stage",
+    "checkfree": "CheckFree rebuilds a lost intermediate stage from its two neighbours, "
+    "so there must be at least one intermediate stage (stages 0 < i < S-1)",
+    "checkfree_plus": "CheckFree+ swaps stages (0, 1) and (S-2, S-1) on odd micro-batches, "
+    "and the two swap pairs must be disjoint",
+}
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key, the value and the fix."""
+
+
+def _fail(key: str, value: Any, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r}: {problem}. Fix: {fix}.")
+
+
+def _k(name: str) -> str:
+    return f"{SECTION}.{name}"
+
+
+# Expected JSON type per field: (kind, nullable). Kept explicit rather than read
+# from annotations, which are strings under ``from __future__ import annotations``.
+_TYPES: dict[str, tuple[str, bool]] = {
+    "mode": ("str", False),
+    "num_stages": ("int", False),
+    "swap": ("bool", False),
+    "lr_scale": ("float", False),
+    "grad_norm": ("str", False),
+    "epsilon": ("float", False),
+    "recovery_method": ("str", False),
+    "fail_at": ("fail_at", False),
+    "failure_rate": ("float", False),
+    "assumed_step_seconds": ("float", True),
+    "failure_seed": ("int", False),
+    "failure_schedule": ("str", True),
+    "fallback_checkpoint_dir": ("str", True),
+    "heartbeat_interval_s": ("float", False),
+    "heartbeat_timeout_s": ("float", False),
+    "spares": ("int", False),
+    "join_wait_s": ("float", False),
+    "checkpoint_every": ("int", False),
+    "checkpoint_dir": ("str", True),
+    "storage_bandwidth_mb_s": ("float", True),
+}
+
+_TYPE_WORDS = {
+    "str": "a string",
+    "int": "an integer (not a bool)",
+    "bool": "a bool (true/false)",
+    "float": "a number (not a bool)",
+}
+
+
+def _check_type(name: str, value: Any) -> Any:
+    """Return ``value`` coerced to its field type (int -> float only), or raise."""
+    kind, nullable = _TYPES[name]
+    if value is None and nullable:
+        return None
+    expected = _TYPE_WORDS.get(kind, "")
+    if nullable:
+        expected += " or null"
+    if kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            if not math.isfinite(value):
+                raise _fail(_k(name), value, "must be a finite number", "use a finite value")
+            value = float(value)
+    else:  # fail_at is parsed separately
+        return value
+    if not ok:
+        raise _fail(
+            _k(name), value, f"wrong type {type(value).__name__}, expected {expected}",
+            f"set {_k(name)} to {expected}",
+        )
+    return value
+
+
+def _parse_fail_entry(idx: int, entry: Any) -> tuple[int, int]:
+    key = f"{_k('fail_at')}[{idx}]"
+    fix = 'write each failure as "STAGE:STEP" (e.g. "2:100") or [STAGE, STEP] with integers'
+    if isinstance(entry, str):
+        parts = entry.split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            stage, step = int(parts[0].strip()), int(parts[1].strip())
+        except ValueError:
+            raise _fail(key, entry, "not of the form STAGE:STEP", fix) from None
+    elif isinstance(entry, (list, tuple)):
+        if len(entry) != 2 or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in entry
+        ):
+            raise _fail(key, entry, "must be a pair of integers [STAGE, STEP]", fix)
+        stage, step = entry
+    else:
+        raise _fail(key, entry, f"wrong type {type(entry).__name__}", fix)
+    if stage < 0:
+        raise _fail(key, entry, f"stage {stage} is negative", "use a stage index >= 0")
+    if step < 1:
+        raise _fail(key, entry, f"step {step} is < 1 (steps count from 1)", "use a step >= 1")
+    return (int(stage), int(step))
+
+
+@dataclass
+class CheckFreeConfig:
+    """Validated ``"checkfree"`` section; see the module docstring for why."""
+
+    mode: str = "checkfree"
+    num_stages: int = 4
+    swap: bool = True  # meaningful only for checkfree_plus (False: replicated layout, normal order)
+    lr_scale: float = 1.1
+    grad_norm: str = "post_clip"
+    epsilon: float = 1e-4
+    recovery_method: str = "weighted_average"
+    fail_at: list[tuple[int, int]] = field(default_factory=list)
+    failure_rate: float = 0.0  # percent per stage per hour
+    assumed_step_seconds: float | None = None
+    failure_seed: int = 0
+    failure_schedule: str | None = None
+    fallback_checkpoint_dir: str | None = None
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 10.0
+    spares: int = 0
+    join_wait_s: float = 60.0
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    storage_bandwidth_mb_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_type(f.name, getattr(self, f.name)))
+        self._validate_choices()
+        self._validate_numbers()
+        self._validate_fail_at()
+        self._validate_dependencies()
+
+    # -- validation, split by concern -------------------------------------------------
+    def _validate_choices(self) -> None:
+        for name, allowed, fix in (
+            ("mode", MODES, '"checkfree" (intermediate stages) or "checkfree_plus" (all stages); '
+             '"off" is stock DeepSpeed'),
+            ("grad_norm", GRAD_NORMS, '"post_clip" (the paper) or "pre_clip"'),
+            ("recovery_method", RECOVERY_METHODS, '"weighted_average" (the paper); the others '
+             "are ablations"),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                close = difflib.get_close_matches(value, allowed, n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                raise _fail(_k(name), value, f"must be one of {list(allowed)}{hint}", f"use {fix}")
+        need = MIN_STAGES[self.mode]
+        if self.num_stages < need:
+            raise _fail(
+                _k("num_stages"), self.num_stages,
+                f"mode {self.mode!r} needs at least {need} stages: {_MIN_STAGES_WHY[self.mode]}",
+                f"set num_stages >= {need}" + (
+                    ', or use mode "checkfree" / "off"' if self.mode == "checkfree_plus"
+                    else ', or use mode "off"' if self.mode == "checkfree" else ""),
+            )
+
+    def _validate_numbers(self) -> None:
+        positive = {
+            "lr_scale": "set a positive factor such as 1.1 (the paper's default)",
+            "epsilon": "set a small positive value such as 1e-4 (the paper's default)",
+            "heartbeat_interval_s": "set a positive interval such as 0.5",
+            "assumed_step_seconds": "set the measured seconds per training step, e.g. 2.5",
+            "storage_bandwidth_mb_s": "set a positive bandwidth in MB/s (e.g. 500), or null",
+        }
+        for name, fix in positive.items():
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise _fail(_k(name), value, "must be > 0", fix)
+        for name in ("spares", "checkpoint_every", "join_wait_s"):
+            value = getattr(self, name)
+            if value < 0:
+                raise _fail(_k(name), value, "must be >= 0", f"set {_k(name)} to 0 or more")
+        if not 0.0 <= self.failure_rate < 100.0:
+            raise _fail(
+                _k("failure_rate"), self.failure_rate,
+                "must be a percentage per stage per hour in [0, 100)",
+                "use e.g. 5, 10 or 16 (the paper's rates), or 0 to disable",
+            )
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise _fail(
+                _k("heartbeat_timeout_s"), self.heartbeat_timeout_s,
+                f"must be > 2 * heartbeat_interval_s (= {2 * self.heartbeat_interval_s!r}), "
+                "or a single late heartbeat declares a live stage dead",
+                f"set heartbeat_timeout_s to at least {max(10.0, 4 * self.heartbeat_interval_s)!r}",
+            )
+
+    def _validate_fail_at(self) -> None:
+        raw = self.fail_at
+        if not isinstance(raw, (list, tuple)):
+            raise _fail(
+                _k("fail_at"), raw, f"wrong type {type(raw).__name__}, expected a list",
+                'write a list such as ["2:100", [1, 250]]',
+            )
+        parsed = sorted({_parse_fail_entry(i, e) for i, e in enumerate(raw)})
+        for stage, step in parsed:
+            if stage >= self.num_stages:
+                raise _fail(
+                    _k("fail_at"), f"{stage}:{step}",
+                    f"stage {stage} does not exist with num_stages = {self.num_stages}",
+                    f"use a stage in 0..{self.num_stages - 1}",
+                )
+        self.fail_at = parsed
+
+    def _validate_dependencies(self) -> None:
+        if self.failure_rate > 0 and self.assumed_step_seconds is None:
+            raise _fail(
+                _k("assumed_step_seconds"), None,
+                f"required when checkfree.failure_rate = {self.failure_rate!r} > 0, to turn an "
+                "hourly rate into a per-step probability",
+                "set assumed_step_seconds to the seconds per training step (e.g. 2.5)",
+            )
+        if self.failure_schedule is not None and not os.path.isfile(self.failure_schedule):
+            raise _fail(
+                _k("failure_schedule"), self.failure_schedule,
+                f"file not found (resolved to {os.path.abspath(self.failure_schedule)!r})",
+                "give the path of an existing failure-schedule JSON file, or null",
+            )
+        if self.checkpoint_every > 0 and not self.checkpoint_dir:
+            raise _fail(
+                _k("checkpoint_dir"), self.checkpoint_dir,
+                f"required when checkfree.checkpoint_every = {self.checkpoint_every} > 0",
+                "set checkpoint_dir to a writable directory, or checkpoint_every to 0",
+            )
+
+    # -- (de)serialisation -----------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CheckFreeConfig:
+        """Build from the JSON section; unknown keys are errors, not silently ignored."""
+        if not isinstance(d, dict):
+            raise _fail(SECTION, d, f"wrong type {type(d).__name__}, expected a JSON object",
+                        'write "checkfree": {"mode": "checkfree", ...}')
+        valid = cls.field_names()
+        for key in d:
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f'did you mean "{close[0]}"? ' if close else ""
+                raise ConfigError(
+                    f"{_k(str(key))} = {d[key]!r}: unknown key. Fix: {hint}"
+                    f"valid keys are {valid}."
+                )
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict that round-trips through :meth:`from_dict`."""
+        out = dataclasses.asdict(self)
+        out["fail_at"] = [f"{s}:{t}" for s, t in self.fail_at]
+        return out
+
+
+# -- the DeepSpeed side ------------------------------------------------------------------
+
+def _load_json(path: str | os.PathLike) -> dict:
+    p = os.fspath(path)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {p!r}: not found (resolved to {os.path.abspath(p)!r}). "
+            "Fix: pass the path of an existing DeepSpeed JSON config."
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"config file {p!r}: cannot read ({e}). Fix: check the path.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"config file {p!r}: invalid JSON at line {e.lineno} column {e.colno} "
+            f"(char {e.pos}): {e.msg}. Fix: correct the JSON syntax there."
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {p!r}: top level is {type(data).__name__}, expected a JSON object. "
+            "Fix: the DeepSpeed config must be an object {...}."
+        )
+    return data
+
+
+def _positive_int(ds: dict, key: str, required: bool) -> None:
+    if key not in ds:
+        if required:
+            raise ConfigError(
+                f"{key} = <missing>: required by the pipeline engine. "
+                f"Fix: add \"{key}\": 1 (or larger) to the DeepSpeed config."
+            )
+        return
+    value = ds[key]
+    if not (isinstance(value, int) and not isinstance(value, bool)) or value <= 0:
+        raise _fail(key, value, "must be a positive integer", f'set "{key}" to an integer >= 1')
+
+
+def split_deepspeed_config(config: dict | str | os.PathLike) -> tuple[dict, CheckFreeConfig]:
+    """Separate our section from the DeepSpeed config, which would reject unknown keys.
+
+    Returns a deep copy of the DeepSpeed part (the caller's dict is not mutated)
+    and the parsed config; a missing section means ``mode="off"``.
+    """
+    if isinstance(config, dict):
+        ds = copy.deepcopy(config)
+    elif isinstance(config, (str, os.PathLike)):
+        ds = _load_json(config)
+    else:
+        raise ConfigError(
+            f"config = {config!r}: wrong type {type(config).__name__}. "
+            "Fix: pass a dict or the path of a DeepSpeed JSON file."
+        )
+    section = ds.pop(SECTION, None)
+    cfg = CheckFreeConfig(mode="off") if section is None else CheckFreeConfig.from_dict(section)
+    _positive_int(ds, "train_micro_batch_size_per_gpu", required=True)
+    _positive_int(ds, "train_batch_size", required=False)
+    _positive_int(ds, "gradient_accumulation_steps", required=False)
+    return ds, cfg
+
+
+def micro_batches_per_step(ds_config: dict, dp_size: int) -> int:
+    """Gradient-accumulation steps, i.e. micro-batches each pipeline runs per step."""
+    if not (isinstance(dp_size, int) and not isinstance(dp_size, bool)) or dp_size < 1:
+        raise _fail("dp_size", dp_size, "must be a positive integer",
+                    "pass (world_size - spares) // num_stages")
+    _positive_int(ds_config, "train_micro_batch_size_per_gpu", required=True)
+    _positive_int(ds_config, "train_batch_size", required=False)
+    _positive_int(ds_config, "gradient_accumulation_steps", required=False)
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    gas = ds_config.get("gradient_accumulation_steps")
+    tbs = ds_config.get("train_batch_size")
+    if tbs is None:
+        return gas if gas is not None else 1
+    per_step = micro * dp_size
+    if gas is not None:
+        if tbs != per_step * gas:
+            raise _fail(
+                "train_batch_size", tbs,
+                f"disagrees with train_micro_batch_size_per_gpu ({micro}) * "
+                f"gradient_accumulation_steps ({gas}) * data-parallel size ({dp_size}) "
+                f"= {per_step * gas}",
+                f"set train_batch_size to {per_step * gas}, or drop one of the two keys",
+            )
+        return gas
+    if tbs % per_step != 0:
+        lo = max(per_step, tbs // per_step * per_step)
+        raise _fail(
+            "train_batch_size", tbs,
+            f"not divisible by train_micro_batch_size_per_gpu ({micro}) * "
+            f"data-parallel size ({dp_size}) = {per_step}",
+            f"use a multiple of {per_step}, e.g. {lo} or {lo + per_step}",
+        )
+    return tbs // per_step
+
+
+def validate_world(cfg: CheckFreeConfig, world_size: int, num_layers: int, micro_batches: int) -> int:
+    """Check the config against the launch shape before any group forms; return the dp size."""
+    S = cfg.num_stages
+    active = world_size - cfg.spares
+    if active <= 0:
+        raise _fail(
+            _k("spares"), cfg.spares,
+            f"leaves {active} training ranks out of world size {world_size}",
+            f"use fewer spares (at most {world_size - S}) or launch more ranks",
+        )
+    if active % S != 0:
+        need = MIN_STAGES[cfg.mode]
+        options = [d for d in range(max(need, 1), active + 1) if active % d == 0]
+        raise _fail(
+            _k("num_stages"), S,
+            f"world size {world_size} minus spares {cfg.spares} = {active} ranks is not "
+            f"divisible by {S} stages",
+            (f"use num_stages in {options}" if options else
+             f"launch a multiple of {S} ranks (+ spares)") + ", or change the world size/spares",
+        )
+    if num_layers < S:
+        raise _fail(
+            "num_layers", num_layers, f"fewer layers than the {S} pipeline stages",
+            f"use at least {S} layers or fewer stages",
+        )
+    if cfg.mode != "off" and num_layers % S != 0:
+        lo, hi = num_layers // S * S, (num_layers // S + 1) * S
+        divisors = [d for d in range(MIN_STAGES[cfg.mode], num_layers + 1)
+                    if num_layers % d == 0 and active % d == 0]
+        alt = f", or num_stages in {divisors}" if divisors else ""
+        raise _fail(
+            "num_layers", num_layers,
+            f"not divisible by num_stages = {S}: mode {cfg.mode!r} averages/copies neighbouring "
+            "stages key by key, so every stage must hold the same number of decoder layers",
+            f"use num_layers = {lo if lo >= S else hi} or {hi}{alt}",
+        )
+    if cfg.mode == "checkfree_plus" and cfg.swap and micro_batches < 2:
+        raise _fail(
+            "gradient_accumulation_steps", micro_batches,
+            "CheckFree+ with swap needs >= 2 micro-batches per step so both the normal and "
+            "the swapped stage order occur every step",
+            "set gradient_accumulation_steps >= 2 (or train_batch_size accordingly), "
+            "or checkfree.swap = false",
+        )
+    for stage, step in cfg.fail_at:
+        if stage >= S:
+            raise _fail(_k("fail_at"), f"{stage}:{step}",
+                        f"stage {stage} does not exist with num_stages = {S}",
+                        f"use a stage in 0..{S - 1}")
+    return active // S

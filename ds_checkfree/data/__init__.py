@@ -1,0 +1,17 @@
+"""Data pipeline: offline corpora, byte tokenizer, and replayable micro-batches."""
+
+from .batches import DataBundle, MicroBatches, Splits, build_data, split_tokens, validation_batches
+from .corpus import DEFAULT_CORPUS, load_corpus
+from .tokenizer import ByteTokenizer
+
+__all__ = [
+    "ByteTokenizer",
+    "load_corpus",
+    "DEFAULT_CORPUS",
+    "split_tokens",
+    "Splits",
+    "MicroBatches",
+    "validation_batches",
+    "DataBundle",
+    "build_data",
+]

@@ -1,0 +1,517 @@
+"""The CheckFree+ out-of-order pipeline schedule, as pure data.
+
+On every odd micro-batch CheckFree+ runs the first two stages in swapped order and
+so do the last two, so stage 1 learns to act as stage 0 and stage S-2 as stage S-1.
+Activations and gradients then travel between non-adjacent stages (0 -> 3 for S=4),
+which DeepSpeed's ``TrainSchedule`` cannot express.
+
+How the schedule is built, and why it cannot deadlock: a tick-based simulation of
+all stages produces ONE global sequence of actions, in which every point-to-point
+transfer is a single atomic action shared by its sender and its receiver. Each
+stage's instruction list is the projection of that sequence onto the stage (a
+transfer becomes ``SendXTo`` on the sender and ``RecvXFrom`` on the receiver). The
+global sequence itself is an execution in which every blocking send meets its
+receive, so the projections are deadlock-free under rendezvous semantics.
+``check_schedule`` verifies this (and the data flow) by simulating all stages
+together, independently of how the lists were made.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+from deepspeed.runtime.pipe.schedule import (
+    BufferOpInstruction,
+    OptimizerStep,
+    PipeInstruction,
+    PipeSchedule,
+    ReduceGrads,
+    ReduceTiedGrads,
+)
+
+__all__ = [
+    "BackwardRouted",
+    "ForwardRouted",
+    "LoadRoutedMicroBatch",
+    "OutOfOrderSchedule",
+    "RecvActivationFrom",
+    "RecvGradFrom",
+    "ScheduleError",
+    "SendActivationTo",
+    "SendGradTo",
+    "build_all",
+    "check_schedule",
+    "message_stats",
+    "stage_route",
+]
+
+MIN_STAGES_FOR_SWAP = 4
+
+
+class ScheduleError(RuntimeError):
+    """A per-stage instruction plan that would deadlock or compute the wrong thing."""
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def stage_route(micro_batch: int, num_stages: int, swap: bool) -> list[int]:
+    """Stages that process ``micro_batch``, in forward order.
+
+    Odd micro-batches swap (0, 1) and (S-2, S-1) when ``swap`` is on; the two pairs
+    must be disjoint, hence at least 4 stages.
+    """
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if micro_batch < 0:
+        raise ValueError(f"micro_batch must be >= 0, got {micro_batch}")
+    if swap and num_stages < MIN_STAGES_FOR_SWAP:
+        raise ValueError(
+            f"the CheckFree+ swap needs two disjoint stage pairs, i.e. num_stages >= "
+            f"{MIN_STAGES_FOR_SWAP}, got {num_stages}; use swap=False (plain CheckFree) "
+            f"or more stages")
+    route = list(range(num_stages))
+    if swap and micro_batch % 2 == 1:
+        route[0], route[1] = route[1], route[0]
+        route[-2], route[-1] = route[-1], route[-2]
+    return route
+
+
+# --------------------------------------------------------------------- instructions
+
+
+class LoadRoutedMicroBatch(BufferOpInstruction):
+    """Pull micro-batch ``micro_batch`` from the data iterator (every stage, every micro-batch,
+    so all iterators stay in sync); keep ``inputs`` only on the route's first stage and
+    ``labels`` only on its last."""
+
+
+class ForwardRouted(BufferOpInstruction):
+    """Forward of ``micro_batch`` on this stage; ``first`` starts the route (embedding from
+    the loaded inputs), ``computes_loss`` ends it (head + loss); ``swapped`` marks the
+    swapped route."""
+
+
+class BackwardRouted(BufferOpInstruction):
+    """Backward of ``micro_batch``; ``computes_loss`` starts it from the loss, otherwise from
+    the received gradient; ``first`` means no input gradient has to be sent on."""
+
+
+class SendActivationTo(BufferOpInstruction):
+    """Blocking send of this stage's output activation of ``micro_batch`` to stage ``peer``."""
+
+
+class RecvActivationFrom(BufferOpInstruction):
+    """Blocking receive of the input activation of ``micro_batch`` from stage ``peer``."""
+
+
+class SendGradTo(BufferOpInstruction):
+    """Blocking send of the gradient w.r.t. this stage's input of ``micro_batch`` to ``peer``."""
+
+
+class RecvGradFrom(BufferOpInstruction):
+    """Blocking receive of the gradient w.r.t. this stage's output of ``micro_batch``."""
+
+
+_SENDS = (SendActivationTo, SendGradTo)
+_RECVS = (RecvActivationFrom, RecvGradFrom)
+_COMM = _SENDS + _RECVS
+_MATCHING_RECV = {SendActivationTo: RecvActivationFrom, SendGradTo: RecvGradFrom}
+_FINAL = (ReduceTiedGrads, ReduceGrads, OptimizerStep)
+
+# Compact, immutable form of an instruction: (kind, micro_batch, *args). The cached plan
+# holds these, so every caller of build_all() gets fresh, unshared instruction objects.
+_KINDS = {
+    "load": (LoadRoutedMicroBatch, ("inputs", "labels")),
+    "fwd": (ForwardRouted, ("swapped", "first", "computes_loss")),
+    "bwd": (BackwardRouted, ("computes_loss", "first")),
+    "send_act": (SendActivationTo, ("peer", )),
+    "recv_act": (RecvActivationFrom, ("peer", )),
+    "send_grad": (SendGradTo, ("peer", )),
+    "recv_grad": (RecvGradFrom, ("peer", )),
+}
+
+
+def _materialize(op):
+    cls, names = _KINDS[op[0]]
+    micro_batch = op[1]
+    return cls(buffer_id=micro_batch, micro_batch=micro_batch, **dict(zip(names, op[2:])))
+
+
+# --------------------------------------------------------------------------- builder
+
+
+def _validate(num_stages, micro_batches, swap):
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    stage_route(0, num_stages, swap)  # raises for swap with too few stages
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(num_stages: int, micro_batches: int, swap: bool):
+    """Tick simulation of all stages -> per stage, per tick, a tuple of compact ops.
+
+    Each tick, every stage runs at most one compute (backward preferred over forward,
+    lowest micro-batch first, at most ``num_stages`` micro-batches in flight per stage),
+    then every output produced in that tick is transferred. A transfer is one global
+    action appended to both the sender's and the receiver's step of that tick, in the
+    same global order, which is what makes the projection deadlock-free.
+    """
+    S, M = num_stages, micro_batches
+    routes = [stage_route(m, S, swap) for m in range(M)]
+    pos = [{s: k for k, s in enumerate(r)} for r in routes]
+    fwd_tick = [[None] * S for _ in range(M)]  # tick at which position k of m finished forward
+    bwd_tick = [[None] * S for _ in range(M)]
+    loaded = [0] * S  # next micro-batch each stage will load
+    in_flight = [0] * S
+    limit = S
+    steps = [[] for _ in range(S)]
+    remaining = 2 * S * M
+    t = 0
+
+    def fwd_ready(m, k):
+        return k == 0 or (fwd_tick[m][k - 1] is not None and fwd_tick[m][k - 1] < t)
+
+    def bwd_ready(m, k):
+        if fwd_tick[m][k] is None:
+            return False
+        if k == S - 1:
+            return fwd_tick[m][k] < t
+        return bwd_tick[m][k + 1] is not None and bwd_tick[m][k + 1] < t
+
+    while remaining:
+        # The oldest unfinished micro-batch may always move forward, even past the
+        # in-flight bound: it guarantees progress every tick.
+        oldest = next(m for m in range(M) if bwd_tick[m][0] is None)
+        computes = []
+        for s in range(S):
+            choice = None
+            for m in range(M):
+                k = pos[m][s]
+                if bwd_tick[m][k] is None and bwd_ready(m, k):
+                    choice = ("bwd", m, k)
+                    break
+            if choice is None:
+                for m in range(M):
+                    k = pos[m][s]
+                    if (fwd_tick[m][k] is None and fwd_ready(m, k)
+                            and (in_flight[s] < limit or m == oldest)):
+                        choice = ("fwd", m, k)
+                        break
+            step = []
+            steps[s].append(step)
+            if choice is None:
+                continue
+            kind, m, k = choice
+            route = routes[m]
+            first, last = k == 0, k == S - 1
+            if kind == "fwd":
+                while loaded[s] <= m:
+                    mm = loaded[s]
+                    step.append(("load", mm, routes[mm][0] == s, routes[mm][-1] == s))
+                    loaded[s] += 1
+                step.append(("fwd", m, swap and m % 2 == 1, first, last))
+                in_flight[s] += 1
+                if not last:
+                    computes.append(("act", m, s, route[k + 1]))
+            else:
+                step.append(("bwd", m, last, first))
+                in_flight[s] -= 1
+                if not first:
+                    computes.append(("grad", m, s, route[k - 1]))
+            computes_tick = (fwd_tick if kind == "fwd" else bwd_tick)
+            computes_tick[m][k] = t
+            remaining -= 1
+        if not any(steps[s][t] for s in range(S)):
+            raise AssertionError(f"schedule builder made no progress at tick {t}")  # bug guard
+        for kind, m, src, dst in computes:  # global order: by sender stage
+            steps[src][t].append(("send_" + kind, m, dst))
+            steps[dst][t].append(("recv_" + kind, m, src))
+        t += 1
+    return tuple(tuple(tuple(step) for step in stage_steps) for stage_steps in steps)
+
+
+def _final_step():
+    return [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
+
+
+def _build_stage(num_stages, micro_batches, swap, stage):
+    plan = _plan(num_stages, micro_batches, bool(swap))[stage]
+    return [[_materialize(op) for op in step] for step in plan] + [_final_step()]
+
+
+def build_all(num_stages: int, micro_batches: int, swap: bool) -> list[list[list[PipeInstruction]]]:
+    """Per stage, the list of steps (one per simulation tick, plus a final step with
+    ReduceTiedGrads, ReduceGrads, OptimizerStep). Idle ticks are empty steps, so step
+    ``t`` of every stage belongs to the same tick."""
+    _validate(num_stages, micro_batches, swap)
+    return [_build_stage(num_stages, micro_batches, swap, s) for s in range(num_stages)]
+
+
+class OutOfOrderSchedule(PipeSchedule):
+    """DeepSpeed ``PipeSchedule`` that yields this stage's steps of :func:`build_all`."""
+
+    def __init__(self, micro_batches, stages, stage_id, swap=True):
+        super().__init__(micro_batches, stages, stage_id)
+        _validate(stages, micro_batches, swap)
+        if not self._valid_stage(stage_id):
+            raise ValueError(f"stage_id must be in [0, {stages}), got {stage_id}")
+        self.swap = bool(swap)
+
+    def steps(self):
+        yield from _build_stage(self.stages, self.micro_batches, self.swap, self.stage_id)
+
+    def num_pipe_buffers(self):
+        """One buffer per micro-batch: ``buffer_id == micro_batch`` (stages see them out of order)."""
+        return self.micro_batches
+
+
+# --------------------------------------------------------------------------- checker
+
+
+def _flatten(stage_list):
+    out = []
+    for item in stage_list:
+        if isinstance(item, PipeInstruction):
+            out.append(item)
+        else:
+            out.extend(item)
+    return out
+
+
+def _fmt(stage, idx, instr):
+    return f"stage {stage} instruction #{idx} {instr!r}"
+
+
+def check_schedule(per_stage, num_stages: int, micro_batches: int, swap: bool) -> dict:
+    """Execute all stages' lists together with blocking rendezvous send/recv and check
+    deadlock-freedom, pairing and data flow against :func:`stage_route`.
+
+    ``per_stage[s]`` is stage ``s``'s list of steps (or a flat instruction list). Each
+    round, every stage runs local instructions and at most one compute, then all
+    transfers that can rendezvous happen; ``rounds`` is therefore the makespan in
+    compute ticks. Raises :class:`ScheduleError` on the first violation.
+    """
+    S, M = num_stages, micro_batches
+    _validate(S, M, swap)
+    if len(per_stage) != S:
+        raise ScheduleError(f"expected instruction lists for {S} stages, got {len(per_stage)}")
+    routes = [stage_route(m, S, swap) for m in range(M)]
+    pos = [{s: k for k, s in enumerate(r)} for r in routes]
+    lists = [_flatten(x) for x in per_stage]
+
+    # Static: the collectives close every list, in DeepSpeed's order, and appear nowhere else.
+    for s, instrs in enumerate(lists):
+        tail = [type(i) for i in instrs[-3:]]
+        if tail != list(_FINAL):
+            raise ScheduleError(
+                f"stage {s}: list must end with ReduceTiedGrads, ReduceGrads, OptimizerStep; "
+                f"it ends with {[i.name for i in instrs[-3:]]}")
+        for idx, instr in enumerate(instrs[:-3]):
+            if isinstance(instr, _FINAL):
+                raise ScheduleError(f"{_fmt(s, idx, instr)}: collective before the end of the list "
+                                    f"(must be after all point-to-point work)")
+        for idx, instr in enumerate(instrs[:-3]):
+            if not isinstance(instr, (LoadRoutedMicroBatch, ForwardRouted, BackwardRouted) + _COMM):
+                raise ScheduleError(f"{_fmt(s, idx, instr)}: unknown instruction type")
+            m = getattr(instr, "micro_batch", None)
+            if not isinstance(m, int) or not 0 <= m < M:
+                raise ScheduleError(f"{_fmt(s, idx, instr)}: micro_batch must be in [0, {M})")
+            if instr.buffer_id != m:
+                raise ScheduleError(f"{_fmt(s, idx, instr)}: buffer_id must equal micro_batch")
+            if isinstance(instr, _COMM):
+                peer = instr.peer
+                if not isinstance(peer, int) or not 0 <= peer < S or peer == s:
+                    raise ScheduleError(f"{_fmt(s, idx, instr)}: invalid peer stage {peer!r}")
+
+    pc = [0] * S
+    loaded = [0] * S
+    fwd_done = [set() for _ in range(S)]
+    bwd_done = [set() for _ in range(S)]
+    act_in = [set() for _ in range(S)]
+    grad_in = [set() for _ in range(S)]
+    live = [set() for _ in range(S)]
+    max_live = [0] * S
+    loss_count = Counter()
+    messages = non_adjacent = 0
+    rounds = 0
+
+    def head(s):
+        return lists[s][pc[s]] if pc[s] < len(lists[s]) else None
+
+    def run_local(s, instr):
+        """Execute a Load / Forward / Backward on stage s, checking it against the route."""
+        idx = pc[s]
+        m = instr.micro_batch
+        k = pos[m][s]
+        route = routes[m]
+        is_first, is_last = k == 0, k == S - 1
+        where = _fmt(s, idx, instr)
+        if isinstance(instr, LoadRoutedMicroBatch):
+            if m != loaded[s]:
+                raise ScheduleError(f"{where}: loads must cover micro-batches 0..{M - 1} in order; "
+                                    f"expected micro_batch {loaded[s]}")
+            if (bool(instr.inputs), bool(instr.labels)) != (is_first, is_last):
+                raise ScheduleError(f"{where}: wrong Load flags for route {route}: expected "
+                                    f"inputs={is_first}, labels={is_last}")
+            loaded[s] += 1
+        elif isinstance(instr, ForwardRouted):
+            if m in fwd_done[s]:
+                raise ScheduleError(f"{where}: duplicate forward of micro-batch {m}")
+            if m >= loaded[s]:
+                raise ScheduleError(f"{where}: forward before micro-batch {m} was loaded on this stage")
+            if bool(instr.first) != is_first or bool(instr.computes_loss) != is_last:
+                raise ScheduleError(f"{where}: wrong flags for route {route}: expected "
+                                    f"first={is_first}, computes_loss={is_last}")
+            if bool(instr.swapped) != (swap and m % 2 == 1):
+                raise ScheduleError(f"{where}: swapped must be {swap and m % 2 == 1}")
+            if not is_first and m not in act_in[s]:
+                raise ScheduleError(f"{where}: forward before its activation was received "
+                                    f"from stage {route[k - 1]}")
+            fwd_done[s].add(m)
+            live[s].add(m)
+            max_live[s] = max(max_live[s], len(live[s]))
+            if instr.computes_loss:
+                loss_count[m] += 1
+        elif isinstance(instr, BackwardRouted):
+            if m in bwd_done[s]:
+                raise ScheduleError(f"{where}: duplicate backward of micro-batch {m}")
+            if m not in fwd_done[s]:
+                raise ScheduleError(f"{where}: backward before its forward")
+            if bool(instr.first) != is_first or bool(instr.computes_loss) != is_last:
+                raise ScheduleError(f"{where}: wrong flags for route {route}: expected "
+                                    f"first={is_first}, computes_loss={is_last}")
+            if not is_last and m not in grad_in[s]:
+                raise ScheduleError(f"{where}: backward before its gradient was received "
+                                    f"from stage {route[k + 1]}")
+            bwd_done[s].add(m)
+            live[s].discard(m)
+        pc[s] += 1
+
+    def transfer(src, dst, send, recv):
+        """Rendezvous of send (on src) and recv (on dst): check pairing and the route."""
+        nonlocal messages, non_adjacent
+        where = f"{_fmt(src, pc[src], send)} <-> {_fmt(dst, pc[dst], recv)}"
+        if type(recv) is not _MATCHING_RECV[type(send)] or recv.micro_batch != send.micro_batch:
+            raise ScheduleError(f"send/recv mismatch: {where}")
+        m = send.micro_batch
+        route = routes[m]
+        if isinstance(send, SendActivationTo):
+            if pos[m][dst] != pos[m][src] + 1:
+                raise ScheduleError(f"{where}: activation of micro-batch {m} does not follow "
+                                    f"route {route}")
+            if m not in fwd_done[src]:
+                raise ScheduleError(f"{where}: activation sent before the sender's forward")
+            if m in act_in[dst]:
+                raise ScheduleError(f"{where}: activation received twice")
+            act_in[dst].add(m)
+            live[dst].add(m)
+            max_live[dst] = max(max_live[dst], len(live[dst]))
+        else:
+            if pos[m][dst] != pos[m][src] - 1:
+                raise ScheduleError(f"{where}: gradient of micro-batch {m} does not follow "
+                                    f"route {route} backwards")
+            if m not in bwd_done[src]:
+                raise ScheduleError(f"{where}: gradient sent before the sender's backward")
+            if m in grad_in[dst]:
+                raise ScheduleError(f"{where}: gradient received twice")
+            grad_in[dst].add(m)
+        messages += 1
+        non_adjacent += abs(src - dst) != 1
+        pc[src] += 1
+        pc[dst] += 1
+
+    while any(head(s) is not None for s in range(S)):
+        rounds += 1
+        progress = False
+        # Phase 1: local work, at most one compute per stage.
+        for s in range(S):
+            computed = False
+            while True:
+                instr = head(s)
+                if isinstance(instr, LoadRoutedMicroBatch):
+                    run_local(s, instr)
+                elif isinstance(instr, (ForwardRouted, BackwardRouted)) and not computed:
+                    run_local(s, instr)
+                    computed = True
+                else:
+                    break
+                progress = True
+        # Phase 2: rendezvous transfers (and loads uncovered by them) until nothing moves.
+        moved = True
+        while moved:
+            moved = False
+            for s in range(S):
+                instr = head(s)
+                if isinstance(instr, LoadRoutedMicroBatch):
+                    run_local(s, instr)
+                    moved = True
+                elif isinstance(instr, _SENDS):
+                    other = head(instr.peer)
+                    if isinstance(other, _COMM) and other.peer == s and isinstance(other, _RECVS):
+                        transfer(s, instr.peer, instr, other)
+                        moved = True
+            heads = [head(s) for s in range(S)]
+            if all(isinstance(h, _FINAL) for h in heads):
+                if len({type(h) for h in heads}) != 1:
+                    raise ScheduleError(f"collective mismatch across stages: {[h.name for h in heads]}")
+                for s in range(S):
+                    pc[s] += 1
+                moved = True
+            progress = progress or moved
+        if not progress:
+            pending = "; ".join(
+                f"stage {s} blocked at #{pc[s]} {head(s)!r}" if head(s) is not None else f"stage {s} done"
+                for s in range(S))
+            raise ScheduleError(f"deadlock in round {rounds}: {pending}")
+
+    for s in range(S):
+        for name, done in (("forward", fwd_done[s]), ("backward", bwd_done[s])):
+            missing = sorted(set(range(M)) - done)
+            if missing:
+                raise ScheduleError(f"stage {s}: no {name} for micro-batches {missing}")
+        if loaded[s] != M:
+            raise ScheduleError(f"stage {s}: loaded {loaded[s]} micro-batches, expected {M}")
+    bad_loss = {m: loss_count[m] for m in range(M) if loss_count[m] != 1}
+    if bad_loss:
+        raise ScheduleError(f"loss must be computed exactly once per micro-batch: {bad_loss}")
+    return {
+        "rounds": rounds,
+        "messages": messages,
+        "non_adjacent_messages": non_adjacent,
+        "max_buffers_in_flight": max_live,
+        "bubble_fraction": 1.0 - (2 * M) / rounds,
+    }
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def message_stats(num_stages, micro_batches, swap) -> dict:
+    """Point-to-point traffic of one training step, counted from the built schedule:
+    what the swap costs in messages between non-adjacent stages and in hop distance."""
+    act = grad = non_adj = distance = max_hop = 0
+    pairs = Counter()
+    for s, steps in enumerate(build_all(num_stages, micro_batches, swap)):
+        for step in steps:
+            for instr in step:
+                if isinstance(instr, _SENDS):
+                    hop = abs(instr.peer - s)
+                    act += isinstance(instr, SendActivationTo)
+                    grad += isinstance(instr, SendGradTo)
+                    non_adj += hop != 1
+                    distance += hop
+                    max_hop = max(max_hop, hop)
+                    pairs[(s, instr.peer)] += 1
+    return {
+        "total": act + grad,
+        "activations": act,
+        "grads": grad,
+        "non_adjacent": non_adj,
+        "total_hops": distance,
+        "max_hop": max_hop,
+        "pairs": dict(sorted(pairs.items())),
+    }
