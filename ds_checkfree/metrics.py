@@ -43,10 +43,10 @@ class MetricsWriter:
     def step(self, step: int, loss: float, lr: float, step_time_s: float, tokens_per_s: float,
              grad_norms: list[float], **extra) -> None:
         self.write({"step": step, "loss": loss, "lr": lr, "step_time_s": step_time_s,
-                    "tokens_per_s": tokens_per_s, "grad_norms": list(grad_norms), **extra})
+                    "tokens_per_s": tokens_per_s, "grad_norms": list(grad_norms), "time": time.time(), **extra})
 
     def validation(self, step: int, val_loss: float) -> None:
-        self.write({"step": step, "val_loss": val_loss})
+        self.write({"step": step, "val_loss": val_loss, "time": time.time()})
 
     def event(self, name: str, step: int, stage: int | None, **details) -> None:
         self.write({"event": name, "step": step, "stage": stage, "time": time.time(), **details})
