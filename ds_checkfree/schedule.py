@@ -155,7 +155,7 @@ def _plan(num_stages: int, micro_batches: int, swap: bool):
     """Tick simulation of all stages -> per stage, per tick, a tuple of compact ops.
 
     Each tick, every stage runs at most one compute (backward preferred over forward,
-    lowest micro-batch first, at most ``num_stages`` micro-batches in flight per stage),
+    lowest micro-batch first, a bounded number of micro-batches in flight per stage),
     then every output produced in that tick is transferred. A transfer is one global
     action appended to both the sender's and the receiver's step of that tick, in the
     same global order, which is what makes the projection deadlock-free.
@@ -167,7 +167,11 @@ def _plan(num_stages: int, micro_batches: int, swap: bool):
     bwd_tick = [[None] * S for _ in range(M)]
     loaded = [0] * S  # next micro-batch each stage will load
     in_flight = [0] * S
-    limit = S
+    # 1F1B needs S micro-batches in flight. The swapped pairs start two micro-batches per
+    # tick and reorder them, so a bound of exactly S stalls the pipe; S + 2 recovers most
+    # of the throughput (e.g. S=6, M=32: 94 -> 76 ticks) for two extra buffers. At S=4
+    # the pairs cover the whole pipe, stay in lockstep, and S suffices.
+    limit = S + 2 if swap and S > MIN_STAGES_FOR_SWAP else S
     steps = [[] for _ in range(S)]
     remaining = 2 * S * M
     t = 0
@@ -282,6 +286,17 @@ def _flatten(stage_list):
     return out
 
 
+_REQUIRED = {cls: ("buffer_id", "micro_batch") + names for cls, names in _KINDS.values()}
+
+
+def _as_executed(instr):
+    """Rebuild an instruction from its ``kwargs``: the engine runs ``handler(**cmd.kwargs)``,
+    so that, not the attributes (which can drift), is what must be checked."""
+    if type(instr) in _REQUIRED:
+        return type(instr)(**instr.kwargs) if "buffer_id" in instr.kwargs else instr
+    return instr
+
+
 def _fmt(stage, idx, instr):
     return f"stage {stage} instruction #{idx} {instr!r}"
 
@@ -301,7 +316,7 @@ def check_schedule(per_stage, num_stages: int, micro_batches: int, swap: bool) -
         raise ScheduleError(f"expected instruction lists for {S} stages, got {len(per_stage)}")
     routes = [stage_route(m, S, swap) for m in range(M)]
     pos = [{s: k for k, s in enumerate(r)} for r in routes]
-    lists = [_flatten(x) for x in per_stage]
+    lists = [[_as_executed(i) for i in _flatten(x)] for x in per_stage]
 
     # Static: the collectives close every list, in DeepSpeed's order, and appear nowhere else.
     for s, instrs in enumerate(lists):
@@ -315,8 +330,11 @@ def check_schedule(per_stage, num_stages: int, micro_batches: int, swap: bool) -
                 raise ScheduleError(f"{_fmt(s, idx, instr)}: collective before the end of the list "
                                     f"(must be after all point-to-point work)")
         for idx, instr in enumerate(instrs[:-3]):
-            if not isinstance(instr, (LoadRoutedMicroBatch, ForwardRouted, BackwardRouted) + _COMM):
+            if type(instr) not in _REQUIRED:
                 raise ScheduleError(f"{_fmt(s, idx, instr)}: unknown instruction type")
+            missing = [k for k in _REQUIRED[type(instr)] if k not in instr.kwargs]
+            if missing:
+                raise ScheduleError(f"{_fmt(s, idx, instr)}: missing kwargs {missing}")
             m = getattr(instr, "micro_batch", None)
             if not isinstance(m, int) or not 0 <= m < M:
                 raise ScheduleError(f"{_fmt(s, idx, instr)}: micro_batch must be in [0, {M})")

@@ -57,6 +57,7 @@ class Trainer:
         self.tokens_per_step = e.train_batch_size() * seq_len
         self.checkpoint_dir = self.cf.checkpoint_dir or self.cf.fallback_checkpoint_dir
         self.last_checkpoint_step = None
+        self._fired: set[tuple[int, int]] = set()
         if self.is_writer and args.output_dir:
             write_run_json(args.output_dir, self._run_info())
 
@@ -121,6 +122,7 @@ class Trainer:
         self._dump(step, "before")
         if e.stage_id in lost:
             wipe_stage(e, seed=hash(("wipe", step, e.stage_id, e.global_rank)) & 0x7FFFFFFF)
+            self._dump(step, "wiped")
         try:
             actions = plan_for(e, lost)
         except UnrecoverableFailure as err:
@@ -184,7 +186,9 @@ class Trainer:
         if self.cf.checkpoint_every:
             self.save_checkpoint(0)  # a restart from scratch is a rollback to step 0
         while step <= args.steps:
-            failures = self.plan.failures_at(step)
+            # A failure is an event in time: a step redone after a rollback does not fail again.
+            failures = [f for f in self.plan.failures_at(step) if (f.step, f.stage) not in self._fired]
+            self._fired.update((f.step, f.stage) for f in failures)
             if failures:
                 resume = self.handle_failures(step, failures)
                 if resume is not None:
@@ -211,7 +215,15 @@ class Trainer:
             step += 1
         self.log(f"done: {args.steps} steps in {time.perf_counter() - start:.1f} s")
         self.metrics.close()
+        self.shutdown()
         return 0
+
+    def shutdown(self) -> None:
+        """Leave together and tear the process group down before interpreter exit
+        (gloo threads still alive at exit can abort the process)."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def _dir_bytes(path: str) -> int:
