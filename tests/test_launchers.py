@@ -1,0 +1,55 @@
+"""The main job under each launcher, and bad configurations rejected before any process group."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, job_env, read_metrics, run_job, steps_of, write_config
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "mpirun"])
+def test_tiny_llama_trains_as_a_four_stage_pipeline(tmp_path, launcher):
+    out = tmp_path / "out"
+    run_job(launcher, 4, "launch/train.py", ["--deepspeed_config", str(ROOT / "ds_configs/checkfree.json"),
+                                             "--model", "tiny", "--steps", "12", "--eval_every", "6",
+                                             "--output_dir", str(out)])
+    records = read_metrics(out)
+    steps = steps_of(records)
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    losses = [r["loss"] for r in steps]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5
+    for r in steps:
+        assert len(r["grad_norms"]) == 4 and all(g > 0 for g in r["grad_norms"])
+        assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["lr"] > 0
+    val = [r for r in records if "val_loss" in r]
+    assert [v["step"] for v in val] == [6, 12] and val[1]["val_loss"] < val[0]["val_loss"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world"]["num_stages"] == 4 and run["versions"]["deepspeed"] == "0.19.8"
+    assert run["checkfree"]["mode"] == "checkfree"
+
+
+def _train_cli(tmp_path, cfg, *extra):
+    """train.py run directly (one process): configuration errors must come before any process group."""
+    return subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--deepspeed_config", str(cfg), *extra],
+                          cwd=ROOT, env=job_env(WORLD_SIZE="4"), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("change,extra,needle", [
+    ({"lr_scael": 1.1}, [], "lr_scale"),                       # unknown key, with a suggestion
+    ({"lr_scale": -2}, [], "checkfree.lr_scale = -2"),
+    ({"num_stages": 3}, [], "num_stages"),                      # 3 stages do not divide 4 ranks
+    ({"num_stages": 4}, ["--num_layers", "6"], "num_layers"),   # 6 layers over 4 stages
+    ({"mode": "checkfree_plus", "ds_gradient_accumulation_steps": 1}, [], "gradient_accumulation_steps"),
+    ({"failure_rate": 5.0}, [], "assumed_step_seconds"),
+    ({"fail_at": ["9:3"]}, [], "fail_at"),
+])
+def test_bad_configuration_is_rejected_with_a_message(tmp_path, change, extra, needle):
+    cfg = write_config(tmp_path / "bad.json", **dict(change))
+    proc = _train_cli(tmp_path, cfg, *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error" in proc.stderr and needle in proc.stderr
+    assert "Fix" in proc.stderr or "did you mean" in proc.stderr.lower() or "valid" in proc.stderr.lower()
