@@ -1,0 +1,105 @@
+"""Shared helper for the benchmarks: launch one ``launch/train.py`` run and read its metrics.
+
+``run_train(config, output_dir, ...)`` writes ``config`` (a full DeepSpeed JSON dict with a
+``checkfree`` section) to ``output_dir/ds_config.json``, runs
+``deepspeed --num_gpus N --master_port <free port> launch/train.py ...`` with
+``DS_ACCELERATOR=cpu OMP_NUM_THREADS=1``, captures the log to ``output_dir/train.log``,
+raises ``RunFailed`` (with the log tail) on a non-zero exit, and returns the parsed
+``metrics.jsonl`` records.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def base_config(mode: str = "checkfree", **checkfree) -> dict:
+    """``ds_configs/checkfree.json`` with the checkfree section's mode and extra keys replaced."""
+    with open(os.path.join(ROOT, "ds_configs", "checkfree.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg = copy.deepcopy(cfg)
+    cfg["checkfree"]["mode"] = mode
+    cfg["checkfree"].update(checkfree)
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed_cmd() -> list[str]:
+    local = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    if os.path.exists(local):
+        return [local]
+    found = shutil.which("deepspeed")
+    return [found] if found else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny", num_gpus: int = 4,
+              extra_args: list[str] | tuple = (), timeout_s: float | None = None, quiet: bool = False) -> list[dict]:
+    os.makedirs(output_dir, exist_ok=True)
+    cfg_path = os.path.join(output_dir, "ds_config.json")
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    cmd = _deepspeed_cmd() + ["--num_gpus", str(num_gpus), "--master_port", str(free_port()),
+                              os.path.join(ROOT, "launch", "train.py"), "--deepspeed_config", cfg_path,
+                              "--model", model, "--steps", str(steps), "--output_dir", output_dir,
+                              *map(str, extra_args)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log_path = os.path.join(output_dir, "train.log")
+    t0 = time.time()
+    if not quiet:
+        print(f"  run: {' '.join(cmd[1:])}", flush=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # our own launcher's process group only
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = "timeout"
+    if rc != 0 or not os.path.exists(metrics_path):
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = "".join(f.readlines()[-40:])
+        raise RunFailed(f"run failed (rc={rc}) after {time.time() - t0:.0f} s: {' '.join(cmd)}\n"
+                        f"log: {log_path}\n--- log tail ---\n{tail}")
+    if not quiet:
+        print(f"  done in {time.time() - t0:.0f} s -> {output_dir}", flush=True)
+    return read_metrics(output_dir)
+
+
+def split(records: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(step records, validation records, events), each in file order."""
+    steps = [r for r in records if "event" not in r and "loss" in r]
+    vals = [r for r in records if "event" not in r and "val_loss" in r]
+    events = [r for r in records if "event" in r]
+    return steps, vals, events
