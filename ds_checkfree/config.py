@@ -26,23 +26,27 @@ __all__ = [
     "MODES",
     "RECOVERY_METHODS",
     "GRAD_NORMS",
+    "NORM_SCOPES",
     "MIN_STAGES",
 ]
 
 SECTION = "checkfree"
-MODES = ("off", "checkfree", "checkfree_plus")
+MODES = ("off", "checkfree", "checkfree_plus", "redundant")
 RECOVERY_METHODS = ("weighted_average", "mean", "copy_prev", "copy_next", "random")
 GRAD_NORMS = ("post_clip", "pre_clip")
+NORM_SCOPES = ("decoder", "stage")
 # Why each minimum: "off" just needs a pipeline; CheckFree rebuilds an
 # intermediate stage from two neighbours, so one must exist (S >= 3);
 # CheckFree+ swaps stages (0,1) and (S-2,S-1), which must be disjoint (S >= 4).
-MIN_STAGES = {"off": 1, "checkfree": 3, "checkfree_plus": 4}
+MIN_STAGES = {"off": 1, "checkfree": 3, "checkfree_plus": 4, "redundant": 2}
 _MIN_STAGES_WHY = {
     "off": "a pipeline needs at least one stage",
     "checkfree": "CheckFree rebuilds a lost intermediate stage from its two neighbours, "
     "so there must be at least one intermediate stage (stages 0 < i < S-1)",
     "checkfree_plus": "CheckFree+ swaps stages (0, 1) and (S-2, S-1) on odd micro-batches, "
     "and the two swap pairs must be disjoint",
+    "redundant": "the redundant-computation baseline keeps each stage's shadow copy on its "
+    "predecessor in a ring, which needs a second stage",
 }
 
 
@@ -66,6 +70,7 @@ _TYPES: dict[str, tuple[str, bool]] = {
     "swap": ("bool", False),
     "lr_scale": ("float", False),
     "grad_norm": ("str", False),
+    "norm_scope": ("str", False),
     "epsilon": ("float", False),
     "recovery_method": ("str", False),
     "fail_at": ("fail_at", False),
@@ -77,7 +82,6 @@ _TYPES: dict[str, tuple[str, bool]] = {
     "heartbeat_interval_s": ("float", False),
     "heartbeat_timeout_s": ("float", False),
     "spares": ("int", False),
-    "join_wait_s": ("float", False),
     "checkpoint_every": ("int", False),
     "checkpoint_dir": ("str", True),
     "storage_bandwidth_mb_s": ("float", True),
@@ -156,6 +160,9 @@ class CheckFreeConfig:
     swap: bool = True  # meaningful only for checkfree_plus (False: replicated layout, normal order)
     lr_scale: float = 1.1
     grad_norm: str = "post_clip"
+    # which gradients weight a neighbour in the rebuild: its decoder layers only (what it
+    # averages), or all its parameters (the edge stages' embedding/head then dominate)
+    norm_scope: str = "decoder"
     epsilon: float = 1e-4
     recovery_method: str = "weighted_average"
     fail_at: list[tuple[int, int]] = field(default_factory=list)
@@ -167,7 +174,6 @@ class CheckFreeConfig:
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 10.0
     spares: int = 0
-    join_wait_s: float = 60.0
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     storage_bandwidth_mb_s: float | None = None
@@ -184,8 +190,9 @@ class CheckFreeConfig:
     def _validate_choices(self) -> None:
         for name, allowed, fix in (
             ("mode", MODES, '"checkfree" (intermediate stages) or "checkfree_plus" (all stages); '
-             '"off" is stock DeepSpeed'),
+             '"off" is stock DeepSpeed; "redundant" is the Bamboo-style baseline'),
             ("grad_norm", GRAD_NORMS, '"post_clip" (the paper) or "pre_clip"'),
+            ("norm_scope", NORM_SCOPES, '"decoder" (the layers being averaged) or "stage" (all parameters)'),
             ("recovery_method", RECOVERY_METHODS, '"weighted_average" (the paper); the others '
              "are ablations"),
         ):
@@ -216,7 +223,7 @@ class CheckFreeConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise _fail(_k(name), value, "must be > 0", fix)
-        for name in ("spares", "checkpoint_every", "join_wait_s"):
+        for name in ("spares", "checkpoint_every"):
             value = getattr(self, name)
             if value < 0:
                 raise _fail(_k(name), value, "must be >= 0", f"set {_k(name)} to 0 or more")

@@ -44,6 +44,9 @@ class CheckFreePipelineEngine(PipelineEngine):
         self.grad_norm_pre_clip = float("nan")
         self.grad_norm_post_clip = float("nan")
         self.global_grad_norm = float("nan")
+        #: the same two norms over the decoder layers only (``checkfree.norm_scope = "decoder"``)
+        self.decoder_grad_norm_pre_clip = float("nan")
+        self.decoder_grad_norm_post_clip = float("nan")
         #: [stage] -> (pre-clip, post-clip) norm of the last step, gathered over the pipeline
         self.stage_grad_norms: list[tuple[float, float]] = [(float("nan"), float("nan"))] * self.num_stages
         self._routed_losses: dict[int, torch.Tensor] = {}
@@ -65,14 +68,23 @@ class CheckFreePipelineEngine(PipelineEngine):
         return super()._train_schedule()
 
     def last_grad_norm(self) -> float:
-        """The norm that recovery weights this stage by (config: before or after clipping)."""
-        return self.grad_norm_pre_clip if self.checkfree.grad_norm == "pre_clip" else self.grad_norm_post_clip
+        """The norm that recovery weights this stage by (config: before or after clipping,
+        over the decoder layers or the whole stage)."""
+        pre = self.checkfree.grad_norm == "pre_clip"
+        if self.checkfree.norm_scope == "decoder":
+            return self.decoder_grad_norm_pre_clip if pre else self.decoder_grad_norm_post_clip
+        return self.grad_norm_pre_clip if pre else self.grad_norm_post_clip
+
+    def _decoder_params(self):
+        return list(self.module.recovery_state(include_replicated=False).values())
 
     # ------------------------------------------------------------------ optimizer step
     def _exec_optimizer_step(self, lr_kwargs=None):
         params = list(self.module.parameters())
         self.grad_norm_pre_clip = _float_norm(params)
         self.grad_norm_post_clip = self.grad_norm_pre_clip  # clip_fp32_gradients updates it
+        self.decoder_grad_norm_pre_clip = _float_norm(self._decoder_params())
+        self.decoder_grad_norm_post_clip = self.decoder_grad_norm_pre_clip
         groups = self.optimizer.param_groups
         if self.lr_scale != 1.0:
             for g in groups:
@@ -91,6 +103,7 @@ class CheckFreePipelineEngine(PipelineEngine):
         total = clip_grad_norm_(parameters=self.module.parameters(), max_norm=self.gradient_clipping(), mpu=self.mpu)
         self.global_grad_norm = float(total)
         self.grad_norm_post_clip = _float_norm(self.module.parameters())
+        self.decoder_grad_norm_post_clip = _float_norm(self._decoder_params())
 
     def _gather_grad_norms(self):
         mine = torch.tensor([self.grad_norm_pre_clip, self.grad_norm_post_clip], dtype=torch.float64)

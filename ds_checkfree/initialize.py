@@ -33,8 +33,11 @@ def _env_world_size() -> int | None:
 
 
 def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | None = None,
-            world_size: int | None = None) -> Setup:
-    """Parse and cross-check the DeepSpeed JSON, the checkfree section and the model."""
+            world_size: int | None = None, elastic: bool = False) -> Setup:
+    """Parse and cross-check the DeepSpeed JSON, the checkfree section and the model.
+
+    ``world_size`` counts every launched rank, spares included; ``elastic`` says the job
+    runs under the MPI fault-tolerant launch, the only one where spares make sense."""
     ds_config, cf = split_deepspeed_config(config)
     model_cfg = model if isinstance(model, ModelConfig) else load_model_config(model, **(model_overrides or {}))
     world = world_size if world_size is not None else (_env_world_size() or 1)
@@ -49,9 +52,13 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
     if cf.mode == "checkfree_plus" and act_ckpt:
         raise ConfigError(f"pipeline.activation_checkpoint_interval = {act_ckpt!r}: the out-of-order schedule runs "
                           "layers one by one. Fix: set it to 0 with checkfree_plus.")
-    if cf.spares:
-        raise ConfigError(f"checkfree.spares = {cf.spares!r}: spare ranks need the MPI fault-tolerant launch, "
-                          "which this version does not provide yet. Fix: set checkfree.spares to 0.")
+    if cf.spares and not elastic:
+        raise ConfigError(f"checkfree.spares = {cf.spares!r}: spare ranks need the MPI fault-tolerant launch. "
+                          "Fix: launch with `mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ...`, "
+                          "or set checkfree.spares to 0.")
+    if elastic and dp != 1:
+        raise ConfigError(f"data-parallel size {dp}: the fault-tolerant launch supports one replica per stage. "
+                          f"Fix: launch {cf.num_stages} stage ranks plus the spares.")
     return Setup(ds_config, cf, model_cfg, world, dp, micro)
 
 
@@ -65,12 +72,17 @@ def _skip_shm_comm_build() -> None:
 
 
 def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict | None = None, args=None,
-               base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None):
+               base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None, elastic: bool = False):
     """Build the CheckFree pipeline engine; returns ``(engine, setup)``.
 
     ``engine_class`` may be DeepSpeed's stock ``PipelineEngine`` (benchmarks compare them).
+    ``elastic``: torch.distributed already holds the stage ranks only (``ds_checkfree.elastic``).
     """
-    setup = prepare(config, model, model_overrides)
+    pre_cf = split_deepspeed_config(config)[1]
+    spares = pre_cf.spares if elastic else 0
+    env_world = _env_world_size()
+    setup = prepare(config, model, model_overrides,
+                    world_size=(env_world + spares) if (elastic and env_world) else None, elastic=elastic)
     import deepspeed
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
@@ -82,13 +94,15 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
     if get_accelerator().device_name() == "cpu":
         _skip_shm_comm_build()
     deepspeed.init_distributed(timeout=timedelta(seconds=dist_timeout_s))
-    if dist.get_world_size() != setup.world_size:
-        setup = prepare(config, model, model_overrides, world_size=dist.get_world_size())
+    if dist.get_world_size() + spares != setup.world_size:
+        setup = prepare(config, model, model_overrides, world_size=dist.get_world_size() + spares, elastic=elastic)
     if args is not None and hasattr(args, "local_rank"):
         args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
 
     module = CheckFreePipelineModule(setup.model, setup.checkfree.num_stages, setup.checkfree.mode,
                                      base_seed=base_seed)
+    if elastic:
+        _route_collectives_over_world(module)
     mpu = module.mpu()
     config_class = DeepSpeedConfig(setup.ds_config, mpu)
     if hasattr(deepspeed, "set_optimizer_flags"):
@@ -98,3 +112,20 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
     engine = engine_class(args=args, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
                           mpu=mpu, config=setup.ds_config, config_class=config_class, **kwargs)
     return engine, setup
+
+
+def _route_collectives_over_world(module) -> None:
+    """Elastic launch: keep every blocking collective on the default process group.
+
+    A survivor unblocks a peer waiting on it by closing its gloo sockets, but a DeepSpeed
+    subgroup stays open as long as anything references it, and the pipeline's autograd
+    hooks keep the old engine (and its groups) alive after a failure. With one replica
+    (the elastic launch requires dp = 1) the pipe group has the same members as the world,
+    so its collectives run on the default group (``group=None``); the tied (de)embedding
+    gradients of CheckFree+ are exchanged point-to-point on the default group as well.
+    """
+    grid = module._grid
+    if grid.get_data_parallel_world_size() != 1:
+        raise ValueError("the elastic launch needs one data-parallel replica")
+    grid.pp_proc_group = None  # deepspeed.comm treats None as the default group
+    module.tied_gradients_point_to_point = True

@@ -19,7 +19,7 @@ HEAD_REPLICA = "head_replica"
 SKIP_NORMAL = frozenset({EMBED_REPLICA, HEAD_REPLICA})
 SKIP_SWAPPED = frozenset({EMBED, HEAD})
 
-MIN_STAGES = {"off": 1, "checkfree": 3, "checkfree_plus": 4}
+MIN_STAGES = {"off": 1, "checkfree": 3, "checkfree_plus": 4, "redundant": 2}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from deepspeed import comm as dist
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
@@ -100,6 +101,34 @@ class CheckFreePipelineModule(PipelineModule):
         self.base_seed = base_seed
         self.local_slots: list[L.Slot] = slots[self.stage_id]
         self._skip_roles = L.SKIP_NORMAL if replicated else frozenset()
+
+    #: set by the elastic launch: tied gradients travel over p2p on the default group
+    tied_gradients_point_to_point = False
+
+    def allreduce_tied_weight_gradients(self):
+        if not self.tied_gradients_point_to_point:
+            return super().allreduce_tied_weight_gradients()
+        me = dist.get_rank()
+        for key, comm in self.tied_comms.items():
+            ranks = sorted(comm["ranks"])
+            for attr in comm["weight_attr"]:
+                grad = self._recursive_getattr(self.tied_modules[key], attr).grad
+                parts = {me: grad.detach().clone()}
+                for peer in ranks:  # every pair exchanges; the lower rank sends first
+                    if peer == me:
+                        continue
+                    buf = torch.empty_like(grad)
+                    if me < peer:
+                        dist.send(parts[me], peer)
+                        dist.recv(buf, peer)
+                    else:
+                        dist.recv(buf, peer)
+                        dist.send(parts[me], peer)
+                    parts[peer] = buf
+                total = parts[ranks[0]].clone()
+                for r in ranks[1:]:  # the same order everywhere: replicas stay bit-identical
+                    total += parts[r]
+                grad.copy_(total)
 
     def _synchronize_tied_weights(self):
         # DeepSpeed broadcasts into parameters that require grad; outside no_grad autograd

@@ -14,11 +14,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-MODES = ("off", "checkfree", "checkfree_plus")
+MODES = ("off", "checkfree", "checkfree_plus", "redundant")
 #: methods a user can choose for an intermediate stage (the paper's rule and its ablations)
 METHODS = ("weighted_average", "mean", "copy_prev", "copy_next", "random")
 #: methods the planner assigns itself
-PLANNED_METHODS = ("copy", "checkpoint")
+PLANNED_METHODS = ("copy", "checkpoint", "redundant")
 #: methods ``combine`` knows (everything that builds weights; "checkpoint" loads them instead)
 COMBINE_METHODS = METHODS + ("copy",)
 
@@ -83,6 +83,8 @@ def plan_recovery(
         raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
     if mode == "checkfree_plus" and num_stages < 4:
         raise ValueError(f"mode 'checkfree_plus' needs at least 4 stages, got {num_stages}")
+    if mode == "redundant" and num_stages < 2:
+        raise ValueError(f"mode 'redundant' needs at least 2 stages, got {num_stages}")
     lost_set = set()
     for stage in lost:
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < num_stages:
@@ -97,6 +99,14 @@ def plan_recovery(
     for stage in sorted(lost_set):
         if mode == "off":
             reasons[stage] = f"stage {stage} has no rebuild rule with checkfree mode 'off'"
+            continue
+        if mode == "redundant":  # Bamboo-style: the predecessor (in a ring) holds an exact shadow copy
+            holder = (stage - 1) % num_stages
+            if holder in lost_set:
+                reasons[stage] = (f"stages {holder} and {stage} are adjacent in the ring: stage {stage}'s "
+                                  f"shadow copy lived on stage {holder}, which is lost too")
+            else:
+                actions.append(RecoveryAction(stage, "redundant", (holder,)))
             continue
         if mode == "checkfree_plus":
             partner = {0: 1, 1: 0, last: last - 1, last - 1: last}.get(stage)
@@ -134,7 +144,7 @@ def plan_recovery(
         lines.append("fix: use checkfree mode 'checkfree' or 'checkfree_plus', or " + _FALLBACK_HINT)
     else:
         lines.append("fix: " + _FALLBACK_HINT
-                     + ("" if mode == "checkfree_plus" else
+                     + ("" if mode in ("checkfree_plus", "redundant") else
                         ", or use mode 'checkfree_plus' if the first or last stage may fail"))
     raise UnrecoverableFailure("\n".join(lines))
 

@@ -73,6 +73,7 @@ def wipe_stage(engine, seed: int) -> None:
     reset_optimizer_state(engine)
     engine.lr_scale = 1.0
     engine.grad_norm_pre_clip = engine.grad_norm_post_clip = float("nan")
+    engine.decoder_grad_norm_pre_clip = engine.decoder_grad_norm_post_clip = float("nan")
 
 
 def _send_state(engine, action: RecoveryAction, target_rank: int) -> None:

@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+PROCESS_STARTED_AT = time.time()  # before the heavy imports: restart costs include them
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ds_checkfree.config import ConfigError  # noqa: E402  (cheap: no deepspeed import yet)
@@ -38,6 +40,15 @@ def parse_args(argv=None):
     p.add_argument("--failure_seed", type=int, default=None)
     p.add_argument("--failure_schedule", default=None, help="JSON failure schedule to replay")
     p.add_argument("--save_failure_schedule", default=None, help="write the failures this run will see to a file")
+    p.add_argument("--spares", type=int, default=None,
+                   help="idle spare ranks that replace dead stage processes (needs mpirun --with-ft ulfm)")
+    p.add_argument("--fault_tolerant", action="store_true",
+                   help="survive real process deaths under mpirun --with-ft ulfm (implied by --spares > 0)")
+    p.add_argument("--resume_from", default=None, metavar="DIR",
+                   help="start from the latest DeepSpeed checkpoint in DIR (a restarted job)")
+    p.add_argument("--no_heartbeat", action="store_true",
+                   help="elastic launch without the heartbeat thread (benchmarks its overhead; deaths are then "
+                        "noticed only through the data plane)")
     p.add_argument("--dump_recovery_dir", default=None, help="debug: save stage states around each recovery")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
@@ -57,7 +68,7 @@ def merged_config(args) -> dict:
     section = cfg.setdefault("checkfree", {"mode": "off"})
     if args.fail_at:
         section["fail_at"] = list(section.get("fail_at", [])) + list(args.fail_at)
-    for key in ("failure_rate", "assumed_step_seconds", "failure_seed", "failure_schedule"):
+    for key in ("failure_rate", "assumed_step_seconds", "failure_seed", "failure_schedule", "spares"):
         value = getattr(args, key)
         if value is not None:
             section[key] = value
@@ -66,6 +77,9 @@ def merged_config(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.process_started_at = PROCESS_STARTED_AT
+    if args.resume_from and not os.path.isfile(os.path.join(args.resume_from, "latest")):
+        raise ConfigError(f"--resume_from = {args.resume_from!r}: no DeepSpeed checkpoint there (no 'latest' file).")
     if args.steps < 1:
         raise ConfigError(f"--steps = {args.steps}: must be >= 1.")
     cfg = merged_config(args)
@@ -74,11 +88,50 @@ def main(argv=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from ds_checkfree.initialize import prepare
-    prepare(cfg, args.model, {"num_layers": args.num_layers})  # fail fast, before any process group
+    elastic = args.fault_tolerant or bool(cfg["checkfree"].get("spares"))
+    if elastic and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        raise ConfigError("--spares / --fault_tolerant: surviving a process death needs the MPI launch. Fix: "
+                          "mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ...")
+    world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"]) if elastic else None
+    setup = prepare(cfg, args.model, {"num_layers": args.num_layers}, world_size=world_size,
+                    elastic=elastic)  # fail fast, before any process group
 
     from ds_checkfree.trainer import Trainer
-    trainer = Trainer(args, cfg)
-    return trainer.run()
+    if not elastic:
+        return Trainer(args, cfg).run()
+    return run_elastic(args, cfg, setup.checkfree)
+
+
+def run_elastic(args, cfg, cf) -> int:
+    """Stage ranks train; spare ranks wait until a stage's process dies, then take its place."""
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
+    from ds_checkfree.elastic import ElasticWorld, NoSpareLeft
+    from ds_checkfree.heartbeat_mpi import MpiHeartbeat
+    from ds_checkfree.recovery import UnrecoverableFailure
+    from ds_checkfree.trainer import Trainer
+
+    world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=max(30.0, 3 * cf.heartbeat_timeout_s))
+    heartbeat = None if args.no_heartbeat else MpiHeartbeat(
+        world.world, cf.heartbeat_interval_s, cf.heartbeat_timeout_s, on_dead=world.on_peer_dead).start()
+    try:
+        if world.stage is None:
+            print(f"[rank {world.rank}] spare: waiting for a stage to replace", flush=True)
+            agreement = world.wait_as_spare()
+            if agreement is None:
+                print(f"[rank {world.rank}] spare: released, training finished", flush=True)
+                return 0
+            print(f"[rank {world.rank}] spare: taking the place of stage {world.stage}", flush=True)
+            return Trainer(args, cfg, world, heartbeat, joined=agreement).run()
+        return Trainer(args, cfg, world, heartbeat).run()
+    except (NoSpareLeft, UnrecoverableFailure) as err:
+        print(f"[rank {world.rank}] fatal: {err}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+        print(f"[rank {world.rank}] exiting (pid {os.getpid()})", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ def test_rebuilt_stage_is_the_gradient_weighted_average(tmp_path):
                       "--dump_recovery_dir", str(dumps))
     prev, nxt = _dump(dumps, 4, 0, "before"), _dump(dumps, 4, 2, "before")
     old, wiped, new = _dump(dumps, 4, 1, "before"), _dump(dumps, 4, 1, "wiped"), _dump(dumps, 4, 1, "after")
-    b, a = prev["grad_norm_post_clip"] + 1e-4, nxt["grad_norm_post_clip"] + 1e-4
+    # default norm_scope "decoder": a neighbour is weighted by its decoder layers' gradient only
+    b, a = prev["recovery_norm"] + 1e-4, nxt["recovery_norm"] + 1e-4
     assert math.isfinite(a) and math.isfinite(b) and a > 1e-3 and b > 1e-3
+    assert prev["recovery_norm"] == prev["decoder_grad_norm_post_clip"]
+    assert prev["recovery_norm"] < prev["grad_norm_post_clip"]  # stage 0's embedding gradient left out
     keys = [k for k in new["state"] if k.startswith("decoder.")]
     assert len(keys) == len(new["state"]) == 18  # two decoder layers, nothing else on stage 1
     for k in keys:

@@ -61,6 +61,9 @@ def main():
                 "num_layers": setup.model.num_layers, "num_stages": engine.num_stages,
                 "micro_batches": engine.micro_batches},
                os.path.join(args.out, f"stage{engine.stage_id}.pt"))
+    # leave together: gloo threads still running at interpreter exit can abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

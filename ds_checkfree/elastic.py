@@ -1,0 +1,197 @@
+"""Surviving a real process death: membership over MPI (ULFM) and a rebuilt data plane.
+
+Launched as ``mpirun --with-ft ulfm -n S+N python launch/train.py ... --spares N``: ranks
+0..S-1 run the pipeline stages, the N extra ranks wait idle as spares. The training data
+plane is a torch.distributed gloo group of the S stage ranks only (DeepSpeed runs on it);
+MPI carries control: heartbeats, the agreement on who is gone, and the new rendezvous.
+
+When a stage's process dies, gloo errors reach its neighbours at once; each survivor tears
+its process group down (closing its sockets, so ranks blocked on it fail too), revokes the
+MPI control communicator (waking idle spares) and joins ``Shrink``, a fault-tolerant
+consensus on the survivors. Every member then computes the same new role table (lowest
+spare takes the lowest lost stage), a new gloo group is formed around a fresh TCPStore, and
+the caller rebuilds the DeepSpeed engine from the survivors' in-memory state.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+_CTRL_TAG = 7101
+_PORT_TAG = 7102
+
+
+class NoSpareLeft(RuntimeError):
+    """A stage was lost and no spare process can take its place."""
+
+
+@dataclass
+class Agreement:
+    """What every survivor agreed on after a failure (identical on all members)."""
+    dead_ranks: list[int]
+    lost_stages: list[int]
+    replacements: dict[int, int]  # stage -> world rank that takes it
+    resume_step: int
+    steps_done: list[int]
+    revoked_at: float
+    agreed_at: float
+    timings: dict = field(default_factory=dict)
+
+
+def _error_class(err) -> int:
+    try:
+        return err.Get_error_class()
+    except Exception:  # pragma: no cover
+        return -1
+
+
+class ElasticWorld:
+    """Roles (stage or spare) of every MPI rank, agreement after failures, data-plane rendezvous."""
+
+    def __init__(self, num_stages: int, spares: int, dp_timeout_s: float = 60.0):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.world = MPI.COMM_WORLD
+        self.rank = self.world.Get_rank()
+        self.size = self.world.Get_size()
+        if self.size != num_stages + spares:
+            raise ValueError(f"MPI world has {self.size} ranks but {num_stages} stages + {spares} spares were "
+                             f"configured; launch with -n {num_stages + spares}")
+        self.num_stages = num_stages
+        self.ctrl = self.world.Dup()
+        self.ctrl.Set_errhandler(MPI.ERRORS_RETURN)
+        self.dp_timeout_s = dp_timeout_s
+        #: world rank -> stage id, or None for a spare
+        self.roles: dict[int, int | None] = {r: (r if r < num_stages else None) for r in range(self.size)}
+        #: world rank -> rank in the current control communicator (changes after each Shrink)
+        self.ctrl_rank: dict[int, int] = {r: r for r in range(self.size)}
+        self.heartbeat_dead: set[int] = set()
+        hosts = self.ctrl.allgather(socket.gethostname())
+        self.single_host = len(set(hosts)) == 1
+        self.generation = 0
+
+    # -- roles ---------------------------------------------------------------------------
+    @property
+    def stage(self) -> int | None:
+        return self.roles.get(self.rank)
+
+    def stage_rank(self, stage: int) -> int:
+        return next(r for r, s in self.roles.items() if s == stage)
+
+    def stage_ranks(self) -> list[int]:
+        return sorted(r for r, s in self.roles.items() if s is not None)
+
+    def spares(self) -> list[int]:
+        return sorted(r for r, s in self.roles.items() if s is None)
+
+    # -- data plane ----------------------------------------------------------------------
+    def init_data_plane(self) -> None:
+        """Form the gloo group of the stage ranks (data-plane rank = stage id)."""
+        import torch.distributed as tdist
+        leader = self.stage_rank(0)
+        if self.rank == leader:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+            addr = "127.0.0.1" if self.single_host else socket.gethostbyname(socket.gethostname())
+            for r, st in self.roles.items():
+                if st is not None and r != leader:
+                    self.ctrl.send((addr, port), dest=self.ctrl_rank[r], tag=_PORT_TAG)
+        else:
+            addr, port = self.ctrl.recv(source=self.ctrl_rank[leader], tag=_PORT_TAG)
+        os.environ.update({"RANK": str(self.stage), "WORLD_SIZE": str(self.num_stages), "MASTER_ADDR": addr,
+                           "MASTER_PORT": str(port),
+                           "LOCAL_RANK": os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")})
+        # backstop: DeepSpeed's subgroups are created without a timeout (30 min by default);
+        # make any op on them fail after the data-plane timeout instead
+        from torch.distributed import distributed_c10d
+        distributed_c10d.default_pg_timeout = timedelta(seconds=self.dp_timeout_s)
+        store = tdist.TCPStore(addr, port, self.num_stages, is_master=self.rank == leader,
+                               timeout=timedelta(seconds=self.dp_timeout_s))
+        tdist.init_process_group("gloo", store=store, rank=self.stage, world_size=self.num_stages,
+                                 timeout=timedelta(seconds=self.dp_timeout_s))
+
+    def on_peer_dead(self, world_rank: int) -> None:
+        """Heartbeat callback (heartbeat thread). Gloo offers no way to interrupt a blocked
+        operation from another thread (``abort()`` does not wake a pending recv), so the
+        data plane learns of the death from its own sockets; this only records it."""
+        self.heartbeat_dead.add(world_rank)
+
+    @staticmethod
+    def tear_down_data_plane() -> None:
+        """Close this rank's gloo connections so peers blocked on it fail now, not at the timeout
+        (the caller must have dropped its engine, which holds the subgroups)."""
+        import torch.distributed as tdist
+        if tdist.is_initialized():
+            try:
+                tdist.destroy_process_group()
+            except Exception:
+                pass
+
+    # -- agreement -----------------------------------------------------------------------
+    def agree(self, steps_done: int) -> Agreement:
+        """Revoke + Shrink: all survivors (stages and spares) agree on who is gone.
+
+        ``steps_done`` is this rank's count of completed steps (ignored for spares). Raises
+        ``NoSpareLeft`` on every survivor alike when a lost stage has no replacement.
+        """
+        MPI = self.MPI
+        revoked_at = time.time()
+        try:
+            self.ctrl.Revoke()
+        except MPI.Exception:
+            pass
+        new = self.ctrl.Shrink()
+        new.Set_errhandler(MPI.ERRORS_RETURN)
+        members = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), self.world.Get_group())
+        done = new.allgather(steps_done if self.stage is not None else None)
+        agreed_at = time.time()
+        self.ctrl = new
+        self.ctrl_rank = {int(w): i for i, w in enumerate(members)}
+        self.generation += 1
+        alive = set(members)
+        dead = sorted(r for r in self.roles if r not in alive)
+        lost = sorted(self.roles[r] for r in dead if self.roles[r] is not None)
+        for r in dead:
+            del self.roles[r]
+        spares = self.spares()
+        if len(spares) < len(lost):
+            raise NoSpareLeft(f"stage(s) {lost} lost (MPI rank(s) {dead}) and only {len(spares)} spare(s) left: "
+                              "no process can take their place. Launch with more spares (--spares) or restart "
+                              "from a checkpoint.")
+        replacements = {}
+        for stage, spare in zip(lost, spares):
+            self.roles[spare] = stage
+            replacements[stage] = spare
+        stage_done = [d for d in done if d is not None]
+        # normally all survivors stopped in the same step; if the failure split the final
+        # collective, the ones that finished it keep their update and the others skip it
+        resume = (max(stage_done) if stage_done else 0) + 1
+        return Agreement(dead, lost, replacements, resume, stage_done, revoked_at, agreed_at)
+
+    def wait_as_spare(self):
+        """Block until this spare is given a stage (returns the Agreement) or training ends (None)."""
+        MPI = self.MPI
+        while True:
+            try:
+                msg = self.ctrl.recv(source=MPI.ANY_SOURCE, tag=_CTRL_TAG)
+                if msg == "done":
+                    return None
+            except MPI.Exception as err:
+                if _error_class(err) == MPI.ERR_REVOKED:
+                    agreement = self.agree(steps_done=-1)
+                    if self.stage is not None:
+                        return agreement
+                else:  # a peer died (maybe another spare): acknowledge and keep waiting
+                    self.ctrl.Ack_failed()
+
+    def release_spares(self) -> None:
+        """End of training: tell the idle spares to exit (called by the stage-0 rank)."""
+        for r in self.spares():
+            try:
+                self.ctrl.send("done", dest=self.ctrl_rank[r], tag=_CTRL_TAG)
+            except self.MPI.Exception:
+                pass  # a dead spare needs no goodbye

@@ -1,0 +1,208 @@
+"""Real process deaths under ``mpirun --with-ft ulfm``: a SIGKILLed stage is replaced by a spare.
+
+Each test launches the main job (4 stages, plus spares) as separate MPI processes, waits
+until training has reached a step drawn at random, kills one process with SIGKILL, and
+checks what the survivors did: no restart (same PIDs), no checkpoint read, the failure and
+the recovery in metrics.jsonl, all steps done.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, events_of, job_env, read_metrics, steps_of, write_config
+
+pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs Open MPI's mpirun in the venv")
+
+TRAIN = str(ROOT / "launch" / "train.py")
+
+
+class ElasticJob:
+    """``mpirun --with-ft ulfm -n N python launch/train.py ...`` in the background."""
+
+    def __init__(self, tmp_path: Path, nproc: int, cfg: Path, steps: int, *extra: str):
+        self.out = tmp_path / "out"
+        self.log_path = tmp_path / "log.txt"
+        cmd = [str(BIN / "mpirun"), "--with-ft", "ulfm", "--oversubscribe", "--map-by", "slot", "--bind-to", "none",
+               "-n", str(nproc), "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH",
+               "-x", "PYTHONUNBUFFERED", sys.executable, TRAIN, "--deepspeed_config", str(cfg), "--model", "tiny",
+               "--steps", str(steps), "--eval_every", "0", "--output_dir", str(self.out), *extra]
+        self.nproc = nproc
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def rank_pids(self) -> dict[int, int]:
+        """MPI rank -> PID of this job's training processes (found through /proc)."""
+        pids = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                if str(self.out).encode() not in cmdline:
+                    continue
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for var in env:
+                if var.startswith(b"OMPI_COMM_WORLD_RANK="):
+                    pids[int(var.split(b"=")[1])] = int(entry.name)
+        return pids
+
+    def wait_for_step(self, step: int, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"job ended (rc={self.proc.returncode}) before step {step}:\n{self.log()[-6000:]}")
+            try:
+                if any(r.get("step", 0) >= step for r in steps_of(read_metrics(self.out))):
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"step {step} not reached in {timeout} s:\n{self.log()[-6000:]}")
+
+    def kill(self, rank: int) -> int:
+        pids = self.rank_pids()
+        assert rank in pids, f"rank {rank} not found among {pids}"
+        os.kill(pids[rank], signal.SIGKILL)
+        return pids[rank]
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"job did not finish in {timeout} s:\n{self.log()[-6000:]}")
+        finally:
+            self._log.close()
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def exit_pids(log: str) -> dict[int, int]:
+    """MPI rank -> PID from the line each process prints as it leaves."""
+    return {int(r): int(p) for r, p in re.findall(r"\[rank (\d+)\] exiting \(pid (\d+)\)", log)}
+
+
+def kill_and_finish(tmp_path, mode: str, victim: int, steps: int = 40, spares: int = 1, seed: int = 0,
+                    latest_kill: int | None = None):
+    cfg = write_config(tmp_path / "ds.json", mode=mode, spares=spares)
+    job = ElasticJob(tmp_path, 4 + spares, cfg, steps)
+    kill_step = random.Random(seed).randint(6, latest_kill or steps // 2)
+    job.wait_for_step(kill_step)
+    before = job.rank_pids()
+    assert sorted(before) == list(range(4 + spares)), before
+    killed = job.kill(victim)
+    killed_at = time.time()
+    rc = job.wait()
+    return job, rc, before, killed, killed_at, kill_step
+
+
+def _check_survived(job, rc, before, killed, killed_at, victim_stage: int, steps: int, method: str):
+    log = job.log()
+    assert rc == 0, log[-6000:]
+    # no survivor restarted: every process that leaves is one that was there before the kill
+    left = exit_pids(log)
+    survivors = {r: p for r, p in before.items() if p != killed}
+    assert left == survivors, (left, survivors)
+    records = read_metrics(job.out)
+    steps_done = sorted({r["step"] for r in steps_of(records)})
+    assert steps_done == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) for r in steps_of(records))
+    failure = events_of(records, "failure")
+    assert len(failure) == 1 and failure[0]["cause"] == "process_lost" and failure[0]["stage"] == victim_stage
+    assert failure[0]["dead_ranks"] == [victim_stage] and failure[0]["replaced_by_rank"] == 4
+    (recovery,) = events_of(records, "recovery")
+    assert recovery["stage"] == victim_stage and recovery["method"] == method
+    for key in ("agreement_s", "data_plane_s", "engine_rebuild_s", "rematerialise_s"):
+        assert 0 <= recovery[key] < 60, (key, recovery[key])
+    assert killed_at - 1 < recovery["failed_at"] <= recovery["agreed_at"] <= recovery["rematerialised_at"]
+    (timeline,) = events_of(records, "recovery_timeline")
+    assert timeline["step"] == recovery["resume_step"] and timeline["total_s"] > 0
+    # the interrupted step was redone, not skipped
+    assert recovery["resume_step"] in steps_done
+    # nothing read from disk: no checkpoint exists and none was loaded
+    assert not events_of(records, "checkpoint_load")
+    assert not list(job.out.parent.rglob("*model_states.pt"))
+    return records
+
+
+def test_intermediate_stage_sigkilled_is_replaced_by_the_spare(tmp_path):
+    job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=2, seed=1)
+    records = _check_survived(job, rc, before, killed, killed_at, victim_stage=2, steps=40,
+                              method="weighted_average")
+    (recovery,) = events_of(records, "recovery")
+    assert recovery["sources"] == [1, 3] and recovery["lr_scale"] == pytest.approx(1.1)
+    assert "spare: taking the place of stage 2" in job.log()
+
+
+def test_first_stage_sigkilled_under_checkfree_plus(tmp_path):
+    job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree_plus", victim=0, seed=2)
+    records = _check_survived(job, rc, before, killed, killed_at, victim_stage=0, steps=40, method="copy")
+    (recovery,) = events_of(records, "recovery")
+    assert recovery["sources"] == [1]  # the swap partner, which also holds the embedding replica
+
+
+def test_idle_spare_killed_does_not_disturb_training(tmp_path):
+    job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=4, steps=60, seed=3,
+                                                            latest_kill=12)
+    log = job.log()
+    assert rc == 0, log[-6000:]
+    records = read_metrics(job.out)
+    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, 61))
+    assert not events_of(records, "failure") and not events_of(records, "recovery")
+    seen = events_of(records, "heartbeat_timeout")
+    assert [(e["peer_rank"], e["role"]) for e in seen] == [(4, "spare")]
+    assert exit_pids(log) == {r: p for r, p in before.items() if r != 4}
+
+
+def test_no_spare_left_stops_cleanly_naming_the_lost_stage(tmp_path):
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree")
+    job = ElasticJob(tmp_path, 4, cfg, 40, "--fault_tolerant")
+    job.wait_for_step(8)
+    job.kill(1)
+    rc = job.wait()
+    log = job.log()
+    assert rc != 0
+    fatal = re.findall(r"\[rank (\d+)\] fatal: (.*)", log)
+    assert sorted(int(r) for r, _ in fatal) == [0, 2, 3], log[-6000:]
+    assert all("stage(s) [1] lost" in msg and "no process can take their place" in msg for _, msg in fatal)
+    assert "Traceback" not in log
+    (event,) = events_of(read_metrics(job.out), "unrecoverable")
+    assert "stage(s) [1] lost" in event["reason"]
+
+
+def test_heartbeats_raise_no_false_alarm_under_full_load(tmp_path):
+    """4 stages training flat out on 2 cores plus a spare: hundreds of beats, nobody declared dead,
+    even with a timeout 5x tighter than the default."""
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", spares=1, heartbeat_interval_s=0.1,
+                       heartbeat_timeout_s=2.0)
+    job = ElasticJob(tmp_path, 5, cfg, 100)
+    rc = job.wait()
+    assert rc == 0, job.log()[-6000:]
+    records = read_metrics(job.out)
+    assert not events_of(records, "heartbeat_timeout")
+    (summary,) = events_of(records, "heartbeat_summary")
+    assert summary["peers_declared_dead"] == []
+    assert summary["beats_received"] >= 300, summary
+    assert summary["max_gap_s"] < 2.0, summary
