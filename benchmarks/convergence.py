@@ -34,8 +34,8 @@ short run sees the number of failures a long run would. Charged costs are in mea
 
     python benchmarks/convergence.py --quick   # tiny, 100 steps, rates 0/5/10/16, failures drawn at an assumed
                                                # 900 s/step, checkpoints every 5/20: 21 runs, ~8 min on 2 cores
-    python benchmarks/convergence.py           # tiny, 200 steps, rates 0/5/10/16, 120 s/step, checkpoints every
-                                               # 10/25/50: 29 runs, ~40 min on 2 cores (~1.3 min per run)
+    python benchmarks/convergence.py           # tiny, 400 steps, rates 0/5/10/16, 300 s/step, checkpoints every
+                                               # 10/25/50: 25 runs, ~30 min on 2 cores (~1 min per run)
 
 Outputs (``--out`` prefix, default ``benchmarks/results/convergence`` or ``..._quick``): ``.csv``
 (every validation point of every run), ``.png`` (val loss vs wall-clock, one panel per rate,
@@ -485,12 +485,12 @@ def main(argv=None) -> int:
     q = a.quick
     a.rates = a.rates if a.rates is not None else [0.0, 5.0, 10.0, 16.0]
     a.rates = [float(r) for r in a.rates]
-    a.steps = a.steps or (100 if q else 200)
+    a.steps = a.steps or (100 if q else 400)
     a.eval_every = a.eval_every or (5 if q else 10)
     a.checkpoint_every = a.checkpoint_every or ([5, 20] if q else [10, 25, 50])
     if a.checkfree_fallback_every is None:
         a.checkfree_fallback_every = 20 if q else 25
-    a.assumed_step_seconds = a.assumed_step_seconds or (900.0 if q else 120.0)
+    a.assumed_step_seconds = a.assumed_step_seconds or (900.0 if q else 300.0)
     a.timeout_s = a.timeout_s or (300 if q else 1800)
     tag = "convergence_quick" if q else "convergence"
     a.runs_dir = a.runs_dir or os.path.join(RESULTS, tag + "_runs")

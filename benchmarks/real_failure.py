@@ -114,14 +114,18 @@ def median_step(records, first: int = 5) -> float:
     return statistics.median(s["step_time_s"] for s in steps if s["step"] > first)
 
 
-def run_checkfree(args, work: str) -> list[tuple[str, float]]:
-    cfg = base_config("checkfree", spares=1)
-    cfg_path = os.path.join(work, "checkfree.json")
+def launch_and_kill(args, work: str, name: str, cfg: dict, n: int, fault_tolerant: bool):
+    """Start the job, wait for ``--kill_step``, SIGKILL the victim; (proc, out, config path, kill time)."""
+    cfg_path = os.path.join(work, f"{name}.json")
     Path(cfg_path).write_text(json.dumps(cfg))
-    out = os.path.join(work, "checkfree")
-    proc = start(mpirun(5, True, cfg_path, out, args), os.path.join(work, "checkfree.log"))
+    out = os.path.join(work, name)
+    proc = start(mpirun(n, fault_tolerant, cfg_path, out, args), os.path.join(work, f"{name}.log"))
     wait_step(proc, out, args.kill_step)
-    killed_at = kill_rank(out, args.victim)
+    return proc, out, cfg_path, kill_rank(out, args.victim)
+
+
+def run_checkfree(args, work: str) -> list[tuple[str, float]]:
+    proc, out, _, killed_at = launch_and_kill(args, work, "checkfree", base_config("checkfree", spares=1), 5, True)
     if proc.wait(timeout=600) != 0:
         raise SystemExit(f"the CheckFree job did not survive; see {work}/checkfree.log")
     records = read(out)
@@ -146,12 +150,7 @@ def run_restart(args, work: str) -> list[tuple[str, float]]:
     cfg = base_config("off", checkpoint_every=args.checkpoint_every, checkpoint_dir=ckpt)
     cfg["checkfree"] = {k: v for k, v in cfg["checkfree"].items() if k in ("mode", "num_stages", "checkpoint_every",
                                                                            "checkpoint_dir")}
-    cfg_path = os.path.join(work, "restart.json")
-    Path(cfg_path).write_text(json.dumps(cfg))
-    out1 = os.path.join(work, "restart_first")
-    proc = start(mpirun(4, False, cfg_path, out1, args), os.path.join(work, "restart_first.log"))
-    wait_step(proc, out1, args.kill_step)
-    killed_at = kill_rank(out1, args.victim)
+    proc, out1, cfg_path, killed_at = launch_and_kill(args, work, "restart_first", cfg, 4, False)
     proc.wait(timeout=300)
     down_at = time.time()
     first = read(out1)
@@ -184,15 +183,19 @@ def heartbeat_overhead(args, work: str) -> tuple[float, float, list[float], list
     cfg = base_config("checkfree", spares=1)
     cfg_path = os.path.join(work, "hb.json")
     Path(cfg_path).write_text(json.dumps(cfg))
-    on, off = [], []
+    on, off, gaps = [], [], []
     for rnd in range(args.overhead_rounds):
         for with_hb in (True, False) if rnd % 2 == 0 else (False, True):
             out = os.path.join(work, f"hb_{rnd}_{with_hb}")
             proc = start(mpirun(5, True, cfg_path, out, args, [] if with_hb else ["--no_heartbeat"]), out + ".log")
             if proc.wait(timeout=600) != 0:
                 raise SystemExit(f"heartbeat round failed; see {out}.log")
-            (on if with_hb else off).append(median_step(read(out)))
-    return statistics.median(on) / statistics.median(off), statistics.median(on), on, off
+            records = read(out)
+            (on if with_hb else off).append(median_step(records))
+            if with_hb:
+                summary = next(r for r in records if r.get("event") == "heartbeat_summary")
+                gaps.append(summary["max_gap_s"])
+    return statistics.median(on) / statistics.median(off), max(gaps), on, off
 
 
 def main(argv=None) -> int:
@@ -216,10 +219,11 @@ def main(argv=None) -> int:
     rows = [("checkfree (ULFM, spare, in-memory)", k, v) for k, v in cf] + \
            [(f"restart from checkpoint (every {args.checkpoint_every})", k, v) for k, v in rs]
     if args.overhead_rounds:
-        ratio, med, on, off = heartbeat_overhead(args, work)
-        rows.append(("heartbeat overhead", "median step time ratio (heartbeat on / off)", ratio))
-        rows.append(("heartbeat overhead", "step time on, per round (s)", statistics.median(on)))
-        rows.append(("heartbeat overhead", "step time off, per round (s)", statistics.median(off)))
+        ratio, gap, on, off = heartbeat_overhead(args, work)
+        rows.append(("heartbeat", "median step time ratio (heartbeat on / off)", ratio))
+        rows.append(("heartbeat", "median step time, heartbeat on (s)", statistics.median(on)))
+        rows.append(("heartbeat", "median step time, heartbeat off (s)", statistics.median(off)))
+        rows.append(("heartbeat", "longest silence of a live peer (s; interval 0.5, timeout 10)", gap))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

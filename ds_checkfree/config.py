@@ -81,6 +81,7 @@ _TYPES: dict[str, tuple[str, bool]] = {
     "fallback_checkpoint_dir": ("str", True),
     "heartbeat_interval_s": ("float", False),
     "heartbeat_timeout_s": ("float", False),
+    "data_plane_timeout_s": ("float", False),
     "spares": ("int", False),
     "checkpoint_every": ("int", False),
     "checkpoint_dir": ("str", True),
@@ -173,6 +174,9 @@ class CheckFreeConfig:
     fallback_checkpoint_dir: str | None = None
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 10.0
+    # elastic launch: the longest a survivor may stay blocked on a silent peer before it
+    # joins the recovery anyway (keep it above the slowest stage's micro-batch time)
+    data_plane_timeout_s: float = 30.0
     spares: int = 0
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
@@ -216,6 +220,7 @@ class CheckFreeConfig:
             "lr_scale": "set a positive factor such as 1.1 (the paper's default)",
             "epsilon": "set a small positive value such as 1e-4 (the paper's default)",
             "heartbeat_interval_s": "set a positive interval such as 0.5",
+            "data_plane_timeout_s": "set it above the slowest stage's micro-batch time, e.g. 30",
             "assumed_step_seconds": "set the measured seconds per training step, e.g. 2.5",
             "storage_bandwidth_mb_s": "set a positive bandwidth in MB/s (e.g. 500), or null",
         }

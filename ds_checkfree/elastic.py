@@ -39,6 +39,7 @@ class Agreement:
     revoked_at: float
     agreed_at: float
     timings: dict = field(default_factory=dict)
+    roles_before: dict = field(default_factory=dict)  # world rank -> stage (None: spare) before the failure
 
 
 def _error_class(err) -> int:
@@ -153,6 +154,7 @@ class ElasticWorld:
         self.ctrl_rank = {int(w): i for i, w in enumerate(members)}
         self.generation += 1
         alive = set(members)
+        roles_before = dict(self.roles)
         dead = sorted(r for r in self.roles if r not in alive)
         lost = sorted(self.roles[r] for r in dead if self.roles[r] is not None)
         for r in dead:
@@ -170,7 +172,8 @@ class ElasticWorld:
         # normally all survivors stopped in the same step; if the failure split the final
         # collective, the ones that finished it keep their update and the others skip it
         resume = (max(stage_done) if stage_done else 0) + 1
-        return Agreement(dead, lost, replacements, resume, stage_done, revoked_at, agreed_at)
+        return Agreement(dead, lost, replacements, resume, stage_done, revoked_at, agreed_at,
+                         roles_before=roles_before)
 
     def wait_as_spare(self):
         """Block until this spare is given a stage (returns the Agreement) or training ends (None)."""

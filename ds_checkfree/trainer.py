@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 
 import torch
 
@@ -75,10 +76,29 @@ class Trainer:
         if self.cf.mode == "redundant":
             from .baselines import RedundantShadow
             self.redundant = RedundantShadow(e, elastic=world is not None)
+        if world is None and heartbeat is None and not getattr(args, "no_heartbeat", False):
+            self.heartbeat = self._store_heartbeat()
         if self.is_writer and args.output_dir and joined is None:
             write_run_json(args.output_dir, self._run_info())
         if joined is not None:
+            self._roles_before = joined.roles_before
             self._log_process_loss(joined)
+
+    def _store_heartbeat(self):
+        """Non-MPI launches: the same monitor over the rendezvous store (reports, cannot survive)."""
+        from .heartbeat_store import StoreHeartbeat
+        try:
+            return StoreHeartbeat(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                                  self.cf.heartbeat_interval_s, self.cf.heartbeat_timeout_s).start()
+        except (KeyError, RuntimeError, OSError) as err:  # no reachable store: train without the monitor
+            self.log(f"heartbeat monitor off: no rendezvous store reachable ({err})")
+            return None
+
+    def _stage_of_rank(self, rank: int):
+        if self.world is not None:
+            roles = getattr(self, "_roles_before", None) or self.world.roles
+            return roles.get(rank)
+        return self.engine.grid._topo.get_coord(rank).pipe if self.engine is not None else None
 
     def _build_engine(self):
         return initialize(self.ds_config, self.args.model, {"num_layers": self.args.num_layers}, args=self.args,
@@ -125,8 +145,11 @@ class Trainer:
 
     def warn(self, msg: str) -> None:
         """Fault-path messages: printed by every rank (to stderr), each naming itself."""
-        who = f"rank {self.world.rank}" if self.world is not None else "rank"
-        stage = self.world.stage if self.world is not None else None
+        if self.world is not None:
+            who, stage = f"rank {self.world.rank}", self.world.stage
+        else:
+            e = self.engine
+            who, stage = f"rank {e.global_rank if e else '?'}", e.stage_id if e else None
         print(f"[{who} stage {stage}] {msg}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ failures
@@ -194,8 +217,6 @@ class Trainer:
         _release_engine(self.engine)
         self.engine = None
         _forget_deepspeed_groups()
-        if os.environ.get("CHECKFREE_DEBUG_REFS"):
-            _report_leftovers(self.warn)
         self.world.tear_down_data_plane()
         from .elastic import NoSpareLeft
         self._roles_before = dict(self.world.roles)
@@ -302,11 +323,13 @@ class Trainer:
     def _log_heartbeat_events(self, step: int) -> None:
         if self.heartbeat is None:
             return
-        roles = getattr(self, "_roles_before", None) or self.world.roles
         for ev in self.heartbeat.events():
-            stage = roles.get(ev["peer"])
+            stage = self._stage_of_rank(ev["peer"])
             self.metrics.event("heartbeat_timeout", step, stage, peer_rank=ev["peer"], reason=ev["reason"],
                                detected_at=ev["time"], role="spare" if stage is None else "stage")
+            if self.world is None:
+                self.warn(f"rank {ev['peer']} (stage {stage}) {ev['reason']}: under this launcher a lost process "
+                          "ends the job; use mpirun --with-ft ulfm with spares to survive it")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> None:
@@ -462,6 +485,8 @@ class Trainer:
     def shutdown(self) -> None:
         """Leave together and tear the process group down before interpreter exit
         (gloo threads still alive at exit can abort the process)."""
+        if self.world is None and self.heartbeat is not None:
+            self.heartbeat.stop()  # before the store's host (rank 0) goes away
         if self.world is not None and self.world.rank == min(self.world.stage_ranks()):
             self.world.release_spares()
         if torch.distributed.is_initialized():
@@ -497,50 +522,31 @@ def _release_engine(engine) -> None:
                 setattr(engine, name, None)
 
 
-def _report_leftovers(warn) -> None:
-    """Debug aid: objects that still pin the old engine (and so its gloo sockets)."""
-    import gc
-    from .engine import CheckFreePipelineEngine
-    from .module import CheckFreePipelineModule
-    gc.collect()
-    objs = gc.get_objects()
-    roots = [o for o in objs if isinstance(o, CheckFreePipelineEngine)]
-    del objs
-
-    def describe(r):
-        if isinstance(r, dict):
-            return "dict:" + ",".join(map(str, list(r)[:6]))
-        if type(r).__name__ == "frame":
-            return f"frame:{r.f_code.co_name}@{r.f_code.co_filename.split('/')[-1]}:{r.f_lineno}"
-        if type(r).__name__ == "function":
-            return f"function:{r.__qualname__}@{r.__module__}"
-        if type(r).__name__ == "method":
-            return f"method:{r.__func__.__qualname__}"
-        if type(r).__name__ == "cell":
-            return "cell"
-        return type(r).__name__
-    for root in roots:
-        level, seen = [root], {id(root)}
-        for depth in range(5):
-            nxt = []
-            for o in level:
-                for r in gc.get_referrers(o):
-                    if id(r) in seen or r is level or r is nxt or type(r).__name__ == "list" and len(r) > 1000:
-                        continue
-                    seen.add(id(r))
-                    nxt.append(r)
-            warn(f"leftover engine, referrers depth {depth}: {[describe(r) for r in nxt][:25]}")
-            level = nxt
-
-
 def _forget_deepspeed_groups() -> None:
-    """DeepSpeed's p2p module keeps the grid (and its groups) in module globals."""
+    """Drop every reference to the old process groups that DeepSpeed keeps: the p2p module's
+    globals, and the grids, modules and engines still reachable through reference cycles
+    the collector cannot see (their attributes are cleared, which releases the groups)."""
     import gc
 
     from deepspeed.runtime.pipe import p2p
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.pipe.module import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+    from deepspeed.runtime.utils import OutputBackwardHookManager
     for name in ("_grid", "_groups"):
         if hasattr(p2p, name):
             setattr(p2p, name, None)
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on some lazy torch objects warns about deprecations
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, OutputBackwardHookManager):
+                obj.remove_hooks()
+            elif isinstance(obj, PipelineModule):
+                obj.tied_comms = {}
+                obj._grid = None
+            elif isinstance(obj, (PipelineEngine, PipelineParallelGrid)):
+                obj.__dict__.clear()
     gc.collect()
 
 

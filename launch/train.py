@@ -99,7 +99,14 @@ def main(argv=None) -> int:
     from ds_checkfree.trainer import Trainer
     if not elastic:
         return Trainer(args, cfg).run()
-    return run_elastic(args, cfg, setup.checkfree)
+    code = run_elastic(args, cfg, setup.checkfree)
+    # Leave without Python's finalisation: after a failure, process groups abandoned by the
+    # old engine may still own gloo threads whose destructors can block at exit.
+    from mpi4py import MPI
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.Finalize()
+    os._exit(code)
 
 
 def run_elastic(args, cfg, cf) -> int:
@@ -112,7 +119,7 @@ def run_elastic(args, cfg, cf) -> int:
     from ds_checkfree.recovery import UnrecoverableFailure
     from ds_checkfree.trainer import Trainer
 
-    world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=max(30.0, 3 * cf.heartbeat_timeout_s))
+    world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=cf.data_plane_timeout_s)
     heartbeat = None if args.no_heartbeat else MpiHeartbeat(
         world.world, cf.heartbeat_interval_s, cf.heartbeat_timeout_s, on_dead=world.on_peer_dead).start()
     try:

@@ -106,10 +106,21 @@ def test_lr_scale_message_format():
     assert str(e.value).startswith("checkfree.lr_scale = -1.0: must be > 0. Fix: ")
 
 
-@pytest.mark.parametrize("key,value", [("spares", -1), ("checkpoint_every", -5), ("join_wait_s", -1)])
+@pytest.mark.parametrize("key,value", [("spares", -1), ("checkpoint_every", -5)])
 def test_must_be_non_negative(key, value):
     with raises(f"checkfree.{key}", str(value), ">= 0"):
         CheckFreeConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize("key", ["data_plane_timeout_s", "heartbeat_interval_s"])
+def test_timeouts_must_be_positive(key):
+    with raises(f"checkfree.{key}", "0", "> 0"):
+        CheckFreeConfig.from_dict({key: 0.0})
+
+
+def test_norm_scope_is_checked():
+    with raises("checkfree.norm_scope", "layers", "must be one of"):
+        CheckFreeConfig.from_dict({"norm_scope": "layers"})
 
 
 @pytest.mark.parametrize("key,value", [

@@ -206,3 +206,20 @@ def test_heartbeats_raise_no_false_alarm_under_full_load(tmp_path):
     assert summary["peers_declared_dead"] == []
     assert summary["beats_received"] >= 300, summary
     assert summary["max_gap_s"] < 2.0, summary
+
+
+def test_two_deaths_in_a_row_use_both_spares(tmp_path):
+    """The replacement itself dies later: the second spare takes over from the new membership."""
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", spares=2)
+    job = ElasticJob(tmp_path, 6, cfg, 60)
+    job.wait_for_step(12)
+    job.kill(1)
+    job.wait_for_step(30)
+    job.kill(4)  # rank 4 has been stage 1 since the first failure
+    rc = job.wait()
+    assert rc == 0, job.log()[-6000:]
+    records = read_metrics(job.out)
+    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, 61))
+    failures = events_of(records, "failure")
+    assert [(f["stage"], f["dead_ranks"], f["replaced_by_rank"]) for f in failures] == [(1, [1], 4), (1, [4], 5)]
+    assert [r["method"] for r in events_of(records, "recovery")] == ["weighted_average"] * 2
