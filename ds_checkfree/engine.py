@@ -26,12 +26,12 @@ from .config import CheckFreeConfig
 _META_LEN = 10  # dtype id, ndim, up to 8 dims
 
 
-def _float_norm(params) -> float:
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total += float(p.grad.detach().double().pow(2).sum())
-    return math.sqrt(total)
+def _squared_grad_norm(params) -> float:
+    """Sum of squared gradient entries, in one vectorised pass and one host sync."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.stack(torch._foreach_norm(grads)).double().pow(2).sum())
 
 
 class CheckFreePipelineEngine(PipelineEngine):
@@ -80,10 +80,14 @@ class CheckFreePipelineEngine(PipelineEngine):
 
     # ------------------------------------------------------------------ optimizer step
     def _exec_optimizer_step(self, lr_kwargs=None):
-        params = list(self.module.parameters())
-        self.grad_norm_pre_clip = _float_norm(params)
-        self.grad_norm_post_clip = self.grad_norm_pre_clip  # clip_fp32_gradients updates it
-        self.decoder_grad_norm_pre_clip = _float_norm(self._decoder_params())
+        decoder = self._decoder_params()
+        ids = {id(p) for p in decoder}
+        decoder_sq = _squared_grad_norm(decoder)
+        rest_sq = _squared_grad_norm(p for p in self.module.parameters() if id(p) not in ids)
+        self.grad_norm_pre_clip = math.sqrt(decoder_sq + rest_sq)
+        self.decoder_grad_norm_pre_clip = math.sqrt(decoder_sq)
+        # clip_fp32_gradients scales these by the clip factor
+        self.grad_norm_post_clip = self.grad_norm_pre_clip
         self.decoder_grad_norm_post_clip = self.decoder_grad_norm_pre_clip
         groups = self.optimizer.param_groups
         if self.lr_scale != 1.0:
@@ -100,10 +104,14 @@ class CheckFreePipelineEngine(PipelineEngine):
         self._gather_grad_norms()
 
     def clip_fp32_gradients(self):
-        total = clip_grad_norm_(parameters=self.module.parameters(), max_norm=self.gradient_clipping(), mpu=self.mpu)
+        max_norm = self.gradient_clipping()
+        total = clip_grad_norm_(parameters=self.module.parameters(), max_norm=max_norm, mpu=self.mpu)
         self.global_grad_norm = float(total)
-        self.grad_norm_post_clip = _float_norm(self.module.parameters())
-        self.decoder_grad_norm_post_clip = _float_norm(self._decoder_params())
+        # DeepSpeed multiplies every gradient by min(1, max_norm / (total + 1e-6)): the
+        # post-clip norms follow without another pass over the gradients
+        factor = min(1.0, float(max_norm) / (self.global_grad_norm + 1e-6))
+        self.grad_norm_post_clip = self.grad_norm_pre_clip * factor
+        self.decoder_grad_norm_post_clip = self.decoder_grad_norm_pre_clip * factor
 
     def _gather_grad_norms(self):
         mine = torch.tensor([self.grad_norm_pre_clip, self.grad_norm_post_clip], dtype=torch.float64)
