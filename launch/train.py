@@ -89,9 +89,9 @@ def main(argv=None) -> int:
 
     from ds_checkfree.initialize import prepare
     elastic = args.fault_tolerant or bool(cfg["checkfree"].get("spares"))
-    if elastic and "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        raise ConfigError("--spares / --fault_tolerant: surviving a process death needs the MPI launch. Fix: "
-                          "mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ...")
+    if elastic and ("OMPI_COMM_WORLD_SIZE" not in os.environ or not _ulfm_enabled()):
+        raise ConfigError("--spares / --fault_tolerant: surviving a process death needs Open MPI's fault-tolerant "
+                          "launch. Fix: mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ...")
     world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"]) if elastic else None
     setup = prepare(cfg, args.model, {"num_layers": args.num_layers}, world_size=world_size,
                     elastic=elastic)  # fail fast, before any process group
@@ -101,12 +101,20 @@ def main(argv=None) -> int:
         return Trainer(args, cfg).run()
     code = run_elastic(args, cfg, setup.checkfree)
     # Leave without Python's finalisation: after a failure, process groups abandoned by the
-    # old engine may still own gloo threads whose destructors can block at exit.
-    from mpi4py import MPI
+    # old engine may still own gloo threads whose destructors can block at exit. Under ULFM,
+    # MPI_Finalize can also hang after peers died, and a process that skips it is not an
+    # error there, so it is skipped.
     sys.stdout.flush()
     sys.stderr.flush()
-    MPI.Finalize()
+    if not _ulfm_enabled():
+        from mpi4py import MPI
+        MPI.Finalize()
     os._exit(code)
+
+
+def _ulfm_enabled() -> bool:
+    """``mpirun --with-ft ulfm`` (also via ``deepspeed --launcher_args``) sets this for every rank."""
+    return os.environ.get("OMPI_MCA_mpi_ft_enable", "0") not in ("0", "", "false")
 
 
 def run_elastic(args, cfg, cf) -> int:

@@ -223,3 +223,11 @@ def test_two_deaths_in_a_row_use_both_spares(tmp_path):
     failures = events_of(records, "failure")
     assert [(f["stage"], f["dead_ranks"], f["replaced_by_rank"]) for f in failures] == [(1, [1], 4), (1, [4], 5)]
     assert [r["method"] for r in events_of(records, "recovery")] == ["weighted_average"] * 2
+
+
+def test_spares_without_the_fault_tolerant_launch_are_refused(tmp_path):
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", spares=1)
+    proc = subprocess.run([sys.executable, TRAIN, "--deepspeed_config", str(cfg)], cwd=ROOT, env=job_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "mpirun --with-ft ulfm" in proc.stderr
