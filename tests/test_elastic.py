@@ -104,16 +104,18 @@ def exit_pids(log: str) -> dict[int, int]:
     return {int(r): int(p) for r, p in re.findall(r"\[rank (\d+)\] exiting \(pid (\d+)\)", log)}
 
 
-def kill_and_finish(tmp_path, mode: str, victim: int, steps: int = 40, spares: int = 1, seed: int = 0,
-                    latest_kill: int | None = None):
+def kill_and_finish(tmp_path, mode: str, victim: int, steps: int = 60, spares: int = 1, seed: int = 0,
+                    latest_kill: int = 20):
     cfg = write_config(tmp_path / "ds.json", mode=mode, spares=spares)
     job = ElasticJob(tmp_path, 4 + spares, cfg, steps)
-    kill_step = random.Random(seed).randint(6, latest_kill or steps // 2)
+    kill_step = random.Random(seed).randint(6, latest_kill)
     job.wait_for_step(kill_step)
     before = job.rank_pids()
     assert sorted(before) == list(range(4 + spares)), before
     killed = job.kill(victim)
     killed_at = time.time()
+    done = max(r["step"] for r in steps_of(read_metrics(job.out)))
+    assert done < steps, f"the kill came too late (step {done} of {steps}): the test proves nothing"
     rc = job.wait()
     return job, rc, before, killed, killed_at, kill_step
 
@@ -149,7 +151,7 @@ def _check_survived(job, rc, before, killed, killed_at, victim_stage: int, steps
 
 def test_intermediate_stage_sigkilled_is_replaced_by_the_spare(tmp_path):
     job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=2, seed=1)
-    records = _check_survived(job, rc, before, killed, killed_at, victim_stage=2, steps=40,
+    records = _check_survived(job, rc, before, killed, killed_at, victim_stage=2, steps=60,
                               method="weighted_average")
     (recovery,) = events_of(records, "recovery")
     assert recovery["sources"] == [1, 3] and recovery["lr_scale"] == pytest.approx(1.1)
@@ -158,7 +160,7 @@ def test_intermediate_stage_sigkilled_is_replaced_by_the_spare(tmp_path):
 
 def test_first_stage_sigkilled_under_checkfree_plus(tmp_path):
     job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree_plus", victim=0, seed=2)
-    records = _check_survived(job, rc, before, killed, killed_at, victim_stage=0, steps=40, method="copy")
+    records = _check_survived(job, rc, before, killed, killed_at, victim_stage=0, steps=60, method="copy")
     (recovery,) = events_of(records, "recovery")
     assert recovery["sources"] == [1]  # the swap partner, which also holds the embedding replica
 
