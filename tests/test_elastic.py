@@ -105,8 +105,8 @@ def exit_pids(log: str) -> dict[int, int]:
 
 
 def kill_and_finish(tmp_path, mode: str, victim: int, steps: int = 60, spares: int = 1, seed: int = 0,
-                    latest_kill: int = 20):
-    cfg = write_config(tmp_path / "ds.json", mode=mode, spares=spares)
+                    latest_kill: int = 20, **checkfree):
+    cfg = write_config(tmp_path / "ds.json", mode=mode, spares=spares, **checkfree)
     job = ElasticJob(tmp_path, 4 + spares, cfg, steps)
     kill_step = random.Random(seed).randint(6, latest_kill)
     job.wait_for_step(kill_step)
@@ -166,12 +166,14 @@ def test_first_stage_sigkilled_under_checkfree_plus(tmp_path):
 
 
 def test_idle_spare_killed_does_not_disturb_training(tmp_path):
-    job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=4, steps=60, seed=3,
-                                                            latest_kill=12)
+    # nothing talks to an idle spare, so its death may only show as silence: a 3 s timeout and
+    # ~10 s of training after the kill make sure the heartbeat sees it before the end
+    job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=4, steps=120, seed=3,
+                                                            latest_kill=10, heartbeat_timeout_s=3.0)
     log = job.log()
     assert rc == 0, log[-6000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, 61))
+    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, 121))
     assert not events_of(records, "failure") and not events_of(records, "recovery")
     seen = events_of(records, "heartbeat_timeout")
     assert [(e["peer_rank"], e["role"]) for e in seen] == [(4, "spare")]
