@@ -72,7 +72,34 @@ class ElasticWorld:
         self.heartbeat_dead: set[int] = set()
         hosts = self.ctrl.allgather(socket.gethostname())
         self.single_host = len(set(hosts)) == 1
+        #: world rank -> the address its peers reach it at (data-plane rendezvous)
+        self.addrs = self._advertised_addrs(hosts)
         self.generation = 0
+
+    def _advertised_addrs(self, hosts: list[str]) -> list[str]:
+        """Each rank's reachable address (``netaddr``'s rules; the route toward the other hosts'
+        interface addresses counts). A failure on any rank raises on every rank alike, naming it.
+        Across hosts, gloo's own device follows the chosen interface unless GLOO_SOCKET_IFNAME is set
+        (its default, the hostname's address, is 127.0.1.1 on Debian)."""
+        from ds_checkfree import netaddr
+        mine = [a for a in netaddr.interfaces().values() if not netaddr.is_loopback(a)]
+        everyone = self.ctrl.allgather(mine)
+        peers = [a for r, addrs in enumerate(everyone) if hosts[r] != hosts[self.rank] for a in addrs]
+        try:
+            choice = netaddr.choose_here(os.environ, multi_host=not self.single_host, peer_addrs=peers)
+            result = (choice.addr, None)
+        except netaddr.NoReachableAddress as err:
+            choice, result = None, (None, str(err))
+        results = self.ctrl.allgather(result)
+        errors = [f"rank {r} on {hosts[r]}: {e}" for r, (_, e) in enumerate(results) if e]
+        if errors:
+            raise netaddr.NoReachableAddress("; ".join(errors))
+        if not self.single_host:
+            if choice.ifname and not os.environ.get("GLOO_SOCKET_IFNAME"):
+                os.environ["GLOO_SOCKET_IFNAME"] = choice.ifname
+            print(f"[rank {self.rank}] {hosts[self.rank]}: advertising {choice.addr} ({choice.how}), gloo on "
+                  f"{os.environ.get('GLOO_SOCKET_IFNAME', 'its default device')}", flush=True)
+        return [a for a, _ in results]
 
     # -- roles ---------------------------------------------------------------------------
     @property
@@ -97,7 +124,7 @@ class ElasticWorld:
             with socket.socket() as s:
                 s.bind(("", 0))
                 port = s.getsockname()[1]
-            addr = "127.0.0.1" if self.single_host else socket.gethostbyname(socket.gethostname())
+            addr = self.addrs[self.rank]
             for r, st in self.roles.items():
                 if st is not None and r != leader:
                     self.ctrl.send((addr, port), dest=self.ctrl_rank[r], tag=_PORT_TAG)
