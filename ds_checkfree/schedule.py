@@ -150,15 +150,80 @@ def _validate(num_stages, micro_batches, swap):
     stage_route(0, num_stages, swap)  # raises for swap with too few stages
 
 
+def _chain(num_stages: int, micro_batch: int, swap: bool):
+    """The 2S computes of one micro-batch in dependency order, as (stage, kind, position)."""
+    route = stage_route(micro_batch, num_stages, swap)
+    return ([(route[k], "fwd", k) for k in range(num_stages)] +
+            [(route[k], "bwd", k) for k in reversed(range(num_stages))])
+
+
+_PERIOD = 4  # ticks per (even, odd) pair in steady state: every stage busy every tick
+_MAX_WAIT = 3  # idle ticks allowed before one compute of the pair timetable
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_timetable(num_stages: int):
+    """Steady-state CheckFree+ timetable of one (even, odd) micro-batch pair: per chain
+    (even, odd), the tick offset of each compute of :func:`_chain`.
+
+    Why: greedy lowest-micro-batch-first scheduling does not reach 1F1B throughput once
+    middle stages separate the swapped pairs (S=8, M=32: 87 ticks vs 78). Pair ``j``
+    runs at ``4j + offset``, so each stage's four computes of a pair must fall on
+    distinct ticks mod 4. With S >= 6 this forces some wait ticks in the swapped pairs
+    (the middle stages need the odd chain two ticks after the even one, forward and
+    backward, which the back pair cannot keep without waiting); the depth-first search
+    finds the timetable with the earliest last backward, allowing waits only on the
+    swapped pairs and their neighbours so its cost does not grow with S.
+    """
+    S = num_stages
+    chains = [_chain(S, 0, True), _chain(S, 1, True)]
+    waits_at = {0, 1, 2, S - 3, S - 2, S - 1}
+
+    def place(c, i, t, used, offsets, bound):
+        """Offsets of chains[c][i:], then of the odd chain; None if none fit in bound."""
+        if i == len(chains[c]):
+            if c == 1:
+                return list(offsets)
+            return place(1, 0, 1, used, offsets, bound)  # odd pair starts a tick later or more
+        stage = chains[c][i][0]
+        span = _MAX_WAIT + 1 if stage in waits_at else 1
+        for tick in range(t, t + span):
+            if tick + len(chains[c]) - 1 - i > bound:
+                break
+            if (stage, tick % _PERIOD) in used:
+                continue
+            used.add((stage, tick % _PERIOD))
+            offsets.append(tick)
+            found = place(c, i + 1, tick + 1, used, offsets, bound)
+            used.discard((stage, tick % _PERIOD))
+            offsets.pop()
+            if found is not None:
+                return found
+        return None
+
+    for bound in range(2 * S, 2 * S + 4 * _MAX_WAIT):
+        found = place(0, 0, 0, set(), [], bound)
+        if found is not None:
+            return tuple(found[:2 * S]), tuple(found[2 * S:])
+    raise AssertionError(f"no periodic CheckFree+ timetable for {S} stages")  # bug guard
+
+
 @functools.lru_cache(maxsize=64)
 def _plan(num_stages: int, micro_batches: int, swap: bool):
     """Tick simulation of all stages -> per stage, per tick, a tuple of compact ops.
 
-    Each tick, every stage runs at most one compute (backward preferred over forward,
-    lowest micro-batch first, a bounded number of micro-batches in flight per stage),
-    then every output produced in that tick is transferred. A transfer is one global
-    action appended to both the sender's and the receiver's step of that tick, in the
-    same global order, which is what makes the projection deadlock-free.
+    Each tick, every stage runs at most one ready compute (a bounded number of
+    micro-batches in flight per stage), then every output produced in that tick is
+    transferred. A transfer is one global action appended to both the sender's and the
+    receiver's step of that tick, in the same global order, which is what makes the
+    projection deadlock-free.
+
+    Which ready compute: without the swap, backward before forward, lowest micro-batch
+    first (exactly 1F1B, S in flight). With the swap, the one due earliest in the
+    periodic :func:`_pair_timetable` (earliest-due-date list scheduling): it keeps the
+    1F1B rate in steady state and, unlike replaying the timetable's fixed order, lets
+    the fill and drain run ahead of it. S + 1 in flight is what the timetable needs; at
+    S = 4 the two pairs cover the whole pipe, stay in lockstep, and S suffices.
     """
     S, M = num_stages, micro_batches
     routes = [stage_route(m, S, swap) for m in range(M)]
@@ -167,11 +232,17 @@ def _plan(num_stages: int, micro_batches: int, swap: bool):
     bwd_tick = [[None] * S for _ in range(M)]
     loaded = [0] * S  # next micro-batch each stage will load
     in_flight = [0] * S
-    # 1F1B needs S micro-batches in flight. The swapped pairs start two micro-batches per
-    # tick and reorder them, so a bound of exactly S stalls the pipe; S + 2 recovers most
-    # of the throughput (e.g. S=6, M=32: 94 -> 76 ticks) for two extra buffers. At S=4
-    # the pairs cover the whole pipe, stay in lockstep, and S suffices.
-    limit = S + 2 if swap and S > MIN_STAGES_FOR_SWAP else S
+    if swap:
+        due = {}
+        for m in range(M):
+            offsets = _pair_timetable(S)[m % 2]
+            for (_, kind, k), offset in zip(_chain(S, m, True), offsets):
+                due[kind, m, k] = _PERIOD * (m // 2) + offset
+        priority = lambda kind, m, k: (due[kind, m, k], kind == "fwd", m)  # noqa: E731
+        limit = S + 1 if S > MIN_STAGES_FOR_SWAP else S
+    else:
+        priority = lambda kind, m, k: (kind == "fwd", m)  # noqa: E731
+        limit = S
     steps = [[] for _ in range(S)]
     remaining = 2 * S * M
     t = 0
@@ -192,24 +263,19 @@ def _plan(num_stages: int, micro_batches: int, swap: bool):
         oldest = next(m for m in range(M) if bwd_tick[m][0] is None)
         computes = []
         for s in range(S):
-            choice = None
+            ready = []
             for m in range(M):
                 k = pos[m][s]
                 if bwd_tick[m][k] is None and bwd_ready(m, k):
-                    choice = ("bwd", m, k)
-                    break
-            if choice is None:
-                for m in range(M):
-                    k = pos[m][s]
-                    if (fwd_tick[m][k] is None and fwd_ready(m, k)
-                            and (in_flight[s] < limit or m == oldest)):
-                        choice = ("fwd", m, k)
-                        break
+                    ready.append(("bwd", m, k))
+                elif (fwd_tick[m][k] is None and fwd_ready(m, k)
+                      and (in_flight[s] < limit or m == oldest)):
+                    ready.append(("fwd", m, k))
             step = []
             steps[s].append(step)
-            if choice is None:
+            if not ready:
                 continue
-            kind, m, k = choice
+            kind, m, k = min(ready, key=lambda c: priority(*c))
             route = routes[m]
             first, last = k == 0, k == S - 1
             if kind == "fwd":
@@ -417,26 +483,22 @@ def check_schedule(per_stage, num_stages: int, micro_batches: int, swap: bool) -
             raise ScheduleError(f"send/recv mismatch: {where}")
         m = send.micro_batch
         route = routes[m]
-        if isinstance(send, SendActivationTo):
-            if pos[m][dst] != pos[m][src] + 1:
-                raise ScheduleError(f"{where}: activation of micro-batch {m} does not follow "
-                                    f"route {route}")
-            if m not in fwd_done[src]:
-                raise ScheduleError(f"{where}: activation sent before the sender's forward")
-            if m in act_in[dst]:
-                raise ScheduleError(f"{where}: activation received twice")
-            act_in[dst].add(m)
+        forward = isinstance(send, SendActivationTo)
+        what, hop, sender_done, received, direction = (
+            ("activation", 1, fwd_done, act_in, "") if forward else
+            ("gradient", -1, bwd_done, grad_in, " backwards"))
+        if pos[m][dst] != pos[m][src] + hop:
+            raise ScheduleError(f"{where}: {what} of micro-batch {m} does not follow "
+                                f"route {route}{direction}")
+        if m not in sender_done[src]:
+            raise ScheduleError(f"{where}: {what} sent before the sender's "
+                                f"{'forward' if forward else 'backward'}")
+        if m in received[dst]:
+            raise ScheduleError(f"{where}: {what} received twice")
+        received[dst].add(m)
+        if forward:
             live[dst].add(m)
             max_live[dst] = max(max_live[dst], len(live[dst]))
-        else:
-            if pos[m][dst] != pos[m][src] - 1:
-                raise ScheduleError(f"{where}: gradient of micro-batch {m} does not follow "
-                                    f"route {route} backwards")
-            if m not in bwd_done[src]:
-                raise ScheduleError(f"{where}: gradient sent before the sender's backward")
-            if m in grad_in[dst]:
-                raise ScheduleError(f"{where}: gradient received twice")
-            grad_in[dst].add(m)
         messages += 1
         non_adjacent += abs(src - dst) != 1
         pc[src] += 1
