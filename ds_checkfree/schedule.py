@@ -184,7 +184,7 @@ def _pair_timetable(num_stages: int):
         if i == len(chains[c]):
             if c == 1:
                 return list(offsets)
-            return place(1, 0, 1, used, offsets, bound)  # odd pair starts a tick later or more
+            return place(1, 0, 1, used, offsets, bound)  # odd chain: from tick 1 on
         stage = chains[c][i][0]
         span = _MAX_WAIT + 1 if stage in waits_at else 1
         for tick in range(t, t + span):
