@@ -20,6 +20,8 @@ from ds_checkfree.schedule import (
     ScheduleError,
     SendActivationTo,
     SendGradTo,
+    _pair_timetable,
+    _plan,
     build_all,
     check_schedule,
     message_stats,
@@ -104,6 +106,68 @@ def test_build_all_passes_checker(stages, micro_batches, swap):
     else:
         assert stats["rounds"] < 2 * stages * micro_batches or micro_batches == 1
         assert max(stats["max_buffers_in_flight"]) <= stages + 3
+
+
+def stock_rounds(stages, micro_batches):
+    return check_schedule(build_all(stages, micro_batches, False), stages, micro_batches, False)["rounds"]
+
+
+# The stage counts CheckFree+ is run at, with the micro-batch counts of the benchmarks.
+MAKESPAN_GRID = [(s, m) for s in (5, 6, 7, 8) for m in sorted({s, 2 * s, 4 * s, 8, 16, 32})]
+
+
+@pytest.mark.parametrize("stages,micro_batches", MAKESPAN_GRID)
+def test_swap_makespan_close_to_1f1b(stages, micro_batches):
+    """CheckFree+ must not cost more than 5% over stock 1F1B; the builder reaches one tick."""
+    per_stage = build_all(stages, micro_batches, True)
+    stats = check_schedule(per_stage, stages, micro_batches, True)  # pairing, no deadlock, data flow
+    stock = stock_rounds(stages, micro_batches)
+    assert stats["rounds"] <= 1.05 * stock
+    assert stats["rounds"] <= stock + 1
+    assert stats["messages"] == 2 * micro_batches * (stages - 1)
+    assert len({len(steps) for steps in per_stage}) == 1
+    # S + 1 micro-batches between forward and backward, plus one received activation.
+    assert max(stats["max_buffers_in_flight"]) <= stages + 2
+
+
+@pytest.mark.parametrize("stages,micro_batches", [(10, 20), (12, 8), (16, 32)])
+def test_swap_makespan_longer_pipelines(stages, micro_batches):
+    stats = check_schedule(build_all(stages, micro_batches, True), stages, micro_batches, True)
+    assert stats["rounds"] <= stock_rounds(stages, micro_batches) + 1
+
+
+def test_four_stage_swap_keeps_lockstep():
+    """At S=4 the two swapped pairs cover the pipe: two ticks faster than 1F1B, S buffers."""
+    for micro_batches in (4, 8, 16, 32):
+        stats = check_schedule(build_all(4, micro_batches, True), 4, micro_batches, True)
+        assert stats["rounds"] == stock_rounds(4, micro_batches) - 2
+        assert max(stats["max_buffers_in_flight"]) == 4
+
+
+@pytest.mark.parametrize("stages", range(4, 13))
+def test_pair_timetable_is_a_periodic_schedule(stages):
+    """Pair j at 4j + offset: each stage's four computes of a pair on distinct ticks mod 4,
+    each chain in dependency order along its route, and at most two ticks of waiting."""
+    even, odd = _pair_timetable(stages)
+    ticks = {}
+    for parity, offsets in ((0, even), (1, odd)):
+        route = stage_route(parity, stages, True)
+        chain = route + route[::-1]  # forwards along the route, then backwards
+        assert len(offsets) == len(chain) == 2 * stages
+        assert all(b > a for a, b in zip(offsets, offsets[1:]))
+        for stage, offset in zip(chain, offsets):
+            ticks.setdefault(stage, []).append(offset % 4)
+    assert all(sorted(t) == [0, 1, 2, 3] for t in ticks.values())
+    assert min(even[0], odd[0]) >= 0
+    assert max(even[-1], odd[-1]) <= 2 * stages + 3  # 1F1B's pair ends at 2S + 1
+
+
+def test_schedule_is_deterministic():
+    first = [[[repr(i) for i in step] for step in steps] for steps in build_all(6, 12, True)]
+    _plan.cache_clear()
+    _pair_timetable.cache_clear()
+    again = [[[repr(i) for i in step] for step in steps] for steps in build_all(6, 12, True)]
+    assert first == again
 
 
 def test_no_communication_with_one_stage():
