@@ -27,18 +27,22 @@ TRAIN = str(ROOT / "launch" / "train.py")
 
 
 class ElasticJob:
-    """``mpirun --with-ft ulfm -n N python launch/train.py ...`` in the background."""
+    """``mpirun --with-ft ulfm -n N python launch/train.py ...`` in the background (``launcher``:
+    another command line in front of ``launch/train.py``, e.g. across hosts, see multihost.py)."""
 
-    def __init__(self, tmp_path: Path, nproc: int, cfg: Path, steps: int, *extra: str):
+    def __init__(self, tmp_path: Path, nproc: int, cfg: Path, steps: int, *extra: str,
+                 launcher: list[str] | None = None, env: dict | None = None):
         self.out = tmp_path / "out"
         self.log_path = tmp_path / "log.txt"
-        cmd = [str(BIN / "mpirun"), "--with-ft", "ulfm", "--oversubscribe", "--map-by", "slot", "--bind-to", "none",
-               "-n", str(nproc), "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH",
-               "-x", "PYTHONUNBUFFERED", sys.executable, TRAIN, "--deepspeed_config", str(cfg), "--model", "tiny",
+        launcher = launcher or [
+            str(BIN / "mpirun"), "--with-ft", "ulfm", "--oversubscribe", "--map-by", "slot", "--bind-to", "none",
+            "-n", str(nproc), "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH",
+            "-x", "PYTHONUNBUFFERED", sys.executable]
+        cmd = [*launcher, TRAIN, "--deepspeed_config", str(cfg), "--model", "tiny",
                "--steps", str(steps), "--eval_every", "0", "--output_dir", str(self.out), *extra]
         self.nproc = nproc
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or job_env(), stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def log(self) -> str:
