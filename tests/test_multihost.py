@@ -71,7 +71,7 @@ def advertised(log: str) -> dict[int, tuple[str, str, str]]:
 
 def kill_one(job: ElasticJob, bed: TwoHosts, victim: int, steps: int, seed: int):
     """Wait for a random step, check the layout (hostA: ranks 0-2, hostB: 3-4), SIGKILL ``victim``."""
-    job.wait_for_step(random.Random(seed).randint(6, 12))
+    job.wait_for_step(random.Random(seed).randint(6, 12), timeout=150)
     before = job.rank_pids()
     assert placement(job, bed) == {0: "hostA", 1: "hostA", 2: "hostA", 3: "hostB", 4: "hostB"}
     killed = job.kill(victim)
@@ -83,17 +83,19 @@ def kill_one(job: ElasticJob, bed: TwoHosts, victim: int, steps: int, seed: int)
 
 def test_deepspeed_launcher_across_two_hosts_recovers_a_logical_failure(two_hosts, tmp_path):
     """``deepspeed --hostfile --launcher openmpi``, interface eth0 (DeepSpeed's default
-    ``btl_tcp_if_include``), 2 stages per host, stage 2 (on hostB) wiped at step 5."""
-    bed = two_hosts(slots={"hostA": 2, "hostB": 2})
+    ``btl_tcp_if_include``), 2 stages per host, stage 2 (on hostB) wiped at step 5. Debian-style
+    hosts files: gloo's default device would be 127.0.1.1, so the env file names the interface
+    (the README's advice for the main job, whose rendezvous is DeepSpeed's)."""
+    bed = two_hosts(slots={"hostA": 2, "hostB": 2}, debian_hosts=True)
     ds_env = tmp_path / "ds_env"
-    ds_env.write_text("OMP_NUM_THREADS=1\nDS_ACCELERATOR=cpu\n")
+    ds_env.write_text("OMP_NUM_THREADS=1\nDS_ACCELERATOR=cpu\nGLOO_SOCKET_IFNAME=eth0\n")
     launcher = bed.on("hostA", [
         str(BIN / "deepspeed"), "--hostfile", str(bed.hostfile), "--launcher", "openmpi", "--no_ssh_check",
         "--master_addr", HOSTS["hostA"],
         "--launcher_args", f"--prtemca plm_ssh_agent {bed.agent} --map-by slot --bind-to none"])
     job = ElasticJob(tmp_path, 4, CONFIG, 14, "--fail_at", "2:5",
                      launcher=launcher, env={**env(), "DS_ENV_FILE": str(ds_env)})
-    job.wait_for_step(2)
+    job.wait_for_step(2, timeout=150)
     assert placement(job, bed) == {0: "hostA", 1: "hostA", 2: "hostB", 3: "hostB"}
     rc = job.wait()
     log = job.log()
@@ -130,7 +132,7 @@ def test_losing_a_whole_host_stops_cleanly_naming_the_lost_stage(two_hosts, tmp_
     bed = two_hosts(ifname="lan0")
     launcher = elastic_launcher(bed, 5, "--mca", "btl_tcp_if_include", "lan0", "-x", "CHECKFREE_SOCKET_IFNAME=lan0")
     job = ElasticJob(tmp_path, 5, CONFIG, 30, "--spares", "1", launcher=launcher, env=env())
-    job.wait_for_step(8)
+    job.wait_for_step(8, timeout=150)
     pids = job.rank_pids()
     on_b = sorted(r for r, h in placement(job, bed).items() if h == "hostB")
     assert on_b == [3, 4]
