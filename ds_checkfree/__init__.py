@@ -1,7 +1,10 @@
 """ds-checkfree: DeepSpeed pipeline training that survives lost stages without checkpoints.
 
 Importing the package is cheap; DeepSpeed is loaded only when ``initialize`` or the engine
-is first used, so config validation and the pure modules work without it.
+is first used. The pure planners (``config``, ``modes``, ``layout``, ``failures``,
+``recovery``, ``heartbeat.liveness``) import neither DeepSpeed nor a process group;
+``schedule`` is pure too but builds on DeepSpeed's instruction classes, so it imports
+DeepSpeed.
 """
 
 __version__ = "0.1.0"

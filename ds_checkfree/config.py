@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
 from dataclasses import dataclass, field
+import typing
 from typing import Any
 
 __all__ = [
@@ -30,24 +32,9 @@ __all__ = [
     "MIN_STAGES",
 ]
 
+from .modes import GRAD_NORMS, MIN_STAGES, MIN_STAGES_WHY, MODES, NORM_SCOPES, RECOVERY_METHODS
+
 SECTION = "checkfree"
-MODES = ("off", "checkfree", "checkfree_plus", "redundant")
-RECOVERY_METHODS = ("weighted_average", "mean", "copy_prev", "copy_next", "random")
-GRAD_NORMS = ("post_clip", "pre_clip")
-NORM_SCOPES = ("decoder", "stage")
-# Why each minimum: "off" just needs a pipeline; CheckFree rebuilds an
-# intermediate stage from two neighbours, so one must exist (S >= 3);
-# CheckFree+ swaps stages (0,1) and (S-2,S-1), which must be disjoint (S >= 4).
-MIN_STAGES = {"off": 1, "checkfree": 3, "checkfree_plus": 4, "redundant": 2}
-_MIN_STAGES_WHY = {
-    "off": "a pipeline needs at least one stage",
-    "checkfree": "CheckFree rebuilds a lost intermediate stage from its two neighbours, "
-    "so there must be at least one intermediate stage (stages 0 < i < S-1)",
-    "checkfree_plus": "CheckFree+ swaps stages (0, 1) and (S-2, S-1) on odd micro-batches, "
-    "and the two swap pairs must be disjoint",
-    "redundant": "the redundant-computation baseline keeps each stage's shadow copy on its "
-    "predecessor in a ring, which needs a second stage",
-}
 
 
 class ConfigError(ValueError):
@@ -62,31 +49,20 @@ def _k(name: str) -> str:
     return f"{SECTION}.{name}"
 
 
-# Expected JSON type per field: (kind, nullable). Kept explicit rather than read
-# from annotations, which are strings under ``from __future__ import annotations``.
-_TYPES: dict[str, tuple[str, bool]] = {
-    "mode": ("str", False),
-    "num_stages": ("int", False),
-    "swap": ("bool", False),
-    "lr_scale": ("float", False),
-    "grad_norm": ("str", False),
-    "norm_scope": ("str", False),
-    "epsilon": ("float", False),
-    "recovery_method": ("str", False),
-    "fail_at": ("fail_at", False),
-    "failure_rate": ("float", False),
-    "assumed_step_seconds": ("float", True),
-    "failure_seed": ("int", False),
-    "failure_schedule": ("str", True),
-    "fallback_checkpoint_dir": ("str", True),
-    "heartbeat_interval_s": ("float", False),
-    "heartbeat_timeout_s": ("float", False),
-    "data_plane_timeout_s": ("float", False),
-    "spares": ("int", False),
-    "checkpoint_every": ("int", False),
-    "checkpoint_dir": ("str", True),
-    "storage_bandwidth_mb_s": ("float", True),
-}
+@functools.cache
+def _field_kinds() -> dict[str, tuple[str, bool]]:
+    """Expected JSON type per field, (kind, nullable), read from the dataclass annotations."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(CheckFreeConfig).items():
+        args = typing.get_args(hint)
+        nullable = type(None) in args
+        base = next(a for a in args if a is not type(None)) if nullable else hint
+        if typing.get_origin(base) is list:
+            kinds[name] = ("list", nullable)  # fail_at: parsed by _validate_fail_at
+        else:
+            kinds[name] = ({str: "str", int: "int", bool: "bool", float: "float"}[base], nullable)
+    return kinds
+
 
 _TYPE_WORDS = {
     "str": "a string",
@@ -98,7 +74,7 @@ _TYPE_WORDS = {
 
 def _check_type(name: str, value: Any) -> Any:
     """Return ``value`` coerced to its field type (int -> float only), or raise."""
-    kind, nullable = _TYPES[name]
+    kind, nullable = _field_kinds()[name]
     if value is None and nullable:
         return None
     expected = _TYPE_WORDS.get(kind, "")
@@ -209,7 +185,7 @@ class CheckFreeConfig:
         if self.num_stages < need:
             raise _fail(
                 _k("num_stages"), self.num_stages,
-                f"mode {self.mode!r} needs at least {need} stages: {_MIN_STAGES_WHY[self.mode]}",
+                f"mode {self.mode!r} needs at least {need} stages: {MIN_STAGES_WHY[self.mode]}",
                 f"set num_stages >= {need}" + (
                     ', or use mode "checkfree" / "off"' if self.mode == "checkfree_plus"
                     else ', or use mode "off"' if self.mode == "checkfree" else ""),

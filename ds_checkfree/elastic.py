@@ -35,10 +35,8 @@ class Agreement:
     lost_stages: list[int]
     replacements: dict[int, int]  # stage -> world rank that takes it
     resume_step: int
-    steps_done: list[int]
     revoked_at: float
     agreed_at: float
-    timings: dict = field(default_factory=dict)
     roles_before: dict = field(default_factory=dict)  # world rank -> stage (None: spare) before the failure
 
 
@@ -69,12 +67,10 @@ class ElasticWorld:
         self.roles: dict[int, int | None] = {r: (r if r < num_stages else None) for r in range(self.size)}
         #: world rank -> rank in the current control communicator (changes after each Shrink)
         self.ctrl_rank: dict[int, int] = {r: r for r in range(self.size)}
-        self.heartbeat_dead: set[int] = set()
         hosts = self.ctrl.allgather(socket.gethostname())
         self.single_host = len(set(hosts)) == 1
         #: world rank -> the address its peers reach it at (data-plane rendezvous)
         self.addrs = self._advertised_addrs(hosts)
-        self.generation = 0
 
     def _advertised_addrs(self, hosts: list[str]) -> list[str]:
         """Each rank's reachable address (``netaddr``'s rules; the route toward the other hosts'
@@ -142,12 +138,6 @@ class ElasticWorld:
         tdist.init_process_group("gloo", store=store, rank=self.stage, world_size=self.num_stages,
                                  timeout=timedelta(seconds=self.dp_timeout_s))
 
-    def on_peer_dead(self, world_rank: int) -> None:
-        """Heartbeat callback (heartbeat thread). Gloo offers no way to interrupt a blocked
-        operation from another thread (``abort()`` does not wake a pending recv), so the
-        data plane learns of the death from its own sockets; this only records it."""
-        self.heartbeat_dead.add(world_rank)
-
     @staticmethod
     def tear_down_data_plane() -> None:
         """Close this rank's gloo connections so peers blocked on it fail now, not at the timeout
@@ -179,7 +169,6 @@ class ElasticWorld:
         agreed_at = time.time()
         self.ctrl = new
         self.ctrl_rank = {int(w): i for i, w in enumerate(members)}
-        self.generation += 1
         alive = set(members)
         roles_before = dict(self.roles)
         dead = sorted(r for r in self.roles if r not in alive)
@@ -199,8 +188,7 @@ class ElasticWorld:
         # normally all survivors stopped in the same step; if the failure split the final
         # collective, the ones that finished it keep their update and the others skip it
         resume = (max(stage_done) if stage_done else 0) + 1
-        return Agreement(dead, lost, replacements, resume, stage_done, revoked_at, agreed_at,
-                         roles_before=roles_before)
+        return Agreement(dead, lost, replacements, resume, revoked_at, agreed_at, roles_before=roles_before)
 
     def wait_as_spare(self):
         """Block until this spare is given a stage (returns the Agreement) or training ends (None)."""

@@ -4,14 +4,13 @@ Kept thin on purpose. It adds
   * the schedule hook: DeepSpeed's ``TrainSchedule`` for CheckFree, the out-of-order
     schedule (``ds_checkfree.schedule``) for CheckFree+, executed by routed instructions
     that talk to any stage, not only stage +- 1;
-  * a per-stage record of the last step's gradient norm (before and after clipping);
-  * the learning-rate multiplier that a recovered stage keeps;
-  * the recovery entry point (``ds_checkfree.recovery_runtime``).
+  * the stage's recovery state (``StageRecoveryState``: the last step's gradient norms
+    before and after clipping, the learning-rate multiplier a rebuilt stage keeps), and the
+    operations that change it: wipe the stage, install recovered weights, carry the stage
+    into a rebuilt engine. Recovery plans are applied by ``ds_checkfree.recovery_runtime``.
 Everything else is DeepSpeed's own code path.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from deepspeed import comm as dist
@@ -22,6 +21,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from . import schedule as cf_schedule
 from .config import CheckFreeConfig
+from .stage_state import StageRecoveryState
 
 _META_LEN = 10  # dtype id, ndim, up to 8 dims
 
@@ -40,14 +40,10 @@ class CheckFreePipelineEngine(PipelineEngine):
     def __init__(self, *args, checkfree_config: CheckFreeConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.checkfree = checkfree_config
-        self.lr_scale = 1.0
-        self.grad_norm_pre_clip = float("nan")
-        self.grad_norm_post_clip = float("nan")
+        self.stage_state = StageRecoveryState()
         self.global_grad_norm = float("nan")
-        #: the same two norms over the decoder layers only (``checkfree.norm_scope = "decoder"``)
-        self.decoder_grad_norm_pre_clip = float("nan")
-        self.decoder_grad_norm_post_clip = float("nan")
-        #: [stage] -> (pre-clip, post-clip) norm of the last step, gathered over the pipeline
+        #: [stage] -> (pre-clip, post-clip) norm of the last step over ``checkfree.norm_scope``
+        #: (the norms recovery weighs neighbours by), gathered over the pipeline
         self.stage_grad_norms: list[tuple[float, float]] = [(float("nan"), float("nan"))] * self.num_stages
         self._routed_losses: dict[int, torch.Tensor] = {}
         self._routed_grads: dict[int, torch.Tensor] = {}
@@ -67,13 +63,68 @@ class CheckFreePipelineEngine(PipelineEngine):
                                                   stage_id=self.stage_id, swap=self.checkfree.swap)
         return super()._train_schedule()
 
+    @property
+    def lr_scale(self) -> float:
+        return self.stage_state.lr_scale
+
     def last_grad_norm(self) -> float:
         """The norm that recovery weights this stage by (config: before or after clipping,
         over the decoder layers or the whole stage)."""
-        pre = self.checkfree.grad_norm == "pre_clip"
-        if self.checkfree.norm_scope == "decoder":
-            return self.decoder_grad_norm_pre_clip if pre else self.decoder_grad_norm_post_clip
-        return self.grad_norm_pre_clip if pre else self.grad_norm_post_clip
+        return self.stage_state.norm(self.checkfree.grad_norm, self.checkfree.norm_scope)
+
+    # ------------------------------------------------------------------ stage state changes
+    def reset_optimizer_state(self) -> None:
+        """Drop Adam moments and step counts of this rank: a fresh node starts from nothing."""
+        opt = self.optimizer
+        while opt is not None:
+            state = getattr(opt, "state", None)
+            if isinstance(state, dict):
+                state.clear()
+            opt = getattr(opt, "optimizer", None)
+
+    def wipe_stage(self, seed: int) -> None:
+        """Logical failure: destroy everything this rank held for its stage.
+
+        Parameters are overwritten with fresh random values (a replacement node has not seen
+        the old weights), gradients and optimizer state are dropped, and the learning-rate
+        multiplier returns to 1 until recovery sets it."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
+                p.grad = None
+        self.reset_optimizer_state()
+        self.stage_state.reset()
+
+    def install_recovered(self, weights: dict, lr_scale: float, include_replicated: bool) -> None:
+        """A rebuilt stage: these weights, fresh optimizer state, the learning-rate factor
+        (set, not multiplied: a second failure does not compound)."""
+        template = self.module.recovery_state(include_replicated=include_replicated)
+        with torch.no_grad():
+            for key, param in template.items():
+                param.copy_(weights[key])
+                param.grad = None
+        self.reset_optimizer_state()
+        self.stage_state.reset()
+        self.stage_state.lr_scale = lr_scale
+
+    def reset_lr_scale(self) -> None:
+        """After a rollback or an exact restore nothing needs compensating."""
+        self.stage_state.lr_scale = 1.0
+
+    def training_state(self) -> dict:
+        """A copy of this rank's whole stage in memory, to carry into a rebuilt engine."""
+        import copy
+        return {"module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "stage_state": self.stage_state.snapshot(),
+                "global_steps": self.global_steps, "global_samples": self.global_samples}
+
+    def load_training_state(self, snap: dict) -> None:
+        self.module.load_state_dict(snap["module"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.stage_state.load(snap["stage_state"])
+        self.global_steps, self.global_samples = snap["global_steps"], snap["global_samples"]
 
     def _decoder_params(self):
         return list(self.module.recovery_state(include_replicated=False).values())
@@ -84,11 +135,7 @@ class CheckFreePipelineEngine(PipelineEngine):
         ids = {id(p) for p in decoder}
         decoder_sq = _squared_grad_norm(decoder)
         rest_sq = _squared_grad_norm(p for p in self.module.parameters() if id(p) not in ids)
-        self.grad_norm_pre_clip = math.sqrt(decoder_sq + rest_sq)
-        self.decoder_grad_norm_pre_clip = math.sqrt(decoder_sq)
-        # clip_fp32_gradients scales these by the clip factor
-        self.grad_norm_post_clip = self.grad_norm_pre_clip
-        self.decoder_grad_norm_post_clip = self.decoder_grad_norm_pre_clip
+        self.stage_state.record_pre_clip(decoder_sq + rest_sq, decoder_sq)  # clipping scales them later
         groups = self.optimizer.param_groups
         if self.lr_scale != 1.0:
             for g in groups:
@@ -109,12 +156,10 @@ class CheckFreePipelineEngine(PipelineEngine):
         self.global_grad_norm = float(total)
         # DeepSpeed multiplies every gradient by min(1, max_norm / (total + 1e-6)): the
         # post-clip norms follow without another pass over the gradients
-        factor = min(1.0, float(max_norm) / (self.global_grad_norm + 1e-6))
-        self.grad_norm_post_clip = self.grad_norm_pre_clip * factor
-        self.decoder_grad_norm_post_clip = self.decoder_grad_norm_pre_clip * factor
+        self.stage_state.record_clip_factor(min(1.0, float(max_norm) / (self.global_grad_norm + 1e-6)))
 
     def _gather_grad_norms(self):
-        mine = torch.tensor([self.grad_norm_pre_clip, self.grad_norm_post_clip], dtype=torch.float64)
+        mine = torch.tensor(self.stage_state.pair(self.checkfree.norm_scope), dtype=torch.float64)
         if self.num_stages == 1:
             self.stage_grad_norms = [tuple(mine.tolist())]
             return

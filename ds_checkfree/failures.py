@@ -113,21 +113,7 @@ class FailurePlan:
         self._recorded: set[tuple[int, int]] = set()
 
     def _load_schedule(self, path: Path) -> list[tuple[int, int]]:
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("num_stages") != self.num_stages:
-            raise ValueError(
-                f"schedule file {str(path)!r} was written for num_stages={data.get('num_stages')!r}, "
-                f"but this run has num_stages={self.num_stages}; regenerate it for {self.num_stages} stages")
-        out = []
-        for item in data.get("failures", []):
-            step, stage = int(item["step"]), int(item["stage"])
-            if not 0 <= stage < self.num_stages or step < 1:
-                raise ValueError(
-                    f"schedule file {str(path)!r} has failure {item!r} out of range: stage must be in "
-                    f"[0, {self.num_stages - 1}] and step >= 1")
-            out.append((step, stage))
-        return out
+        return load_schedule_file(path, self.num_stages)
 
     def _rate_fails(self, step: int, stage: int) -> bool:
         """One independent draw for (step, stage), seeded only by (seed, step, stage)."""
@@ -195,3 +181,35 @@ class FailurePlan:
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
         return failures
+
+
+def load_schedule_file(path: str | Path, num_stages: int) -> list[tuple[int, int]]:
+    """(step, stage) pairs of a schedule written by ``FailurePlan.save``; ``ValueError`` names
+    what is wrong with the file."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"schedule file {str(path)!r} is not valid JSON (line {err.lineno} column {err.colno}: "
+                         f"{err.msg}); write it with --save_failure_schedule") from None
+    if not isinstance(data, dict) or not isinstance(data.get("failures", []), list):
+        raise ValueError(f"schedule file {str(path)!r} must be an object with a 'failures' list, as written by "
+                         "--save_failure_schedule")
+    if data.get("num_stages") != num_stages:
+        raise ValueError(
+            f"schedule file {str(path)!r} was written for num_stages={data.get('num_stages')!r}, "
+            f"but this run has num_stages={num_stages}; regenerate it for {num_stages} stages")
+    out = []
+    for item in data.get("failures", []):
+        try:
+            step, stage = int(item["step"]), int(item["stage"])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"schedule file {str(path)!r} has an entry {item!r} without integer 'step' and "
+                             "'stage'") from None
+        if not 0 <= stage < num_stages or step < 1:
+            raise ValueError(
+                f"schedule file {str(path)!r} has failure {item!r} out of range: stage must be in "
+                f"[0, {num_stages - 1}] and step >= 1")
+        out.append((step, stage))
+    return out

@@ -14,6 +14,31 @@ from .config import CheckFreeConfig, ConfigError, micro_batches_per_step, split_
 from .models import ModelConfig, load_model_config
 
 
+def _model_config(model: str, overrides: dict | None) -> ModelConfig:
+    """The model preset or YAML, with every way it can be wrong turned into a ConfigError."""
+    import yaml
+    try:
+        return load_model_config(model, **(overrides or {}))
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1} column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"--model = {model!r}: malformed YAML{at} ({getattr(err, 'problem', None) or err}). "
+                          "Fix: correct the file's YAML syntax.") from None
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"--model = {model!r}: {err}. Fix: pass a preset name or the path of a model YAML.") \
+            from None
+
+
+def _check_failure_schedule(cf: CheckFreeConfig) -> None:
+    if cf.failure_schedule is None:
+        return
+    from .failures import load_schedule_file
+    try:
+        load_schedule_file(cf.failure_schedule, cf.num_stages)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"checkfree.failure_schedule = {cf.failure_schedule!r}: {err}.") from None
+
+
 @dataclass
 class Setup:
     """Everything validated before the process group starts."""
@@ -39,7 +64,8 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
     ``world_size`` counts every launched rank, spares included; ``elastic`` says the job
     runs under the MPI fault-tolerant launch, the only one where spares make sense."""
     ds_config, cf = split_deepspeed_config(config)
-    model_cfg = model if isinstance(model, ModelConfig) else load_model_config(model, **(model_overrides or {}))
+    model_cfg = model if isinstance(model, ModelConfig) else _model_config(model, model_overrides)
+    _check_failure_schedule(cf)
     world = world_size if world_size is not None else (_env_world_size() or 1)
     provisional_dp = max(1, (world - cf.spares) // cf.num_stages)
     micro = micro_batches_per_step(ds_config, provisional_dp)
@@ -71,18 +97,24 @@ def _skip_shm_comm_build() -> None:
         pass
 
 
-def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict | None = None, args=None,
+def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict | None = None,
                base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None, elastic: bool = False):
     """Build the CheckFree pipeline engine; returns ``(engine, setup)``.
 
+    ``config`` is a ``Setup`` already validated by ``prepare`` (what ``launch/train.py``
+    passes: the config is parsed once per process), or a DeepSpeed config dict / path.
     ``engine_class`` may be DeepSpeed's stock ``PipelineEngine`` (benchmarks compare them).
     ``elastic``: torch.distributed already holds the stage ranks only (``ds_checkfree.elastic``).
     """
-    pre_cf = split_deepspeed_config(config)[1]
-    spares = pre_cf.spares if elastic else 0
-    env_world = _env_world_size()
-    setup = prepare(config, model, model_overrides,
-                    world_size=(env_world + spares) if (elastic and env_world) else None, elastic=elastic)
+    if isinstance(config, Setup):
+        setup = config
+    else:
+        pre_cf = split_deepspeed_config(config)[1]
+        spares = pre_cf.spares if elastic else 0
+        env_world = _env_world_size()
+        setup = prepare(config, model, model_overrides,
+                        world_size=(env_world + spares) if (elastic and env_world) else None, elastic=elastic)
+    spares = setup.checkfree.spares if elastic else 0
     import deepspeed
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
@@ -95,37 +127,22 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
         _skip_shm_comm_build()
     deepspeed.init_distributed(timeout=timedelta(seconds=dist_timeout_s))
     if dist.get_world_size() + spares != setup.world_size:
+        if isinstance(config, Setup):
+            raise ConfigError(f"the process group has {dist.get_world_size()} ranks (+ {spares} spares) but the "
+                              f"configuration was validated for {setup.world_size}. Fix: launch as many ranks as "
+                              "WORLD_SIZE says.")
         setup = prepare(config, model, model_overrides, world_size=dist.get_world_size() + spares, elastic=elastic)
-    if args is not None and hasattr(args, "local_rank"):
-        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
 
     module = CheckFreePipelineModule(setup.model, setup.checkfree.num_stages, setup.checkfree.mode,
                                      base_seed=base_seed)
     if elastic:
-        _route_collectives_over_world(module)
+        module.route_collectives_over_world()
     mpu = module.mpu()
     config_class = DeepSpeedConfig(setup.ds_config, mpu)
     if hasattr(deepspeed, "set_optimizer_flags"):
         deepspeed.set_optimizer_flags(config_class, module)
     engine_class = engine_class or CheckFreePipelineEngine
     kwargs = {"checkfree_config": setup.checkfree} if issubclass(engine_class, CheckFreePipelineEngine) else {}
-    engine = engine_class(args=args, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+    engine = engine_class(args=None, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
                           mpu=mpu, config=setup.ds_config, config_class=config_class, **kwargs)
     return engine, setup
-
-
-def _route_collectives_over_world(module) -> None:
-    """Elastic launch: keep every blocking collective on the default process group.
-
-    A survivor unblocks a peer waiting on it by closing its gloo sockets, but a DeepSpeed
-    subgroup stays open as long as anything references it, and the pipeline's autograd
-    hooks keep the old engine (and its groups) alive after a failure. With one replica
-    (the elastic launch requires dp = 1) the pipe group has the same members as the world,
-    so its collectives run on the default group (``group=None``); the tied (de)embedding
-    gradients of CheckFree+ are exchanged point-to-point on the default group as well.
-    """
-    grid = module._grid
-    if grid.get_data_parallel_world_size() != 1:
-        raise ValueError("the elastic launch needs one data-parallel replica")
-    grid.pp_proc_group = None  # deepspeed.comm treats None as the default group
-    module.tied_gradients_point_to_point = True

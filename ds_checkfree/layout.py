@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .modes import MIN_STAGES
+
 EMBED = "embed"
 EMBED_REPLICA = "embed_replica"
 DECODER = "decoder"
@@ -19,18 +21,12 @@ HEAD_REPLICA = "head_replica"
 SKIP_NORMAL = frozenset({EMBED_REPLICA, HEAD_REPLICA})
 SKIP_SWAPPED = frozenset({EMBED, HEAD})
 
-MIN_STAGES = {"off": 1, "checkfree": 3, "checkfree_plus": 4, "redundant": 2}
-
 
 @dataclass(frozen=True)
 class Slot:
     """One entry of a stage's layer list: a role and, for decoders, the global layer index."""
     role: str
     decoder: int = -1
-
-    @property
-    def is_replicated(self) -> bool:
-        return self.role != DECODER
 
 
 def stage_slots(num_layers: int, num_stages: int, mode: str) -> list[list[Slot]]:

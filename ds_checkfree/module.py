@@ -102,8 +102,22 @@ class CheckFreePipelineModule(PipelineModule):
         self.local_slots: list[L.Slot] = slots[self.stage_id]
         self._skip_roles = L.SKIP_NORMAL if replicated else frozenset()
 
-    #: set by the elastic launch: tied gradients travel over p2p on the default group
+    #: the elastic launch: tied gradients travel over p2p on the default group
     tied_gradients_point_to_point = False
+
+    def route_collectives_over_world(self) -> None:
+        """Elastic launch: keep every blocking collective on the default process group.
+
+        A survivor unblocks a peer waiting on it by closing its gloo sockets, but a DeepSpeed
+        subgroup stays open as long as anything references it, and the pipeline's autograd
+        hooks keep the old engine (and its groups) alive after a failure. With one replica
+        the pipe group has the same members as the world, so its collectives run on the
+        default group (``group=None``); the tied (de)embedding gradients of CheckFree+ are
+        exchanged point-to-point on the default group as well."""
+        if self._grid.get_data_parallel_world_size() != 1:
+            raise ValueError("the elastic launch needs one data-parallel replica")
+        self._grid.pp_proc_group = None  # deepspeed.comm treats None as the default group
+        self.tied_gradients_point_to_point = True
 
     def allreduce_tied_weight_gradients(self):
         if not self.tied_gradients_point_to_point:
@@ -197,11 +211,3 @@ class CheckFreePipelineModule(PipelineModule):
                 for name, p in module.named_parameters():
                     state[f"{prefix}.{name}"] = p
         return state
-
-    def replicated_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """(tie key, parameter) pairs of DeepSpeed-tied layers held here."""
-        out = []
-        for key, comm in self.tied_comms.items():
-            for attr in comm["weight_attr"]:
-                out.append((key, self._recursive_getattr(self.tied_modules[key], attr)))
-        return out

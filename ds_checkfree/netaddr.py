@@ -28,6 +28,8 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+from .config import ConfigError
+
 ADDR_ENV = "CHECKFREE_ADVERTISE_ADDR"
 IFNAME_ENVS = ("CHECKFREE_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 MPI_IF_ENV = "OMPI_MCA_btl_tcp_if_include"
@@ -35,8 +37,9 @@ FIX = (f"set {IFNAME_ENVS[0]}=<interface the hosts share> (e.g. eth0; export it 
        f"mpirun -x {IFNAME_ENVS[0]}), or {ADDR_ENV}=<this host's address> on each host")
 
 
-class NoReachableAddress(RuntimeError):
-    """No address of this host that peers on other hosts could reach."""
+class NoReachableAddress(ConfigError):
+    """No address of this host that peers on other hosts could reach (a launch problem the
+    user fixes with an option, so it ends like a configuration error: one line, exit 2)."""
 
 
 @dataclass(frozen=True)

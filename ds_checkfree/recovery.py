@@ -14,11 +14,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-MODES = ("off", "checkfree", "checkfree_plus", "redundant")
-#: methods a user can choose for an intermediate stage (the paper's rule and its ablations)
-METHODS = ("weighted_average", "mean", "copy_prev", "copy_next", "random")
-#: methods the planner assigns itself
-PLANNED_METHODS = ("copy", "checkpoint", "redundant")
+from .modes import MIN_STAGES, MODES
+from .modes import RECOVERY_METHODS as METHODS
+
 #: methods ``combine`` knows (everything that builds weights; "checkpoint" loads them instead)
 COMBINE_METHODS = METHODS + ("copy",)
 
@@ -81,10 +79,8 @@ def plan_recovery(
         raise ValueError(f"unknown recovery method {method!r}; expected one of {METHODS}")
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
         raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
-    if mode == "checkfree_plus" and num_stages < 4:
-        raise ValueError(f"mode 'checkfree_plus' needs at least 4 stages, got {num_stages}")
-    if mode == "redundant" and num_stages < 2:
-        raise ValueError(f"mode 'redundant' needs at least 2 stages, got {num_stages}")
+    if num_stages < MIN_STAGES[mode]:
+        raise ValueError(f"mode {mode!r} needs at least {MIN_STAGES[mode]} stages, got {num_stages}")
     lost_set = set()
     for stage in lost:
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < num_stages:

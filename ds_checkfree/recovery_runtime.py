@@ -9,6 +9,7 @@ blocking point-to-point messages pair up without a deadlock.
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -48,32 +49,10 @@ def _unflatten(flat: torch.Tensor, template) -> dict:
     return out
 
 
-def reset_optimizer_state(engine) -> None:
-    """Drop Adam moments and step counts of this rank: a fresh node starts from nothing."""
-    opt = engine.optimizer
-    while opt is not None:
-        state = getattr(opt, "state", None)
-        if isinstance(state, dict):
-            state.clear()
-        opt = getattr(opt, "optimizer", None)
-
-
-def wipe_stage(engine, seed: int) -> None:
-    """Logical failure: destroy everything this rank held for its stage.
-
-    Parameters are overwritten with fresh random values (a replacement node has not seen
-    the old weights), gradients and optimizer state are dropped, and the learning-rate
-    multiplier returns to 1 until recovery sets it.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in engine.module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
-            p.grad = None
-    reset_optimizer_state(engine)
-    engine.lr_scale = 1.0
-    engine.grad_norm_pre_clip = engine.grad_norm_post_clip = float("nan")
-    engine.decoder_grad_norm_pre_clip = engine.decoder_grad_norm_post_clip = float("nan")
+def stable_seed(*parts) -> int:
+    """A seed from ``parts`` that every process computes alike (``hash()`` of a string
+    changes between processes unless PYTHONHASHSEED is set)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
 def _send_state(engine, action: RecoveryAction, target_rank: int) -> None:
@@ -99,12 +78,7 @@ def _receive_and_install(engine, action: RecoveryAction, source_ranks: list[int]
     cf = engine.checkfree
     init_std = getattr(engine.module.model_config, "init_std", 0.02)
     combined, weights = combine(action.method, states, norms, cf.epsilon, template, generator, init_std)
-    with torch.no_grad():
-        for key, param in template.items():
-            param.copy_(combined[key])
-            param.grad = None
-    reset_optimizer_state(engine)
-    engine.lr_scale = cf.lr_scale  # set, not multiplied: a second failure does not compound
+    engine.install_recovered(combined, cf.lr_scale, include_replicated=action.method == "copy")
     return RecoveryRecord(stage=action.stage, method=action.method, sources=list(action.sources), weights=weights,
                           seconds=time.perf_counter() - start, bytes_received=received, lr_scale=cf.lr_scale)
 
@@ -129,7 +103,7 @@ def apply_plan(engine, actions: list[RecoveryAction], step: int) -> list[Recover
                 _send_state(engine, action, target)
             record = None
             if engine.global_rank == target:
-                gen = torch.Generator().manual_seed(hash((step, action.stage, dp)) & 0x7FFFFFFF)
+                gen = torch.Generator().manual_seed(stable_seed("rebuild", step, action.stage, dp))
                 record = _receive_and_install(engine, action, sources, gen)
             record = _share(record, target)
             if dp == 0:

@@ -30,6 +30,8 @@ from deepspeed.runtime.pipe.schedule import (
     ReduceTiedGrads,
 )
 
+from .modes import MIN_STAGES_FOR_SWAP
+
 __all__ = [
     "BackwardRouted",
     "ForwardRouted",
@@ -45,8 +47,6 @@ __all__ = [
     "message_stats",
     "stage_route",
 ]
-
-MIN_STAGES_FOR_SWAP = 4
 
 
 class ScheduleError(RuntimeError):

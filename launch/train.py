@@ -77,11 +77,9 @@ def merged_config(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.process_started_at = PROCESS_STARTED_AT
-    if args.resume_from and not os.path.isfile(os.path.join(args.resume_from, "latest")):
-        raise ConfigError(f"--resume_from = {args.resume_from!r}: no DeepSpeed checkpoint there (no 'latest' file).")
-    if args.steps < 1:
-        raise ConfigError(f"--steps = {args.steps}: must be >= 1.")
+    from ds_checkfree.options import TrainOptions, check_inputs
+    options = TrainOptions.from_namespace(args, process_started_at=PROCESS_STARTED_AT)
+    check_inputs(options)
     cfg = merged_config(args)
     import torch
     if not torch.cuda.is_available():
@@ -93,13 +91,16 @@ def main(argv=None) -> int:
         raise ConfigError("--spares / --fault_tolerant: surviving a process death needs Open MPI's fault-tolerant "
                           "launch. Fix: mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ...")
     world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"]) if elastic else None
-    setup = prepare(cfg, args.model, {"num_layers": args.num_layers}, world_size=world_size,
-                    elastic=elastic)  # fail fast, before any process group
+    # the one parse of the configuration: everything below receives the validated objects
+    setup = prepare(cfg, options.model, {"num_layers": options.num_layers}, world_size=world_size, elastic=elastic)
 
-    from ds_checkfree.trainer import Trainer
     if not elastic:
-        return Trainer(args, cfg).run()
-    code = run_elastic(args, cfg, setup.checkfree)
+        from ds_checkfree.heartbeat import start_monitor
+        from ds_checkfree.trainer import Trainer
+        trainer = Trainer(options, setup)
+        monitor = None if options.no_heartbeat else start_monitor(setup.checkfree, log=trainer.log)
+        return trainer.run(monitor)
+    code = run_elastic(options, setup)
     # Leave without Python's finalisation: after a failure, process groups abandoned by the
     # old engine may still own gloo threads whose destructors can block at exit. Under ULFM,
     # MPI_Finalize can also hang after peers died, and a process that skips it is not an
@@ -117,19 +118,19 @@ def _ulfm_enabled() -> bool:
     return os.environ.get("OMPI_MCA_mpi_ft_enable", "0") not in ("0", "", "false")
 
 
-def run_elastic(args, cfg, cf) -> int:
+def run_elastic(options, setup) -> int:
     """Stage ranks train; spare ranks wait until a stage's process dies, then take its place."""
     import faulthandler
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     from ds_checkfree.elastic import ElasticWorld, NoSpareLeft
-    from ds_checkfree.heartbeat_mpi import MpiHeartbeat
+    from ds_checkfree.heartbeat import start_monitor
     from ds_checkfree.recovery import UnrecoverableFailure
     from ds_checkfree.trainer import Trainer
 
+    cf = setup.checkfree
     world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=cf.data_plane_timeout_s)
-    heartbeat = None if args.no_heartbeat else MpiHeartbeat(
-        world.world, cf.heartbeat_interval_s, cf.heartbeat_timeout_s, on_dead=world.on_peer_dead).start()
+    monitor = None if options.no_heartbeat else start_monitor(cf, world=world)
     try:
         if world.stage is None:
             print(f"[rank {world.rank}] spare: waiting for a stage to replace", flush=True)
@@ -138,20 +139,29 @@ def run_elastic(args, cfg, cf) -> int:
                 print(f"[rank {world.rank}] spare: released, training finished", flush=True)
                 return 0
             print(f"[rank {world.rank}] spare: taking the place of stage {world.stage}", flush=True)
-            return Trainer(args, cfg, world, heartbeat, joined=agreement).run()
-        return Trainer(args, cfg, world, heartbeat).run()
+            return Trainer(options, setup, world, joined=agreement).run(monitor)
+        return Trainer(options, setup, world).run(monitor)
     except (NoSpareLeft, UnrecoverableFailure) as err:
         print(f"[rank {world.rank}] fatal: {err}", file=sys.stderr, flush=True)
         return 3
     finally:
-        if heartbeat is not None:
-            heartbeat.stop()
+        if monitor is not None:
+            monitor.stop()
         print(f"[rank {world.rank}] exiting (pid {os.getpid()})", file=sys.stderr, flush=True)
+
+
+def _is_first_rank() -> bool:
+    """Launchers start this script once per rank: a configuration error is printed by one."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(key) is not None:
+            return os.environ[key] == "0"
+    return True
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
+        if _is_first_rank():
+            print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)

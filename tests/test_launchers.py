@@ -53,3 +53,36 @@ def test_bad_configuration_is_rejected_with_a_message(tmp_path, change, extra, n
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "configuration error" in proc.stderr and needle in proc.stderr
     assert "Fix" in proc.stderr or "did you mean" in proc.stderr.lower() or "valid" in proc.stderr.lower()
+
+
+def _bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("d_model: [1, 2\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    schedule = tmp_path / "schedule.json"
+    schedule.write_text('{"num_stages": 4, "failures": [')
+    return {"preset": (["--model", "nope"], "unknown model preset"),
+            "yaml": (["--model", str(yaml_file)], "malformed YAML at line 2"),
+            "missing_data": (["--data", str(tmp_path / "missing.txt")], "does not exist"),
+            "empty_data": (["--data", str(empty)], "contains no text"),
+            "schedule": (["--failure_schedule", str(schedule)], "not valid JSON")}
+
+
+@pytest.mark.parametrize("case", ["preset", "yaml", "missing_data", "empty_data", "schedule"])
+def test_bad_inputs_end_in_one_line_before_any_process_group(tmp_path, case):
+    extra, needle = _bad_inputs(tmp_path)[case]
+    proc = _train_cli(tmp_path, ROOT / "ds_configs/checkfree.json", *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("configuration error: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "init_distributed" not in proc.stdout
+
+
+def test_bad_input_under_the_deepspeed_launcher_is_reported_once(tmp_path):
+    extra, needle = _bad_inputs(tmp_path)["yaml"]
+    proc = run_job("deepspeed", 4, "launch/train.py", ["--deepspeed_config", str(ROOT / "ds_configs/checkfree.json"),
+                                                        *extra], check=False, timeout=180)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert proc.stdout.count("configuration error: ") == 1 and needle in proc.stdout
+    assert "Traceback" not in proc.stdout

@@ -360,7 +360,7 @@ class RedundantShadow:
                     state, reshadow_bytes = _recv_blob(succ, _TAG_RESHADOW)
                     self._install_shadow(state)
                     t2 = time.perf_counter()
-                    self.engine.lr_scale = 1.0  # an exact restore: nothing to compensate
+                    self.engine.reset_lr_scale()  # an exact restore: nothing to compensate
                     record = RedundantRecoveryRecord(
                         stage=lost, method=RECOVERY_METHOD, sources=[holder_stage], weights=[1.0],
                         seconds=t2 - t0, bytes_received=restore_bytes + reshadow_bytes, lr_scale=1.0,

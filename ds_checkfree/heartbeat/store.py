@@ -13,7 +13,7 @@ import os
 import time
 from datetime import timedelta
 
-from .heartbeat_thread import HeartbeatThread
+from .monitor import HeartbeatThread
 
 _PREFIX = "checkfree_heartbeat/"
 

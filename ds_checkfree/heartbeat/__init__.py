@@ -1,0 +1,33 @@
+"""Stage-health heartbeats: pure liveness (``liveness``), a thread around it (``monitor``), and
+two transports: MPI for the fault-tolerant launch (``mpi``), the rendezvous store for the
+``deepspeed`` / ``torchrun`` launches (``store``). ``start_monitor`` is the one place that
+picks and starts one.
+"""
+from __future__ import annotations
+
+from .liveness import HeartbeatTracker, PeerState, liveness
+from .monitor import HeartbeatThread
+
+__all__ = ["HeartbeatTracker", "PeerState", "liveness", "HeartbeatThread", "start_monitor"]
+
+
+def start_monitor(cf, world=None, log=print):
+    """The run's heartbeat monitor, started; ``None`` when no transport is reachable.
+
+    ``world``: the ``ElasticWorld`` of the MPI fault-tolerant launch (beats over its
+    communicator, from before the data plane exists, spares included). Without it, beats
+    go over the rendezvous store of the initialised torch.distributed group: those
+    launchers end the job when a process dies, so that monitor reports, it cannot survive.
+    """
+    if world is not None:
+        from .mpi import MpiHeartbeat
+        return MpiHeartbeat(world.world, cf.heartbeat_interval_s, cf.heartbeat_timeout_s).start()
+    import torch.distributed as dist
+
+    from .store import StoreHeartbeat
+    try:
+        return StoreHeartbeat(dist.get_rank(), dist.get_world_size(), cf.heartbeat_interval_s,
+                              cf.heartbeat_timeout_s).start()
+    except (KeyError, RuntimeError, OSError) as err:  # no reachable store: train without the monitor
+        log(f"heartbeat monitor off: no rendezvous store reachable ({err})")
+        return None

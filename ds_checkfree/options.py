@@ -1,0 +1,70 @@
+"""The run's command-line options as one typed object, and the input checks that need no process group.
+
+``launch/train.py`` parses its flags into ``TrainOptions`` once; the trainer reads only this
+object (never an argparse namespace). ``check_inputs`` looks at every input a user names
+(model preset or YAML, corpus, failure schedule) before any process group starts, so a bad
+one ends in one line with exit status 2, not in a traceback from every rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from .config import ConfigError
+
+
+@dataclass
+class TrainOptions:
+    """What a run was asked to do besides the DeepSpeed JSON (see ``launch/train.py --help``)."""
+    model: str = "tiny"
+    steps: int = 100
+    seed: int = 0
+    eval_every: int = 10
+    eval_batches: int = 4
+    local_rank: int = 0
+    no_heartbeat: bool = False
+    # optional inputs and outputs
+    num_layers: int | None = None
+    seq_len: int | None = None
+    data: str | None = None
+    output_dir: str | None = None
+    save_failure_schedule: str | None = None
+    resume_from: str | None = None
+    dump_recovery_dir: str | None = None
+    #: wall-clock time the process started (restart costs include the imports)
+    process_started_at: float | None = None
+
+    @classmethod
+    def from_namespace(cls, ns, **extra) -> TrainOptions:
+        """Take the fields this class names from an argparse namespace."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names}, **extra)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fail(flag: str, value, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{flag} = {value!r}: {problem}. Fix: {fix}.")
+
+
+def check_inputs(options: TrainOptions) -> None:
+    """Every user-named input that the config validation does not already cover."""
+    if options.steps < 1:
+        raise _fail("--steps", options.steps, "must be >= 1", "pass a positive number of steps")
+    for flag in ("eval_every", "eval_batches"):
+        value = getattr(options, flag)
+        if value < 0 or (flag == "eval_batches" and value == 0):
+            raise _fail(f"--{flag}", value, "out of range", "use a positive number" +
+                        (" (0 validates only at the end)" if flag == "eval_every" else ""))
+    if options.seq_len is not None and options.seq_len < 2:
+        raise _fail("--seq_len", options.seq_len, "must be >= 2", "use e.g. 64 or leave it out")
+    if options.resume_from and not os.path.isfile(os.path.join(options.resume_from, "latest")):
+        raise ConfigError(f"--resume_from = {options.resume_from!r}: no DeepSpeed checkpoint there (no 'latest' "
+                          "file). Fix: pass the checkpoint_dir of an earlier run.")
+    from .data.corpus import check_source
+    try:
+        check_source(options.data)
+    except (OSError, ValueError, ImportError) as err:
+        raise ConfigError(f"--data = {options.data!r}: {err}") from None

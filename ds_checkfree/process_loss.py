@@ -1,0 +1,120 @@
+"""Recovery from a real process death (``mpirun --with-ft ulfm``): agree, rebuild, re-materialise.
+
+The survivors keep their stage in memory, drop the old engine so its sockets close (peers
+blocked on this rank then fail at once), agree over MPI on who is gone
+(``ds_checkfree.elastic``), form a new data plane, build a new engine around the kept state
+and let the CheckFree / CheckFree+ rules re-materialise the lost stages on the spares that
+took their place. The result is one ``ProcessLossOutcome``; the trainer only logs it and
+carries on from ``resume_step`` (in the spirit of torchft's Manager owning quorum and heal).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .ds_private import release_engine
+from .elastic import Agreement, NoSpareLeft
+from .recovery import UnrecoverableFailure
+from .recovery_runtime import RecoveryRecord, apply_plan, plan_for
+
+
+@dataclass
+class ProcessLossOutcome:
+    """Everything a recovery produced; identical on every member but ``engine``."""
+    engine: object
+    agreement: Agreement
+    records: list[RecoveryRecord]
+    timeline: dict
+    #: extra metrics events, (name, fields), logged with the timeline (a rollback's load)
+    events: list[tuple[str, dict]] = field(default_factory=list)
+
+    @property
+    def resume_step(self) -> int:
+        return self.agreement.resume_step
+
+
+class StoppedForGood(RuntimeError):
+    """No recovery is possible. ``cause``: the ``NoSpareLeft`` / ``UnrecoverableFailure``;
+    ``lost_stages`` / ``dead_ranks`` when known; ``saved``: the ``checkpoint_save`` fields of
+    this rank's stage state written before stopping (None: nothing written)."""
+
+    def __init__(self, cause: Exception, lost_stages: list[int], dead_ranks: list[int], stage=None,
+                 saved: dict | None = None):
+        super().__init__(str(cause))
+        self.cause, self.lost_stages, self.dead_ranks = cause, lost_stages, dead_ranks
+        self.stage, self.saved = stage, saved
+
+
+class ProcessLossRecovery:
+    """Owns the elastic world's side of a run: the first data plane, and every recovery."""
+
+    def __init__(self, world, build_engine, checkpointer, warn):
+        """``build_engine()`` returns a new engine over the current data plane."""
+        self.world = world
+        self.build_engine = build_engine
+        self.checkpointer = checkpointer
+        self.warn = warn
+        #: world rank -> stage before the last agreement (names the dead in heartbeat events)
+        self.roles_before: dict = dict(world.roles)
+
+    def start(self):
+        """The launch-time data plane and engine of a stage rank."""
+        self.world.init_data_plane()
+        return self.build_engine()
+
+    def recover(self, engine, step: int, reason: str, steps_done: int) -> ProcessLossOutcome:
+        """The data plane broke at ``step``; raises ``StoppedForGood`` when nothing can take
+        the lost stages' place (after saving this rank's stage, if a directory is configured)."""
+        failed_at = time.time()
+        self.warn(f"step {step}: data plane error ({reason}); agreeing on the survivors")
+        kept = engine.training_state()
+        release_engine(engine)
+        del engine
+        self.world.tear_down_data_plane()
+        self.roles_before = dict(self.world.roles)
+        stage_before = self.world.stage
+        try:
+            agreement = self.world.agree(steps_done=steps_done)
+        except NoSpareLeft as no_spare:
+            saved = self.checkpointer.save_stopped_state(kept, step, stage_before, steps_done)
+            raise StoppedForGood(no_spare, [], [], stage_before, saved) from None
+        self.warn(f"agreed: dead MPI ranks {agreement.dead_ranks}, lost stages {agreement.lost_stages}, "
+                  f"replacements {agreement.replacements}, redo from step {agreement.resume_step}")
+        return self._rebuild(agreement, kept, failed_at, reason)
+
+    def join(self, agreement: Agreement) -> ProcessLossOutcome:
+        """A spare takes a lost stage's place (it has no state to keep)."""
+        self.roles_before = dict(agreement.roles_before)
+        return self._rebuild(agreement, None, agreement.revoked_at, "process lost")
+
+    def _rebuild(self, agreement: Agreement, kept: dict | None, failed_at: float, reason: str) -> ProcessLossOutcome:
+        """New data plane and engine around the kept state, then the CheckFree rules."""
+        t0 = time.time()
+        self.world.init_data_plane()
+        t_plane = time.time()
+        engine = self.build_engine()
+        if kept is not None:
+            engine.load_training_state(kept)
+        t_built = time.time()
+        events = []
+        try:
+            actions = plan_for(engine, agreement.lost_stages)  # same verdict on every rank
+            if any(a.method == "checkpoint" for a in actions):
+                records = []
+                loaded = self.checkpointer.load_latest(engine, why=f"stages {agreement.lost_stages} lost")
+                events.append(("checkpoint_load", loaded.event(stages=agreement.lost_stages,
+                                                               steps_lost=agreement.resume_step - loaded.resume_step)))
+                self.warn(f"rolled back to the checkpoint of step {loaded.resume_step - 1} ({loaded.seconds:.2f} s)")
+                agreement.resume_step = loaded.resume_step
+            else:
+                records = apply_plan(engine, actions, agreement.resume_step)
+        except UnrecoverableFailure as err:
+            raise StoppedForGood(err, agreement.lost_stages, agreement.dead_ranks) from None
+        t_remat = time.time()
+        timeline = {"failed_at": failed_at, "error": reason, "revoked_at": agreement.revoked_at,
+                    "agreed_at": agreement.agreed_at, "data_plane_at": t_plane, "engine_at": t_built,
+                    "rematerialised_at": t_remat,
+                    "agreement_s": round(agreement.agreed_at - agreement.revoked_at, 4),
+                    "data_plane_s": round(t_plane - t0, 4), "engine_rebuild_s": round(t_built - t_plane, 4),
+                    "rematerialise_s": round(t_remat - t_built, 4), "resume_step": agreement.resume_step}
+        return ProcessLossOutcome(engine, agreement, records, timeline, events)

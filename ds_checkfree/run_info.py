@@ -1,0 +1,45 @@
+"""What a run writes about itself: run.json's contents and the progress line's pieces."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+
+def fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def replica_parameters(setup) -> int:
+    """Extra parameters held because CheckFree+ replicates the (de)embeddings."""
+    if setup.checkfree.mode != "checkfree_plus":
+        return 0
+    from .models import EmbeddingPipe, NormHeadPipe
+    with torch.device("meta"):
+        return sum(p.numel() for mod in (EmbeddingPipe(setup.model), NormHeadPipe(setup.model))
+                   for p in mod.parameters())
+
+
+def run_info(engine, setup, options, data, seq_len: int) -> dict:
+    """run.json: resolved configuration, model, world layout, data and versions."""
+    import deepspeed
+    import transformers
+    e = engine
+    return {
+        "argv": sys.argv, "args": options.as_dict(), "deepspeed_config": setup.ds_config,
+        "checkfree": setup.checkfree.to_dict(), "model": setup.model.to_dict(),
+        "model_parameters": setup.model.num_parameters(), "replica_parameters": replica_parameters(setup),
+        "grad_norms_logged": {"grad_norm": setup.checkfree.grad_norm, "norm_scope": setup.checkfree.norm_scope},
+        "world": {"world_size": setup.world_size, "num_stages": e.num_stages,
+                  "dp_size": e.grid.get_data_parallel_world_size(), "micro_batches": e.micro_batches,
+                  "micro_batch_size": e.train_micro_batch_size_per_gpu(),
+                  "stage_layers": [[s.role if s.decoder < 0 else f"decoder{s.decoder}" for s in stage]
+                                   for stage in e.module.slots]},
+        "data": {"source": data.source, "train_tokens": data.num_train_tokens, "val_tokens": data.num_val_tokens,
+                 "seq_len": seq_len},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
+        "engine": type(e).__name__,
+    }
