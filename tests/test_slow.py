@@ -1,0 +1,44 @@
+"""Long runs, skipped by default and in CI (``pytest -m slow`` runs them)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, events_of, job_env, read_metrics, run_job, steps_of, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_long_checkfree_plus_run_under_a_high_failure_rate(tmp_path):
+    """300 steps at 33 %/h per stage (assumed 300 s steps): every loss is rebuilt or rolled
+    back, every step completes, and the model still learns."""
+    cfg = write_config(tmp_path / "ds.json", base="checkfree_plus.json", failure_rate=33.0,
+                       assumed_step_seconds=300.0, failure_seed=3, checkpoint_every=50,
+                       checkpoint_dir=str(tmp_path / "ckpt"))
+    out = tmp_path / "out"
+    run_job("torchrun", 4, "launch/train.py", ["--deepspeed_config", str(cfg), "--steps", "300",
+                                               "--eval_every", "100", "--output_dir", str(out)], timeout=1200)
+    records = read_metrics(out)
+    failures = events_of(records, "failure")
+    assert len(failures) >= 5
+    assert len(events_of(records, "recovery")) + len(events_of(records, "checkpoint_load")) >= 1
+    steps = steps_of(records)
+    assert {r["step"] for r in steps} == set(range(1, 301))
+    losses = [r["loss"] for r in steps]
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-20:]) / 20 < losses[0] - 1.0
+
+
+def test_quick_convergence_harness_writes_every_strategy(tmp_path):
+    """The quick convergence benchmark end to end (~10 min on 2 cores)."""
+    prefix = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/convergence.py"), "--quick", "--rates", "0", "10",
+                           "--out", str(prefix), "--runs_dir", str(tmp_path / "runs")],
+                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "conv.md").read_text()
+    for strategy in ("checkfree", "checkpoint", "redundant"):
+        assert strategy in table
+    assert (tmp_path / "conv.csv").stat().st_size > 0
