@@ -27,6 +27,10 @@ _PORT_TAG = 7102
 class NoSpareLeft(RuntimeError):
     """A stage was lost and no spare process can take its place."""
 
+    def __init__(self, message: str, lost_stages: list[int], dead_ranks: list[int], survivors: list[int]):
+        super().__init__(message)
+        self.lost_stages, self.dead_ranks, self.survivors = lost_stages, dead_ranks, survivors
+
 
 @dataclass
 class Agreement:
@@ -179,7 +183,7 @@ class ElasticWorld:
         if len(spares) < len(lost):
             raise NoSpareLeft(f"stage(s) {lost} lost (MPI rank(s) {dead}) and only {len(spares)} spare(s) left: "
                               "no process can take their place. Launch with more spares (--spares) or restart "
-                              "from a checkpoint.")
+                              "from a checkpoint.", lost, dead, sorted(alive))
         replacements = {}
         for stage, spare in zip(lost, spares):
             self.roles[spare] = stage

@@ -6,11 +6,14 @@ Kept thin on purpose. It adds
     that talk to any stage, not only stage +- 1;
   * the stage's recovery state (``StageRecoveryState``: the last step's gradient norms
     before and after clipping, the learning-rate multiplier a rebuilt stage keeps), and the
-    operations that change it: wipe the stage, install recovered weights, carry the stage
-    into a rebuilt engine. Recovery plans are applied by ``ds_checkfree.recovery_runtime``.
+    operations that change it: wipe the stage, install recovered weights, copy a live
+    data-parallel replica, carry the stage into a rebuilt engine. Under bf16 each of them
+    reads and writes DeepSpeed's fp32 master weights too, not only the bf16 parameters. Recovery plans are applied by ``ds_checkfree.recovery_runtime``.
 Everything else is DeepSpeed's own code path.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from deepspeed import comm as dist
@@ -18,20 +21,26 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from . import schedule as cf_schedule
+from .comm_device import comm_empty, comm_tensor
 from .config import CheckFreeConfig
 from .stage_state import StageRecoveryState
 
 _META_LEN = 10  # dtype id, ndim, up to 8 dims
 
 
-def _squared_grad_norm(params) -> float:
-    """Sum of squared gradient entries, in one vectorised pass and one host sync."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
+def _squared_grad_norms(decoder, rest) -> tuple[float, float]:
+    """Squared gradient norms (decoder layers, whole stage): one fused per-tensor norm pass
+    (``torch._foreach_norm``) on the gradients' device, and one host sync for both."""
+    dec = [p.grad.detach() for p in decoder if p.grad is not None]
+    grads = dec + [p.grad.detach() for p in rest if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.stack(torch._foreach_norm(grads)).double().pow(2).sum())
+        return 0.0, 0.0
+    sq = torch.stack(torch._foreach_norm(grads)).double().pow(2)
+    decoder_sq, stage_sq = torch.stack([sq[:len(dec)].sum(), sq.sum()]).tolist()
+    return decoder_sq, stage_sq
 
 
 class CheckFreePipelineEngine(PipelineEngine):
@@ -50,6 +59,7 @@ class CheckFreePipelineEngine(PipelineEngine):
         self._meta_sent: set[tuple[str, int]] = set()
         self._recv_templates: dict[tuple[str, int], tuple[torch.dtype, list[int]]] = {}
         self._passing_grad_through = False
+        self._norm_split: tuple[list, list] | None = None
 
     # ------------------------------------------------------------------ schedule hook
     @property
@@ -82,60 +92,104 @@ class CheckFreePipelineEngine(PipelineEngine):
                 state.clear()
             opt = getattr(opt, "optimizer", None)
 
+    # -- fp32 master weights: DeepSpeed's BF16_Optimizer keeps them beside the bf16 parameters
+    @property
+    def has_fp32_masters(self) -> bool:
+        """bf16 training: the optimizer steps fp32 masters and copies them into bf16 parameters."""
+        return bool(self.bfloat16_enabled())
+
+    def recovery_weights(self, include_replicated: bool) -> "OrderedDict[str, torch.Tensor]":
+        """What recovery sends from this stage: the fp32 masters under bf16 (a bf16 copy would
+        lose their low bits), else the fp32 parameters themselves."""
+        state = self.module.recovery_state(include_replicated=include_replicated)
+        if not self.has_fp32_masters:
+            return state
+        return OrderedDict((k, safe_get_full_fp32_param(p)) for k, p in state.items())
+
+    def _write_weights(self, pairs) -> None:
+        """Set parameters (and, under bf16, their fp32 masters) from fp32 ``(param, value)`` pairs:
+        the master gets the fp32 value, the parameter its cast, so the two stay consistent."""
+        with torch.no_grad():
+            for param, value in pairs:
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+                param.grad = None
+                if self.has_fp32_masters:
+                    safe_set_full_fp32_param(param, value.to(device=param.device, dtype=torch.float32))
+
     def wipe_stage(self, seed: int) -> None:
         """Logical failure: destroy everything this rank held for its stage.
 
-        Parameters are overwritten with fresh random values (a replacement node has not seen
-        the old weights), gradients and optimizer state are dropped, and the learning-rate
-        multiplier returns to 1 until recovery sets it."""
+        Parameters (and fp32 masters) are overwritten with fresh random values (a replacement
+        node has not seen the old weights), gradients and optimizer state are dropped, and the
+        learning-rate multiplier returns to 1 until recovery sets it."""
         gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.module.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
-                p.grad = None
+        self._write_weights([(p, torch.randn(p.shape, generator=gen, dtype=torch.float32))
+                             for p in self.module.parameters()])
         self.reset_optimizer_state()
         self.stage_state.reset()
 
     def install_recovered(self, weights: dict, lr_scale: float, include_replicated: bool) -> None:
-        """A rebuilt stage: these weights, fresh optimizer state, the learning-rate factor
+        """A rebuilt stage: these (fp32) weights, fresh optimizer state, the learning-rate factor
         (set, not multiplied: a second failure does not compound)."""
         template = self.module.recovery_state(include_replicated=include_replicated)
-        with torch.no_grad():
-            for key, param in template.items():
-                param.copy_(weights[key])
-                param.grad = None
+        self._write_weights([(param, weights[key]) for key, param in template.items()])
         self.reset_optimizer_state()
-        self.stage_state.reset()
-        self.stage_state.lr_scale = lr_scale
+        self.stage_state.rebuilt(lr_scale)
 
     def reset_lr_scale(self) -> None:
         """After a rollback or an exact restore nothing needs compensating."""
-        self.stage_state.lr_scale = 1.0
+        self.stage_state.clear_lr_scale()
+
+    def _base_optimizer(self):
+        """The optimizer that holds the moments (under bf16, the one BF16_Optimizer wraps)."""
+        return self.optimizer.optimizer if self.has_fp32_masters else self.optimizer
+
+    def replica_state(self) -> dict:
+        """What a lost data-parallel replica copies from its live twin besides the weights."""
+        return {"optimizer": self._base_optimizer().state_dict(), "stage_state": self.stage_state.snapshot()}
+
+    def install_replica(self, weights: dict, state: dict) -> None:
+        """Become an exact copy of a live replica of this stage (weights as ``recovery_weights``
+        gives them, optimizer and recovery state as ``replica_state`` does); no lr change."""
+        template = self.module.recovery_state(include_replicated=True)
+        self._write_weights([(param, weights[key]) for key, param in template.items()])
+        self._base_optimizer().load_state_dict(state["optimizer"])
+        self.stage_state.load(state["stage_state"])
 
     def training_state(self) -> dict:
-        """A copy of this rank's whole stage in memory, to carry into a rebuilt engine."""
+        """A copy of this rank's whole stage in memory, to carry into a rebuilt engine
+        (under bf16 with the fp32 masters and the wrapped optimizer's moments)."""
         import copy
+        masters = None
+        if self.has_fp32_masters:
+            masters = {k: safe_get_full_fp32_param(p).detach().clone() for k, p in self.module.named_parameters()}
         return {"module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "optimizer": copy.deepcopy(self._base_optimizer().state_dict()), "fp32_masters": masters,
                 "stage_state": self.stage_state.snapshot(),
                 "global_steps": self.global_steps, "global_samples": self.global_samples}
 
     def load_training_state(self, snap: dict) -> None:
         self.module.load_state_dict(snap["module"])
-        self.optimizer.load_state_dict(snap["optimizer"])
+        if snap.get("fp32_masters") is not None:
+            named = dict(self.module.named_parameters())
+            self._write_weights([(named[k], v) for k, v in snap["fp32_masters"].items()])
+        self._base_optimizer().load_state_dict(snap["optimizer"])
         self.stage_state.load(snap["stage_state"])
         self.global_steps, self.global_samples = snap["global_steps"], snap["global_samples"]
 
-    def _decoder_params(self):
-        return list(self.module.recovery_state(include_replicated=False).values())
+    def _norm_params(self) -> tuple[list, list]:
+        """(decoder parameters, the stage's other parameters); recovery and wipes copy into
+        parameters in place, so the split holds for the module's lifetime."""
+        if self._norm_split is None:
+            decoder = list(self.module.recovery_state(include_replicated=False).values())
+            ids = {id(p) for p in decoder}
+            self._norm_split = (decoder, [p for p in self.module.parameters() if id(p) not in ids])
+        return self._norm_split
 
     # ------------------------------------------------------------------ optimizer step
     def _exec_optimizer_step(self, lr_kwargs=None):
-        decoder = self._decoder_params()
-        ids = {id(p) for p in decoder}
-        decoder_sq = _squared_grad_norm(decoder)
-        rest_sq = _squared_grad_norm(p for p in self.module.parameters() if id(p) not in ids)
-        self.stage_state.record_pre_clip(decoder_sq + rest_sq, decoder_sq)  # clipping scales them later
+        decoder_sq, stage_sq = _squared_grad_norms(*self._norm_params())
+        self.stage_state.record_pre_clip(stage_sq, decoder_sq)  # clipping scales them later
         groups = self.optimizer.param_groups
         if self.lr_scale != 1.0:
             for g in groups:
@@ -148,7 +202,7 @@ class CheckFreePipelineEngine(PipelineEngine):
             if self.lr_scale != 1.0 and self.lr_scheduler is None:
                 for g in groups:
                     g["lr"] /= self.lr_scale
-        self._gather_grad_norms()
+        # every stage's norms reach the others on the step's loss all-reduce (_aggregate_total_loss)
 
     def clip_fp32_gradients(self):
         max_norm = self.gradient_clipping()
@@ -159,7 +213,7 @@ class CheckFreePipelineEngine(PipelineEngine):
         self.stage_state.record_clip_factor(min(1.0, float(max_norm) / (self.global_grad_norm + 1e-6)))
 
     def _gather_grad_norms(self):
-        mine = torch.tensor(self.stage_state.pair(self.checkfree.norm_scope), dtype=torch.float64)
+        mine = comm_tensor(self.stage_state.pair(self.checkfree.norm_scope), torch.float64, self.grid.get_pipe_parallel_group())
         if self.num_stages == 1:
             self.stage_grad_norms = [tuple(mine.tolist())]
             return
@@ -237,20 +291,18 @@ class CheckFreePipelineEngine(PipelineEngine):
     def _send_meta_once(self, kind: str, tensor: torch.Tensor, peer: int):
         if (kind, peer) in self._meta_sent and not self.dynamic_shape:
             return
-        meta = torch.zeros(_META_LEN, dtype=torch.int64)
-        meta[0] = self.DTYPE_TO_ID[tensor.dtype]
-        meta[1] = tensor.dim()
-        meta[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-        dist.send(meta, self._peer_rank(peer))
+        meta = [self.DTYPE_TO_ID[tensor.dtype], tensor.dim(), *tensor.shape]
+        dist.send(comm_tensor(meta + [0] * (_META_LEN - len(meta)), torch.int64), self._peer_rank(peer))
         self._meta_sent.add((kind, peer))
 
     def _recv_template(self, kind: str, peer: int) -> tuple[torch.dtype, list[int]]:
         key = (kind, peer)
         if key not in self._recv_templates or self.dynamic_shape:
-            meta = torch.zeros(_META_LEN, dtype=torch.int64)
-            dist.recv(meta, self._peer_rank(peer))
+            buf = comm_empty(_META_LEN, torch.int64)
+            dist.recv(buf, self._peer_rank(peer))
+            meta = buf.tolist()
             ndim = int(meta[1])
-            self._recv_templates[key] = (self.ID_TO_DTYPE[int(meta[0])], meta[2:2 + ndim].tolist())
+            self._recv_templates[key] = (self.ID_TO_DTYPE[int(meta[0])], list(meta[2:2 + ndim]))
         return self._recv_templates[key]
 
     def _exec_send_activation_to(self, buffer_id, micro_batch, peer):
@@ -277,18 +329,46 @@ class CheckFreePipelineEngine(PipelineEngine):
         self._routed_grads[buffer_id] = grad
 
     def _aggregate_total_loss(self):
+        """The step's loss and every stage's gradient norms in ONE all-reduce over the pipeline.
+
+        DeepSpeed broadcasts the loss from the last stage; instead each stage writes its
+        (pre-clip, post-clip) norms into its own slots of a small float64 vector, the loss
+        stage(s) add the loss (under CheckFree+ two stages compute losses), and one SUM
+        all-reduce hands everything to everyone: the metrics' per-stage norms cost no extra
+        collective. float64 carries the float32 loss exactly."""
+        if not self.routed and self.module.get_additional_losses() is not None:
+            loss = super()._aggregate_total_loss()  # DeepSpeed's layout for extra losses
+            self._gather_grad_norms()
+            return loss
+        stages = self.num_stages
+        slots = torch.zeros(2 + 2 * stages, dtype=torch.float64)
+        slots[2 + 2 * self.stage_id:4 + 2 * self.stage_id] = torch.tensor(
+            self.stage_state.pair(self.checkfree.norm_scope), dtype=torch.float64)
+        slots = slots.to(self.device)
+        agg = None
+        if self.routed:  # a partial sum of micro-batch losses on each loss stage
+            if self.total_loss is not None:
+                slots[0] = self.total_loss.detach().reshape(())
+        elif self.is_last_stage():
+            loss = self._scale_loss_by_gas(self.total_loss)
+            agg = loss.clone().detach()
+            if self.is_data_parallel:  # DeepSpeed's dp average, on the last stage only
+                dist.all_reduce(agg, group=self.mpu.get_data_parallel_group())
+                agg /= self.dp_world_size
+            slots[0:2] = torch.stack([loss.detach().reshape(()), agg.reshape(())])
+        if stages > 1:
+            dist.all_reduce(slots, group=self.grid.get_pipe_parallel_group())
+        values = slots.tolist()
+        self.stage_grad_norms = [(values[2 + 2 * s], values[3 + 2 * s]) for s in range(stages)]
+        self.agg_additional_losses = None
         if not self.routed:
-            return super()._aggregate_total_loss()
-        # Under the out-of-order schedule two stages compute losses: sum them over the pipeline.
-        local = self.total_loss if self.total_loss is not None else torch.zeros((), device=self.device)
-        total = local.detach().clone().float().reshape(1)
-        dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
-        loss = (total / self.micro_batches).reshape(())
+            self.dp_group_loss = slots[0].float()
+            return agg if agg is not None else slots[1].float()
+        loss = (slots[0] / self.micro_batches).float()
         self.dp_group_loss = loss.clone()
         if self.is_data_parallel:
             dist.all_reduce(loss, group=self.mpu.get_data_parallel_group())
             loss /= self.dp_world_size
-        self.agg_additional_losses = None
         return loss
 
     _INSTRUCTION_MAP = {

@@ -9,6 +9,7 @@ carries on from ``resume_step`` (in the spirit of torchft's Manager owning quoru
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -25,24 +26,30 @@ class ProcessLossOutcome:
     agreement: Agreement
     records: list[RecoveryRecord]
     timeline: dict
+    #: the step to continue from: the interrupted one, or after the checkpoint rolled back to
+    resume_step: int
     #: extra metrics events, (name, fields), logged with the timeline (a rollback's load)
     events: list[tuple[str, dict]] = field(default_factory=list)
-
-    @property
-    def resume_step(self) -> int:
-        return self.agreement.resume_step
 
 
 class StoppedForGood(RuntimeError):
     """No recovery is possible. ``cause``: the ``NoSpareLeft`` / ``UnrecoverableFailure``;
-    ``lost_stages`` / ``dead_ranks`` when known; ``saved``: the ``checkpoint_save`` fields of
+    ``lost_stages`` / ``dead_ranks`` / ``survivors`` (world ranks) when known; ``saved``: the ``checkpoint_save`` fields of
     this rank's stage state written before stopping (None: nothing written)."""
 
     def __init__(self, cause: Exception, lost_stages: list[int], dead_ranks: list[int], stage=None,
-                 saved: dict | None = None):
+                 saved: dict | None = None, survivors: list[int] | None = None):
         super().__init__(str(cause))
         self.cause, self.lost_stages, self.dead_ranks = cause, lost_stages, dead_ranks
-        self.stage, self.saved = stage, saved
+        self.stage, self.saved, self.survivors = stage, saved, survivors
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything alive before the first engine (imported modules: ~200k objects) out of
+    the collector's reach: ``release_engine``'s ``gc.collect`` and object scan then only walk
+    what was built since (engines, data), ~0.15 s less on each side of every recovery."""
+    gc.collect()
+    gc.freeze()
 
 
 class ProcessLossRecovery:
@@ -56,9 +63,11 @@ class ProcessLossRecovery:
         self.warn = warn
         #: world rank -> stage before the last agreement (names the dead in heartbeat events)
         self.roles_before: dict = dict(world.roles)
+        self._close_s: dict = {}  # the last recovery's snapshot and socket-close times
 
     def start(self):
         """The launch-time data plane and engine of a stage rank."""
+        _freeze_startup_objects()
         self.world.init_data_plane()
         return self.build_engine()
 
@@ -68,16 +77,19 @@ class ProcessLossRecovery:
         failed_at = time.time()
         self.warn(f"step {step}: data plane error ({reason}); agreeing on the survivors")
         kept = engine.training_state()
+        t_kept = time.time()
         release_engine(engine)
         del engine
         self.world.tear_down_data_plane()
+        self._close_s = {"snapshot_s": round(t_kept - failed_at, 4), "close_s": round(time.time() - t_kept, 4)}
         self.roles_before = dict(self.world.roles)
         stage_before = self.world.stage
         try:
             agreement = self.world.agree(steps_done=steps_done)
         except NoSpareLeft as no_spare:
             saved = self.checkpointer.save_stopped_state(kept, step, stage_before, steps_done)
-            raise StoppedForGood(no_spare, [], [], stage_before, saved) from None
+            raise StoppedForGood(no_spare, no_spare.lost_stages, no_spare.dead_ranks, stage_before, saved,
+                                 survivors=no_spare.survivors) from None
         self.warn(f"agreed: dead MPI ranks {agreement.dead_ranks}, lost stages {agreement.lost_stages}, "
                   f"replacements {agreement.replacements}, redo from step {agreement.resume_step}")
         return self._rebuild(agreement, kept, failed_at, reason)
@@ -85,6 +97,8 @@ class ProcessLossRecovery:
     def join(self, agreement: Agreement) -> ProcessLossOutcome:
         """A spare takes a lost stage's place (it has no state to keep)."""
         self.roles_before = dict(agreement.roles_before)
+        _freeze_startup_objects()
+        self._close_s = {}
         return self._rebuild(agreement, None, agreement.revoked_at, "process lost")
 
     def _rebuild(self, agreement: Agreement, kept: dict | None, failed_at: float, reason: str) -> ProcessLossOutcome:
@@ -96,16 +110,16 @@ class ProcessLossRecovery:
         if kept is not None:
             engine.load_training_state(kept)
         t_built = time.time()
-        events = []
+        events, resume_step = [], agreement.resume_step
         try:
             actions = plan_for(engine, agreement.lost_stages)  # same verdict on every rank
             if any(a.method == "checkpoint" for a in actions):
                 records = []
                 loaded = self.checkpointer.load_latest(engine, why=f"stages {agreement.lost_stages} lost")
                 events.append(("checkpoint_load", loaded.event(stages=agreement.lost_stages,
-                                                               steps_lost=agreement.resume_step - loaded.resume_step)))
+                                                               steps_lost=resume_step - loaded.resume_step)))
                 self.warn(f"rolled back to the checkpoint of step {loaded.resume_step - 1} ({loaded.seconds:.2f} s)")
-                agreement.resume_step = loaded.resume_step
+                resume_step = loaded.resume_step
             else:
                 records = apply_plan(engine, actions, agreement.resume_step)
         except UnrecoverableFailure as err:
@@ -116,5 +130,5 @@ class ProcessLossRecovery:
                     "rematerialised_at": t_remat,
                     "agreement_s": round(agreement.agreed_at - agreement.revoked_at, 4),
                     "data_plane_s": round(t_plane - t0, 4), "engine_rebuild_s": round(t_built - t_plane, 4),
-                    "rematerialise_s": round(t_remat - t_built, 4), "resume_step": agreement.resume_step}
-        return ProcessLossOutcome(engine, agreement, records, timeline, events)
+                    "rematerialise_s": round(t_remat - t_built, 4), "resume_step": resume_step, **self._close_s}
+        return ProcessLossOutcome(engine, agreement, records, timeline, resume_step, events)

@@ -43,3 +43,15 @@ def run_info(engine, setup, options, data, seq_len: int) -> dict:
                      "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
         "engine": type(e).__name__,
     }
+
+
+def announcement(engine, setup, steps: int, tokens_per_step: int) -> list[str]:
+    """The lines a run starts with: what is trained, where, and what the replicas cost."""
+    e, replica = engine, replica_parameters(setup)
+    lines = [f"training {setup.model.name} ({setup.model.num_parameters() / 1e6:.2f}M params) on {e.num_stages} "
+             f"stages x {e.grid.get_data_parallel_world_size()} replicas, mode {setup.checkfree.mode}, {steps} steps, "
+             f"{tokens_per_step} tokens/step"]
+    if replica:
+        lines.append(f"CheckFree+ replicas: {replica} extra parameters ({replica * 4 / 1e6:.2f} MB fp32) on stages "
+                     f"1 and {e.num_stages - 2}")
+    return lines

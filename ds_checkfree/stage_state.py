@@ -29,6 +29,14 @@ class StageRecoveryState:
         """A fresh node: no history, learning rate as configured."""
         self.load(StageRecoveryState().snapshot())
 
+    def rebuilt(self, lr_scale: float) -> None:
+        """A stage just rebuilt: no gradient history yet, and the learning-rate factor it keeps."""
+        self.reset()
+        self.lr_scale = float(lr_scale)
+
+    def clear_lr_scale(self) -> None:
+        self.lr_scale = 1.0
+
     def snapshot(self) -> dict:
         return dataclasses.asdict(self)
 

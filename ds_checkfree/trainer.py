@@ -21,7 +21,7 @@ from .logical_failures import LogicalFailures
 from .metrics import MetricsWriter, write_run_json
 from .process_loss import ProcessLossOutcome, ProcessLossRecovery, StoppedForGood
 from .recovery import UnrecoverableFailure
-from .run_info import fmt_eta, replica_parameters, run_info
+from .run_info import announcement, fmt_eta, run_info
 
 
 class Trainer:
@@ -152,8 +152,9 @@ class Trainer:
     def _handle_logical_failures(self, step: int, failures) -> int | None:
         """Returns the step to resume from after a rollback, else None."""
         for f in failures:
-            self.metrics.event("failure", step, f.stage, cause=f.cause)
-            self.log(f"step {step}: stage {f.stage} lost ({f.cause})")
+            one = {} if f.replica is None else {"replica": f.replica}
+            self.metrics.event("failure", step, f.stage, cause=f.cause, **one)
+            self.log(f"step {step}: stage {f.stage}{'' if f.replica is None else f' replica {f.replica}'} lost ({f.cause})")
         try:
             handled = self.failures.handle(self.engine, step, failures, dump=lambda tag: self._dump(step, tag))
         except UnrecoverableFailure as err:
@@ -180,17 +181,27 @@ class Trainer:
         try:
             outcome = self.process_loss.recover(engine, step, reason, self.steps_done)
         except StoppedForGood as stop:
-            self._log_heartbeat_events(step)
-            if stop.saved is not None:
-                self.metrics.event("checkpoint_save", step, stop.stage, **stop.saved)
-                self.warn(f"saved this stage's state to {stop.saved['path']} before stopping")
-            known = {"stages": stop.lost_stages, "dead_ranks": stop.dead_ranks} if stop.lost_stages else {}
-            self.metrics.event("unrecoverable", step, stop.lost_stages[0] if stop.lost_stages else None,
-                               reason=str(stop), **known)
+            self._log_stop(step, stop)
             raise stop.cause from None
         self.engine = outcome.engine
         self._report_process_loss(outcome)
         return self._restart_data(outcome.resume_step)
+
+    def _log_stop(self, step: int, stop: StoppedForGood) -> None:
+        """The job ends here. If the metrics writer itself died, the lowest surviving stage
+        rank writes the final events in its place, so metrics.jsonl says why it ended."""
+        roles = self.process_loss.roles_before
+        writer_dead = any(roles.get(r) == self.cf.num_stages - 1 for r in stop.dead_ranks)
+        if writer_dead and self.world.rank == min((r for r in stop.survivors or [] if roles.get(r) is not None),
+                                                  default=None):
+            self.metrics = MetricsWriter(self.options.output_dir, enabled=True, append=True)
+        self._log_heartbeat_events(step)
+        if stop.saved is not None:
+            self.metrics.event("checkpoint_save", step, stop.stage, **stop.saved)
+            self.warn(f"saved this stage's state to {stop.saved['path']} before stopping")
+        self.metrics.event("unrecoverable", step, stop.lost_stages[0] if stop.lost_stages else None, reason=str(stop),
+                           stages=stop.lost_stages, dead_ranks=stop.dead_ranks)
+        self.metrics.close()
 
     def _report_process_loss(self, outcome: ProcessLossOutcome) -> None:
         step, timeline, agreement = outcome.resume_step, outcome.timeline, outcome.agreement
@@ -224,17 +235,12 @@ class Trainer:
     def _stage_of_rank(self, rank: int):
         if self.world is not None:
             return self.process_loss.roles_before.get(rank)
-        return self.engine.grid._topo.get_coord(rank).pipe if self.engine is not None else None
+        return self.engine.grid.topology().get_coord(rank).pipe if self.engine is not None else None
 
     # ------------------------------------------------------------------ reporting
     def _announce(self) -> None:
-        e, replica = self.engine, replica_parameters(self.setup)
-        self.log(f"training {self.setup.model.name} ({self.setup.model.num_parameters() / 1e6:.2f}M params) on "
-                 f"{e.num_stages} stages x {e.grid.get_data_parallel_world_size()} replicas, mode "
-                 f"{self.cf.mode}, {self.options.steps} steps, {self.tokens_per_step} tokens/step")
-        if replica:
-            self.log(f"CheckFree+ replicas: {replica} extra parameters ({replica * 4 / 1e6:.2f} MB fp32) on stages "
-                     f"1 and {e.num_stages - 2}")
+        for line in announcement(self.engine, self.setup, self.options.steps, self.tokens_per_step):
+            self.log(line)
 
     def _record_step(self, step: int, loss: float, dt: float, elapsed: float) -> None:
         e = self.engine

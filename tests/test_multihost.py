@@ -146,6 +146,9 @@ def test_losing_a_whole_host_stops_cleanly_naming_the_lost_stage(two_hosts, tmp_
     assert rc == 3, log[-6000:]
     assert "Traceback" not in log
     assert exit_pids(log) == {r: p for r, p in pids.items() if r < 3}
+    # the metrics writer (stage 3) died with its host: the lowest survivor writes why the job ended
+    (event,) = events_of(read_metrics(job.out), "unrecoverable")
+    assert event["stages"] == [3] and event["dead_ranks"] == [3, 4] and "only 0 spare(s) left" in event["reason"]
     assert advertised(log) == {r: (h, HOSTS[h], "CHECKFREE_SOCKET_IFNAME=lan0") for r, h in
                                [(0, "hostA"), (1, "hostA"), (2, "hostA"), (3, "hostB"), (4, "hostB")]}
     assert "gloo on lan0" in log
