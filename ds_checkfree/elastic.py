@@ -119,6 +119,7 @@ class ElasticWorld:
     def init_data_plane(self) -> None:
         """Form the gloo group of the stage ranks (data-plane rank = stage id)."""
         import torch.distributed as tdist
+        backend = self.data_plane_backend()  # refuses an accelerator before anything is formed
         leader = self.stage_rank(0)
         if self.rank == leader:
             with socket.socket() as s:
@@ -139,8 +140,27 @@ class ElasticWorld:
         distributed_c10d.default_pg_timeout = timedelta(seconds=self.dp_timeout_s)
         store = tdist.TCPStore(addr, port, self.num_stages, is_master=self.rank == leader,
                                timeout=timedelta(seconds=self.dp_timeout_s))
-        tdist.init_process_group("gloo", store=store, rank=self.stage, world_size=self.num_stages,
-                                 timeout=timedelta(seconds=self.dp_timeout_s))
+        tdist.init_process_group(backend, store=store, rank=self.stage,
+                                 world_size=self.num_stages, timeout=timedelta(seconds=self.dp_timeout_s))
+
+    @staticmethod
+    def data_plane_backend() -> str:
+        """gloo on CPU. On an accelerator the backend would be NCCL (``comm_device``), but
+        surviving a death there needs a teardown that never blocks on the dead peer (measured:
+        ``destroy_process_group`` after NCCL's abort hangs for over 40 s; DESIGN.md section 6),
+        which is not implemented: refused before any group is formed."""
+        from deepspeed.accelerator import get_accelerator
+
+        from .comm_device import data_plane_backend
+        accel = get_accelerator().device_name()
+        backend = data_plane_backend(accel)
+        if backend != "gloo":
+            raise NotImplementedError(
+                f"the fault-tolerant launch (real process deaths) runs its data plane on gloo only; on "
+                f"accelerator {accel!r} it would need {backend}, whose rebuild after a death is not implemented "
+                "in this release (NCCL's destroy_process_group hangs on a dead peer). Fix: run the elastic launch "
+                "with DS_ACCELERATOR=cpu, or use logical failures (deepspeed/torchrun launch) on the GPU.")
+        return backend
 
     @staticmethod
     def tear_down_data_plane() -> None:

@@ -39,13 +39,13 @@ Hook API (called by ``ds_checkfree.trainer.Trainer``)::
 """
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
 
+from ..comm_device import comm_device, comm_empty, comm_tensor, object_to_tensor, tensor_to_object
 from ..recovery_runtime import RecoveryRecord
 
 # Message tags on the default process group (the pipeline's own traffic uses tag 0).
@@ -107,26 +107,24 @@ def shadow_layout_bytes(num_params: int, adam_moments: int = 2, bytes_per_value:
 
 
 def _to_blob(obj) -> torch.Tensor:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    return object_to_tensor(obj, comm_device())
 
 
 def _from_blob(blob: torch.Tensor):
-    return torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=False)
+    return tensor_to_object(blob)
 
 
 def _send_blob(obj, dst: int, tag_offset: int = 0) -> int:
     blob = _to_blob(obj)
-    tdist.send(torch.tensor([blob.numel()], dtype=torch.int64), dst, tag=_TAG_LEN + 10 * tag_offset)
+    tdist.send(comm_tensor([blob.numel()], torch.int64), dst, tag=_TAG_LEN + 10 * tag_offset)
     tdist.send(blob, dst, tag=_TAG_BLOB + 10 * tag_offset)
     return blob.numel() + 8
 
 
 def _recv_blob(src: int, tag_offset: int = 0):
-    n = torch.zeros(1, dtype=torch.int64)
+    n = comm_empty(1, torch.int64, zeros=True)
     tdist.recv(n, src, tag=_TAG_LEN + 10 * tag_offset)
-    blob = torch.empty(int(n), dtype=torch.uint8)
+    blob = comm_empty(int(n), torch.uint8)
     tdist.recv(blob, src, tag=_TAG_BLOB + 10 * tag_offset)
     return _from_blob(blob), int(n) + 8
 
@@ -154,8 +152,8 @@ class RedundantShadow:
             if p.dtype != torch.float32:
                 raise NotImplementedError(f"mode 'redundant' ships fp32 gradients; found a {p.dtype} parameter")
         numel = sum(p.numel() for p in self._params)
-        self._grad_out = torch.zeros(numel + len(self._params), dtype=torch.float32)  # grads, then a 0/1 mask
-        self._hp_out = torch.zeros(1 + 2 * len(self.opt.param_groups), dtype=torch.float64)  # stepped, (lr, wd)*
+        self._grad_out = comm_empty(numel + len(self._params), torch.float32, zeros=True)  # grads, then a 0/1 mask
+        self._hp_out = comm_empty(1 + 2 * len(self.opt.param_groups), torch.float64, zeros=True)  # stepped, (lr, wd)*
         self._hook = self.opt.register_step_pre_hook(self._capture)
         self.totals = _Totals()
         self.shadow_params: list[torch.nn.Parameter] = []
@@ -190,8 +188,8 @@ class RedundantShadow:
         self.shadow_opt = type(self.opt)(groups)
         self.shadow_opt.load_state_dict(state["optimizer"])  # hyperparameters per group + exact moments
         numel = sum(p.numel() for p in self.shadow_params)
-        self._grad_in = torch.zeros(numel + len(self.shadow_params), dtype=torch.float32)
-        self._hp_in = torch.zeros(1 + 2 * len(groups), dtype=torch.float64)
+        self._grad_in = comm_empty(numel + len(self.shadow_params), torch.float32, zeros=True)
+        self._hp_in = comm_empty(1 + 2 * len(groups), torch.float64, zeros=True)
         self._grad_views, offset = [], 0
         for p in self.shadow_params:
             self._grad_views.append(self._grad_in[offset:offset + p.numel()].view(p.shape))
@@ -217,11 +215,11 @@ class RedundantShadow:
             raise RuntimeError("no data-parallel id")
         # ring exchange: non-blocking sends so that the cycle of messages cannot deadlock
         blob = _to_blob(self.own_state())
-        n = torch.tensor([blob.numel()], dtype=torch.int64)
+        n = comm_tensor([blob.numel()], torch.int64)
         reqs = [tdist.isend(n, self.pred_rank, tag=_TAG_LEN), tdist.isend(blob, self.pred_rank, tag=_TAG_BLOB)]
-        m = torch.zeros(1, dtype=torch.int64)
+        m = comm_empty(1, torch.int64, zeros=True)
         tdist.recv(m, self.succ_rank, tag=_TAG_LEN)
-        other = torch.empty(int(m), dtype=torch.uint8)
+        other = comm_empty(int(m), torch.uint8)
         tdist.recv(other, self.succ_rank, tag=_TAG_BLOB)
         for r in reqs:
             r.wait()
