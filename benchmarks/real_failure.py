@@ -19,12 +19,12 @@ metrics.jsonl (wall-clock ``time`` fields, as seen by the last stage's process).
   load, redone steps. Relaunching on the same machine is the best case: a real cluster also
   waits for a replacement node, which this does not charge.
 
-Also measured: the failure-free step-time overhead of the heartbeat thread, as the ratio of
-median step times of the elastic job with and without it (``--no_heartbeat``), in
-alternating rounds.
+Also measured: the failure-free step-time overhead of the heartbeat thread, in one elastic
+launch whose heartbeat runs in alternate wall-clock windows (``heartbeat_overhead``: paired,
+randomly ordered on/off windows, bootstrap CI over pairs).
 
     python benchmarks/real_failure.py                  # tiny, ~3 min on 2 cores
-    python benchmarks/real_failure.py --overhead_rounds 0 --kill_step 30 --steps 60
+    python benchmarks/real_failure.py --overhead_pairs 0 --kill_step 30 --steps 60
 
 Writes ``benchmarks/results/real_failure.csv`` (one row per phase) and prints a table.
 """
@@ -142,7 +142,8 @@ def run_checkfree(args, work: str) -> list[tuple[str, float]]:
     step_s = median_step(records)
     phases.append(("steps lost", 0.0))
     phases.append(("median step time", step_s))
-    return phases
+    summary = next((r for r in records if r.get("event") == "heartbeat_summary"), {})
+    return phases, summary.get("max_gap_s", float("nan"))
 
 
 def run_restart(args, work: str) -> list[tuple[str, float]]:
@@ -179,23 +180,68 @@ def run_restart(args, work: str) -> list[tuple[str, float]]:
             ("median step time", median_step(first))]
 
 
-def heartbeat_overhead(args, work: str) -> tuple[float, float, list[float], list[float]]:
+def heartbeat_overhead(args, work: str, step_s: float) -> dict:
+    """The heartbeat thread's step-time cost, from ONE elastic launch (4 stages + 1 spare).
+
+    The job runs with ``--heartbeat_ab_window_s W``: every rank's heartbeat thread beats (at the
+    configured interval) only in the "on" window of each pair of wall-clock windows and sleeps
+    through the "off" one; which window of a pair is on is drawn per pair from a seed that is
+    the pair's index (``heartbeat.monitor.ab_window_active``), so the order is random but known
+    to the job and to this script. Each completed step is assigned to the window that holds
+    it entirely (steps that straddle a window edge are dropped); a pair counts when both its
+    windows hold at least ``--overhead_min_steps`` steps. Per pair: mean on-window step /
+    mean off-window step (means, not medians: a beat touches only the few steps it overlaps,
+    which a median would ignore). Estimate: geometric mean of the pair ratios, 95% CI from a
+    bootstrap over pairs. Interleaving inside one run cancels start-up and drift; pairing
+    adjacent windows cancels slow load changes."""
+    import numpy as np
+    from ds_checkfree.heartbeat.monitor import ab_window_active
+    window = args.overhead_window_s
     cfg = base_config("checkfree", spares=1)
+    interval = cfg["checkfree"].get("heartbeat_interval_s", 0.5)
     cfg_path = os.path.join(work, "hb.json")
     Path(cfg_path).write_text(json.dumps(cfg))
-    on, off, gaps = [], [], []
-    for rnd in range(args.overhead_rounds):
-        for with_hb in (True, False) if rnd % 2 == 0 else (False, True):
-            out = os.path.join(work, f"hb_{rnd}_{with_hb}")
-            proc = start(mpirun(5, True, cfg_path, out, args, [] if with_hb else ["--no_heartbeat"]), out + ".log")
-            if proc.wait(timeout=600) != 0:
-                raise SystemExit(f"heartbeat round failed; see {out}.log")
-            records = read(out)
-            (on if with_hb else off).append(median_step(records))
-            if with_hb:
-                summary = next(r for r in records if r.get("event") == "heartbeat_summary")
-                gaps.append(summary["max_gap_s"])
-    return statistics.median(on) / statistics.median(off), max(gaps), on, off
+    # enough steps for the pairs asked for, at the step time the kill run measured, +25%
+    steps = int(1.25 * args.overhead_pairs * 2 * window / step_s) + 10
+    ab = argparse.Namespace(**{**vars(args), "steps": steps})
+    out = os.path.join(work, "hb_ab")
+    t0 = time.time()
+    proc = start(mpirun(5, True, cfg_path, out, ab, ["--heartbeat_ab_window_s", str(window)]), out + ".log")
+    if proc.wait(timeout=1200) != 0:
+        raise SystemExit(f"heartbeat A/B run failed; see {out}.log")
+    steps_rec = split(read(out))[0]
+    per_pair: dict[int, dict[bool, list[float]]] = {}
+    skip = 5  # warm-up steps
+    for s in steps_rec[skip:]:
+        end, dur = s["time"], s["step_time_s"]
+        on, pair, left = ab_window_active(end, window)
+        if window - left < dur + 0.005:  # began in the previous window (5 ms slack for the record write)
+            continue
+        per_pair.setdefault(pair, {True: [], False: []})[on].append(dur)
+    ratios, on_all, off_all = [], [], []
+    for pair in sorted(per_pair):
+        d = per_pair[pair]
+        if len(d[True]) >= args.overhead_min_steps and len(d[False]) >= args.overhead_min_steps:
+            ratios.append(statistics.fmean(d[True]) / statistics.fmean(d[False]))
+            on_all += d[True]
+            off_all += d[False]
+    if len(ratios) < 2:
+        raise SystemExit(f"heartbeat A/B: only {len(ratios)} usable pairs; raise --overhead_pairs")
+    logs = np.log(np.asarray(ratios))
+    rng = np.random.default_rng(args.seed)
+    boots = np.exp(logs[rng.integers(0, len(logs), size=(args.bootstrap, len(logs)))].mean(axis=1))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    point = float(np.exp(logs.mean()))
+    if hi < 1.01:
+        verdict = "overhead below 1% (whole CI < 1.01)"
+    elif lo > 1.01:
+        verdict = "overhead above 1% (whole CI > 1.01)"
+    else:
+        verdict = "undecided: the CI contains 1.01"
+    return {"ratio": point, "ci_lo": float(lo), "ci_hi": float(hi), "pairs": len(ratios), "verdict": verdict,
+            "on_mean": statistics.fmean(on_all), "off_mean": statistics.fmean(off_all),
+            "steps_used": len(on_all) + len(off_all), "steps": steps, "window_s": window, "interval_s": interval,
+            "pair_ratios": ratios, "seconds": time.time() - t0}
 
 
 def main(argv=None) -> int:
@@ -206,7 +252,13 @@ def main(argv=None) -> int:
     p.add_argument("--kill_step", type=int, default=24, help="kill once this step has completed")
     p.add_argument("--victim", type=int, default=1, help="stage (= MPI rank) to kill: an intermediate one")
     p.add_argument("--checkpoint_every", type=int, default=10)
-    p.add_argument("--overhead_rounds", type=int, default=2, help="0 skips the heartbeat overhead measurement")
+    p.add_argument("--overhead_pairs", type=int, default=40,
+                   help="paired on/off heartbeat windows to aim for (0 skips the overhead measurement)")
+    p.add_argument("--overhead_window_s", type=float, default=1.5, help="length of one on or off window")
+    p.add_argument("--overhead_min_steps", type=int, default=4, help="steps a window needs to count")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the overhead CI")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--skip_restart", action="store_true", help="skip the restart-from-checkpoint baseline")
     p.add_argument("--out", default=os.path.join(RESULTS, "real_failure.csv"))
     args = p.parse_args(argv)
     if not 1 <= args.victim <= 2:
@@ -214,16 +266,20 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="checkfree_real_failure_")
     t0 = time.time()
     print(f"work dir {work}", flush=True)
-    cf = run_checkfree(args, work)
-    rs = run_restart(args, work)
+    cf, gap = run_checkfree(args, work)
+    rs = [] if args.skip_restart else run_restart(args, work)
     rows = [("checkfree (ULFM, spare, in-memory)", k, v) for k, v in cf] + \
            [(f"restart from checkpoint (every {args.checkpoint_every})", k, v) for k, v in rs]
-    if args.overhead_rounds:
-        ratio, gap, on, off = heartbeat_overhead(args, work)
-        rows.append(("heartbeat", "median step time ratio (heartbeat on / off)", ratio))
-        rows.append(("heartbeat", "median step time, heartbeat on (s)", statistics.median(on)))
-        rows.append(("heartbeat", "median step time, heartbeat off (s)", statistics.median(off)))
-        rows.append(("heartbeat", "longest silence of a live peer (s; interval 0.5, timeout 10)", gap))
+    rows.append(("heartbeat", "longest silence of a live peer in the kill run (s; interval 0.5, timeout 10)", gap))
+    hb = None
+    if args.overhead_pairs:
+        hb = heartbeat_overhead(args, work, dict(cf)["median step time"])
+        rows.append(("heartbeat", f"step time ratio on / off (geometric mean of {hb['pairs']} paired windows)",
+                     hb["ratio"]))
+        rows.append(("heartbeat", "  95% bootstrap CI, low", hb["ci_lo"]))
+        rows.append(("heartbeat", "  95% bootstrap CI, high", hb["ci_hi"]))
+        rows.append(("heartbeat", "mean step time, heartbeat on (s)", hb["on_mean"]))
+        rows.append(("heartbeat", "mean step time, heartbeat off (s)", hb["off_mean"]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -234,6 +290,16 @@ def main(argv=None) -> int:
     print("| strategy | phase | value |\n|---|---|---|")
     for s, k, v in rows:
         print(f"| {s} | {k} | {v:.3f} |")
+    if hb is not None:
+        print(f"\nheartbeat overhead: one launch of {hb['steps']} steps, {hb['window_s']} s windows in "
+              f"{hb['pairs']} usable on/off pairs ({hb['steps_used']} steps), interval {hb['interval_s']} s: "
+              f"on/off = {hb['ratio']:.4f}, 95% CI [{hb['ci_lo']:.4f}, {hb['ci_hi']:.4f}]: {hb['verdict']} "
+              f"({hb['seconds']:.0f} s)")
+        pairs_path = os.path.splitext(args.out)[0] + "_heartbeat_pairs.csv"
+        with open(pairs_path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["pair", "ratio_on_off"])
+            w.writerows((i, round(r, 6)) for i, r in enumerate(hb["pair_ratios"]))
     print(f"\nwrote {args.out} in {time.time() - t0:.0f} s")
     shutil.rmtree(work, ignore_errors=True)
     return 0

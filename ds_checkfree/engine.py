@@ -24,7 +24,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from . import schedule as cf_schedule
-from .comm_device import comm_empty, comm_tensor
+from .comm_device import comm_device, comm_empty, comm_tensor
 from .config import CheckFreeConfig
 from .stage_state import StageRecoveryState
 
@@ -344,7 +344,8 @@ class CheckFreePipelineEngine(PipelineEngine):
         slots = torch.zeros(2 + 2 * stages, dtype=torch.float64)
         slots[2 + 2 * self.stage_id:4 + 2 * self.stage_id] = torch.tensor(
             self.stage_state.pair(self.checkfree.norm_scope), dtype=torch.float64)
-        slots = slots.to(self.device)
+        group = self.grid.get_pipe_parallel_group()
+        slots = slots.to(comm_device(group))
         agg = None
         if self.routed:  # a partial sum of micro-batch losses on each loss stage
             if self.total_loss is not None:
@@ -357,7 +358,7 @@ class CheckFreePipelineEngine(PipelineEngine):
                 agg /= self.dp_world_size
             slots[0:2] = torch.stack([loss.detach().reshape(()), agg.reshape(())])
         if stages > 1:
-            dist.all_reduce(slots, group=self.grid.get_pipe_parallel_group())
+            dist.all_reduce(slots, group=group)
         values = slots.tolist()
         self.stage_grad_norms = [(values[2 + 2 * s], values[3 + 2 * s]) for s in range(stages)]
         self.agg_additional_losses = None

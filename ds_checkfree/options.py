@@ -24,6 +24,8 @@ class TrainOptions:
     eval_batches: int = 4
     local_rank: int = 0
     no_heartbeat: bool = False
+    #: benchmark: heartbeats only in alternate wall-clock windows (heartbeat.monitor.ab_window_active)
+    heartbeat_ab_window_s: float | None = None
     # optional inputs and outputs
     num_layers: int | None = None
     seq_len: int | None = None
@@ -58,6 +60,9 @@ def check_inputs(options: TrainOptions) -> None:
         if value < 0 or (flag == "eval_batches" and value == 0):
             raise _fail(f"--{flag}", value, "out of range", "use a positive number" +
                         (" (0 validates only at the end)" if flag == "eval_every" else ""))
+    if options.heartbeat_ab_window_s is not None and options.heartbeat_ab_window_s <= 0:
+        raise _fail("--heartbeat_ab_window_s", options.heartbeat_ab_window_s, "must be > 0",
+                    "use e.g. 1.5 (seconds) or leave it out")
     if options.seq_len is not None and options.seq_len < 2:
         raise _fail("--seq_len", options.seq_len, "must be >= 2", "use e.g. 64 or leave it out")
     if options.resume_from and not os.path.isfile(os.path.join(options.resume_from, "latest")):

@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--no_heartbeat", action="store_true",
                    help="elastic launch without the heartbeat thread (benchmarks its overhead; deaths are then "
                         "noticed only through the data plane)")
+    p.add_argument("--heartbeat_ab_window_s", type=float, default=None, metavar="SECONDS",
+                   help="benchmark: the elastic launch's heartbeat beats only in alternate wall-clock windows of "
+                        "this length (paired on/off windows, order drawn per pair) to measure its overhead")
     p.add_argument("--dump_recovery_dir", default=None, help="debug: save stage states around each recovery")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
@@ -130,10 +133,12 @@ def run_elastic(options, setup) -> int:
 
     cf = setup.checkfree
     world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=cf.data_plane_timeout_s)
-    monitor = None if options.no_heartbeat else start_monitor(cf, world=world)
+    monitor = None if options.no_heartbeat else start_monitor(cf, world=world,
+                                                              ab_window_s=options.heartbeat_ab_window_s)
     try:
         if world.stage is None:
             print(f"[rank {world.rank}] spare: waiting for a stage to replace", flush=True)
+            _prepare_spare(options, setup)
             agreement = world.wait_as_spare()
             if agreement is None:
                 print(f"[rank {world.rank}] spare: released, training finished", flush=True)
@@ -148,6 +153,19 @@ def run_elastic(options, setup) -> int:
         if monitor is not None:
             monitor.stop()
         print(f"[rank {world.rank}] exiting (pid {os.getpid()})", file=sys.stderr, flush=True)
+
+
+def _prepare_spare(options, setup) -> None:
+    """What a spare can do before it is needed, off a later recovery's critical path: build
+    the data (memoised: the Trainer's identical call returns it) and freeze the start-up
+    objects out of the garbage collector's reach."""
+    from ds_checkfree.data import build_data
+    from ds_checkfree.process_loss import freeze_startup_objects
+    micro = setup.ds_config.get("train_micro_batch_size_per_gpu")
+    if micro is not None:  # the elastic launch has one replica per stage: data-parallel rank 0 of 1
+        build_data(options.data, options.seq_len or setup.model.max_seq_len, micro, seed=options.seed,
+                   dp_rank=0, dp_size=1, max_val_batches=options.eval_batches)
+    freeze_startup_objects()
 
 
 def _is_first_rank() -> bool:

@@ -62,6 +62,12 @@ def test_rebuilt_stage_is_the_gradient_weighted_average(tmp_path):
     assert rec[0]["weights"] == pytest.approx([b, a], rel=1e-9)
     assert rec[0]["bytes_received"] > 0
     assert len(steps_of(records)) == 7
+    # the metrics line of step 3 carries, for every stage, the norm that recovery weighed by at step 4
+    step3 = steps_of(records)[2]
+    assert step3["step"] == 3
+    assert step3["grad_norms"][0] == pytest.approx(prev["recovery_norm"], rel=1e-12)
+    assert step3["grad_norms"][2] == pytest.approx(nxt["recovery_norm"], rel=1e-12)
+    assert step3["grad_norms"][1] == pytest.approx(old["recovery_norm"], rel=1e-12)
 
 
 def test_done_when_run_recovers_and_loss_falls(tmp_path):

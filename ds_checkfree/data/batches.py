@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,10 +140,14 @@ class DataBundle:
     source: str
 
 
+@functools.lru_cache(maxsize=4)
 def build_data(source: str | None, seq_len: int, micro_batch_size: int, seed: int = 0,
                val_fraction: float = 0.05, dp_rank: int = 0, dp_size: int = 1,
                max_val_batches: int = 8) -> DataBundle:
-    """Load, tokenize, split and wrap a corpus into train/val batches."""
+    """Load, tokenize, split and wrap a corpus into train/val batches.
+
+    Memoised per process: the bundle is read-only (batches are drawn by index), and a spare
+    process builds its data while it waits, not after it took a lost stage's place."""
     tokenizer = ByteTokenizer()
     tokens = tokenizer.encode(load_corpus(source))
     splits = split_tokens(tokens, val_fraction)

@@ -11,17 +11,20 @@ from .monitor import HeartbeatThread
 __all__ = ["HeartbeatTracker", "PeerState", "liveness", "HeartbeatThread", "start_monitor"]
 
 
-def start_monitor(cf, world=None, log=print):
+def start_monitor(cf, world=None, log=print, ab_window_s: float | None = None):
     """The run's heartbeat monitor, started; ``None`` when no transport is reachable.
 
     ``world``: the ``ElasticWorld`` of the MPI fault-tolerant launch (beats over its
     communicator, from before the data plane exists, spares included). Without it, beats
     go over the rendezvous store of the initialised torch.distributed group: those
     launchers end the job when a process dies, so that monitor reports, it cannot survive.
+    ``ab_window_s``: the overhead benchmark's on/off windows (MPI transport only; see
+    ``monitor.ab_window_active``).
     """
     if world is not None:
         from .mpi import MpiHeartbeat
-        return MpiHeartbeat(world.world, cf.heartbeat_interval_s, cf.heartbeat_timeout_s).start()
+        return MpiHeartbeat(world.world, cf.heartbeat_interval_s, cf.heartbeat_timeout_s,
+                            ab_window_s=ab_window_s).start()
     import torch.distributed as dist
 
     from .store import StoreHeartbeat

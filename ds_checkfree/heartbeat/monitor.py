@@ -7,10 +7,23 @@ verdicts; a transport (MPI in ``mpi``, the torch.distributed store in ``store``)
 """
 from __future__ import annotations
 
+import random
 import threading
 import time
 
 from .liveness import HeartbeatTracker
+
+
+def ab_window_active(wall_time: float, window_s: float) -> tuple[bool, int, float]:
+    """The A/B overhead benchmark's timetable: wall-clock windows of ``window_s`` seconds,
+    taken in pairs; in each pair one window (drawn from a seed that is the pair's index, so
+    every process and the benchmark agree) has the heartbeat on, the other off.
+    Returns (heartbeat on?, pair index, seconds until this window ends)."""
+    window = int(wall_time // window_s)
+    pair = window // 2
+    first_on = random.Random(f"heartbeat-ab-{pair}").random() < 0.5
+    on = (window % 2 == 0) == first_on
+    return on, pair, (window + 1) * window_s - wall_time
 
 
 class HeartbeatThread:
@@ -18,9 +31,17 @@ class HeartbeatThread:
 
     transport = "?"
 
-    def __init__(self, rank: int, peers: list[int], interval_s: float, timeout_s: float, clock=time.monotonic):
+    def __init__(self, rank: int, peers: list[int], interval_s: float, timeout_s: float, clock=time.monotonic,
+                 ab_window_s: float | None = None):
+        """``ab_window_s`` (benchmarks only): beat only in the "on" windows of
+        ``ab_window_active``, sleep through the others, so one run holds interleaved pairs of
+        steps with and without heartbeats. Silences then last up to 2 windows + an interval."""
+        if ab_window_s is not None and 2 * ab_window_s + interval_s >= timeout_s:
+            raise ValueError(f"ab_window_s = {ab_window_s!r}: two silent windows plus an interval must stay below "
+                             f"the heartbeat timeout ({timeout_s!r} s)")
         self.rank = rank
         self.interval = interval_s
+        self.ab_window_s = ab_window_s
         self.clock = clock
         self.tracker = HeartbeatTracker(peers, dead_after=timeout_s, start_time=clock())
         self._lock = threading.Lock()
@@ -81,6 +102,11 @@ class HeartbeatThread:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.ab_window_s:
+                on, _, left = ab_window_active(time.time(), self.ab_window_s)
+                if not on:  # sleep past the window's end by half an interval: beats never fall on a
+                    self._stop.wait(left + self.interval / 2)  # window edge, where the benchmark drops the step
+                    continue
             now = self.clock()
             try:
                 self._send_all(now)

@@ -20,14 +20,15 @@ _TAG = 7001
 class MpiHeartbeat(HeartbeatThread):
     transport = "mpi"
 
-    def __init__(self, comm_world, interval_s: float, timeout_s: float, clock=time.monotonic):
+    def __init__(self, comm_world, interval_s: float, timeout_s: float, clock=time.monotonic,
+                 ab_window_s: float | None = None):
         from mpi4py import MPI
         self.MPI = MPI
         self.comm = comm_world.Dup()
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
         rank = self.comm.Get_rank()
         peers = [r for r in range(self.comm.Get_size()) if r != rank]
-        super().__init__(rank, peers, interval_s, timeout_s, clock=clock)
+        super().__init__(rank, peers, interval_s, timeout_s, clock=clock, ab_window_s=ab_window_s)
 
     def _send_all(self, now: float) -> None:
         payload = np.array([now], dtype=np.float64)
