@@ -102,17 +102,25 @@ def _check_type(name: str, value: Any) -> Any:
     return value
 
 
-def _parse_fail_entry(idx: int, entry: Any) -> tuple[int, int]:
+def _parse_fail_entry(idx: int, entry: Any) -> tuple[int, ...]:
+    """``(stage, step)`` (every replica of the stage fails) or ``(stage, step, replica)``."""
     key = f"{_k('fail_at')}[{idx}]"
-    fix = 'write each failure as "STAGE:STEP" (e.g. "2:100") or [STAGE, STEP] with integers'
+    fix = ('write each failure as "STAGE:STEP" (e.g. "2:100", every data-parallel replica of the stage), '
+           '"STAGE.REPLICA:STEP" (e.g. "2.1:100", one replica) or [STAGE, STEP] with integers')
+    replica = None
     if isinstance(entry, str):
         parts = entry.split(":")
         try:
             if len(parts) != 2:
                 raise ValueError
-            stage, step = int(parts[0].strip()), int(parts[1].strip())
+            where = parts[0].strip().split(".")
+            if len(where) > 2:
+                raise ValueError
+            stage, step = int(where[0].strip()), int(parts[1].strip())
+            if len(where) == 2:
+                replica = int(where[1].strip())
         except ValueError:
-            raise _fail(key, entry, "not of the form STAGE:STEP", fix) from None
+            raise _fail(key, entry, "not of the form STAGE:STEP or STAGE.REPLICA:STEP", fix) from None
     elif isinstance(entry, (list, tuple)):
         if len(entry) != 2 or not all(
             isinstance(x, int) and not isinstance(x, bool) for x in entry
@@ -125,7 +133,16 @@ def _parse_fail_entry(idx: int, entry: Any) -> tuple[int, int]:
         raise _fail(key, entry, f"stage {stage} is negative", "use a stage index >= 0")
     if step < 1:
         raise _fail(key, entry, f"step {step} is < 1 (steps count from 1)", "use a step >= 1")
-    return (int(stage), int(step))
+    if replica is not None and replica < 0:
+        raise _fail(key, entry, f"replica {replica} is negative",
+                    "use a data-parallel replica index >= 0, or STAGE:STEP for every replica")
+    return (int(stage), int(step)) if replica is None else (int(stage), int(step), int(replica))
+
+
+def format_fail_entry(entry: tuple[int, ...]) -> str:
+    """The string form of a parsed ``fail_at`` entry."""
+    stage, step, *replica = entry
+    return f"{stage}.{replica[0]}:{step}" if replica else f"{stage}:{step}"
 
 
 @dataclass
@@ -142,7 +159,8 @@ class CheckFreeConfig:
     norm_scope: str = "decoder"
     epsilon: float = 1e-4
     recovery_method: str = "weighted_average"
-    fail_at: list[tuple[int, int]] = field(default_factory=list)
+    #: (stage, step) = every replica of the stage; (stage, step, replica) = one replica
+    fail_at: list[tuple[int, ...]] = field(default_factory=list)
     failure_rate: float = 0.0  # percent per stage per hour
     assumed_step_seconds: float | None = None
     failure_seed: int = 0
@@ -230,10 +248,11 @@ class CheckFreeConfig:
                 'write a list such as ["2:100", [1, 250]]',
             )
         parsed = sorted({_parse_fail_entry(i, e) for i, e in enumerate(raw)})
-        for stage, step in parsed:
+        for entry in parsed:
+            stage = entry[0]
             if stage >= self.num_stages:
                 raise _fail(
-                    _k("fail_at"), f"{stage}:{step}",
+                    _k("fail_at"), format_fail_entry(entry),
                     f"stage {stage} does not exist with num_stages = {self.num_stages}",
                     f"use a stage in 0..{self.num_stages - 1}",
                 )
@@ -285,7 +304,7 @@ class CheckFreeConfig:
     def to_dict(self) -> dict:
         """JSON-serialisable dict that round-trips through :meth:`from_dict`."""
         out = dataclasses.asdict(self)
-        out["fail_at"] = [f"{s}:{t}" for s, t in self.fail_at]
+        out["fail_at"] = [format_fail_entry(e) for e in self.fail_at]
         return out
 
 
@@ -433,9 +452,16 @@ def validate_world(cfg: CheckFreeConfig, world_size: int, num_layers: int, micro
             "set gradient_accumulation_steps >= 2 (or train_batch_size accordingly), "
             "or checkfree.swap = false",
         )
-    for stage, step in cfg.fail_at:
+    dp = active // S
+    for entry in cfg.fail_at:
+        stage, _, *replica = entry
         if stage >= S:
-            raise _fail(_k("fail_at"), f"{stage}:{step}",
+            raise _fail(_k("fail_at"), format_fail_entry(entry),
                         f"stage {stage} does not exist with num_stages = {S}",
                         f"use a stage in 0..{S - 1}")
-    return active // S
+        if replica and replica[0] >= dp:
+            raise _fail(_k("fail_at"), format_fail_entry(entry),
+                        f"replica {replica[0]} does not exist: {world_size - cfg.spares} training ranks over {S} "
+                        f"stages give {dp} data-parallel replica(s)",
+                        f"use a replica in 0..{dp - 1}, or write {stage}:{entry[1]} to fail every replica")
+    return dp

@@ -17,7 +17,7 @@ from typing import Iterable, Union
 
 CAUSES = ("fail_at", "rate", "schedule_file", "process_lost")
 
-FailAtSpec = Union[str, tuple[int, int]]
+FailAtSpec = Union[str, tuple[int, int], tuple[int, int, int]]
 
 
 def step_failure_probability(rate_percent_per_hour: float, step_seconds: float) -> float:
@@ -36,29 +36,36 @@ def step_failure_probability(rate_percent_per_hour: float, step_seconds: float) 
 
 @dataclass(frozen=True, order=True)
 class Failure:
-    """One stage lost at the start of one step, and why it was lost."""
+    """One stage lost at the start of one step, and why it was lost.
+
+    ``replica``: the data-parallel replica that is lost, or None for every replica of the
+    stage (what rates, schedule files and ``"STAGE:STEP"`` entries mean)."""
     step: int
     stage: int
     cause: str
+    replica: int | None = None
 
     def __post_init__(self):
         if self.cause not in CAUSES:
             raise ValueError(f"unknown failure cause {self.cause!r}; expected one of {CAUSES}")
 
 
-def parse_fail_at(text: str) -> tuple[int, int]:
-    """Parse ``"STAGE:STEP"`` (stage >= 0, step >= 1) into ``(stage, step)``."""
-    expected = "expected 'STAGE:STEP' with integers STAGE >= 0 and STEP >= 1, e.g. '2:100'"
+def parse_fail_at(text: str) -> tuple[int, ...]:
+    """Parse ``"STAGE:STEP"`` into ``(stage, step)`` and ``"STAGE.REPLICA:STEP"`` into
+    ``(stage, step, replica)`` (stage, replica >= 0, step >= 1)."""
+    expected = ("expected 'STAGE:STEP' or 'STAGE.REPLICA:STEP' with integers STAGE, REPLICA >= 0 and "
+                "STEP >= 1, e.g. '2:100' or '2.1:100'")
     parts = str(text).strip().split(":")
-    if len(parts) != 2:
+    where = parts[0].split(".")
+    if len(parts) != 2 or len(where) > 2:
         raise ValueError(f"bad fail_at {text!r}: {expected}")
     try:
-        stage, step = int(parts[0]), int(parts[1])
+        numbers = [int(where[0]), int(parts[1])] + [int(w) for w in where[1:]]
     except ValueError:
         raise ValueError(f"bad fail_at {text!r}: {expected}") from None
-    if stage < 0 or step < 1:
+    if numbers[0] < 0 or numbers[1] < 1 or (len(numbers) == 3 and numbers[2] < 0):
         raise ValueError(f"bad fail_at {text!r}: {expected}")
-    return stage, step
+    return tuple(numbers)
 
 
 class FailurePlan:
@@ -96,13 +103,22 @@ class FailurePlan:
         # (step, stage) -> cause for the explicit sources; fail_at is filled first and so
         # wins over the schedule file, and both win over a rate draw for the same slot
         self._explicit: dict[tuple[int, int], str] = {}
+        # (step, stage) -> the single replicas lost there (absent: every replica)
+        self._replicas: dict[tuple[int, int], set[int]] = {}
+        whole: set[tuple[int, int]] = set()
         for entry in fail_at:
-            stage, step = parse_fail_at(entry) if isinstance(entry, str) else (int(entry[0]), int(entry[1]))
-            if not 0 <= stage < num_stages or step < 1:
+            stage, step, *replica = parse_fail_at(entry) if isinstance(entry, str) else tuple(int(x) for x in entry)
+            if not 0 <= stage < num_stages or step < 1 or (replica and replica[0] < 0):
                 raise ValueError(
-                    f"fail_at entry {entry!r} is out of range: stage must be in [0, {num_stages - 1}] "
-                    "and step >= 1")
+                    f"fail_at entry {entry!r} is out of range: stage must be in [0, {num_stages - 1}], "
+                    "replica >= 0 and step >= 1")
             self._explicit[(step, stage)] = "fail_at"
+            if replica:
+                self._replicas.setdefault((step, stage), set()).add(replica[0])
+            else:
+                whole.add((step, stage))
+        for key in whole:  # a whole-stage entry covers every replica
+            self._replicas.pop(key, None)
         self.schedule_file = None if schedule_file is None else Path(schedule_file)
         if self.schedule_file is not None:
             for step, stage in self._load_schedule(self.schedule_file):
@@ -130,7 +146,12 @@ class FailurePlan:
             cause = self._explicit.get((step, stage))
             if cause is None and self._rate_fails(step, stage):
                 cause = "rate"
-            if cause is not None:
+            if cause is None:
+                continue
+            replicas = self._replicas.get((step, stage)) if cause == "fail_at" else None
+            if replicas:
+                out.extend(Failure(step, stage, cause, r) for r in sorted(replicas))
+            else:
                 out.append(Failure(step, stage, cause))
         return out
 
@@ -176,7 +197,8 @@ class FailurePlan:
             "rate_percent_per_hour": self.rate_percent_per_hour,
             "step_seconds": self.step_seconds,
             "num_steps": num_steps,
-            "failures": [{"step": f.step, "stage": f.stage, "cause": f.cause} for f in failures],
+            "failures": [{"step": f.step, "stage": f.stage, "cause": f.cause} for f in failures
+                         if f.replica is None],  # schedule files are per stage (every replica)
         }
         with open(path, "w") as f:
             json.dump(data, f, indent=1)

@@ -20,6 +20,8 @@ class Handled:
     lost: list[int]
     records: list[RecoveryRecord]
     rollback: Loaded | None = None  # set when every rank reloaded the last checkpoint
+    #: (stage, data-parallel replica) pairs that were lost
+    lost_replicas: list[tuple[int, int]] | None = None
 
 
 class LogicalFailures:
@@ -29,11 +31,11 @@ class LogicalFailures:
         self.plan = plan
         self.checkpointer = checkpointer
         self.redundant = redundant
-        self._fired: set[tuple[int, int]] = set()
+        self._fired: set[tuple[int, int, int | None]] = set()
 
     def due(self, step: int) -> list[Failure]:
-        failures = [f for f in self.plan.failures_at(step) if (f.step, f.stage) not in self._fired]
-        self._fired.update((f.step, f.stage) for f in failures)
+        failures = [f for f in self.plan.failures_at(step) if (f.step, f.stage, f.replica) not in self._fired]
+        self._fired.update((f.step, f.stage, f.replica) for f in failures)
         return failures
 
     def handle(self, engine, step: int, failures: list[Failure], dump=None) -> Handled:
@@ -41,23 +43,30 @@ class LogicalFailures:
         ``dump(tag)`` is the debug hook that saves this rank's state around the recovery."""
         dump = dump or (lambda tag: None)
         lost = sorted({f.stage for f in failures})
+        dp_size = engine.grid.get_data_parallel_world_size()
+        pairs = sorted({(f.stage, r) for f in failures for r in (range(dp_size) if f.replica is None else [f.replica])})
         dump("before")
-        if engine.stage_id in lost:
+        if (engine.stage_id, engine.grid.get_data_parallel_id()) in pairs:
             engine.wipe_stage(seed=stable_seed("wipe", step, engine.stage_id, engine.global_rank))
             if self.redundant is not None:
                 self.redundant.wipe(seed=stable_seed("wipe-shadow", step, engine.stage_id))
             dump("wiped")
-        actions = plan_for(engine, lost)  # UnrecoverableFailure: the same verdict on every rank
+        actions = plan_for(engine, pairs)  # UnrecoverableFailure: the same verdict on every rank
         if any(a.method == "checkpoint" for a in actions):
             loaded = self.checkpointer.load_latest(engine, why=f"stages {lost} lost at step {step}")
             if self.redundant is not None:
                 self.redundant.resync()  # shadows must mirror the reloaded state
             dump("rollback")
-            return Handled(lost, [], rollback=loaded)
-        if self.redundant is not None and any(a.method == "redundant" for a in actions):
-            records = self.redundant.recover(actions, step)
+            return Handled(lost, [], rollback=loaded, lost_replicas=pairs)
+        copies = [a for a in actions if a.method == "replica"]
+        records = apply_plan(engine, copies, step)
+        rest = [a for a in actions if a.method != "replica"]
+        if self.redundant is not None and any(a.method == "redundant" for a in rest):
+            records += self.redundant.recover(rest, step)
         else:
-            records = apply_plan(engine, actions, step)
+            records += apply_plan(engine, rest, step)
+        if self.redundant is not None and copies:
+            self.redundant.resync()  # the restored replica's shadow of its successor was lost too
         dump("after")
-        return Handled(lost, records)
+        return Handled(lost, records, lost_replicas=pairs)
 

@@ -29,10 +29,16 @@ class UnrecoverableFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class RecoveryAction:
-    """Rebuild ``stage`` with ``method`` from the (alive) stages in ``sources``."""
+    """Rebuild ``stage`` with ``method`` from the (alive) stages in ``sources``.
+
+    ``replica`` is None for a rule that rebuilds every data-parallel replica of the stage
+    (each replica from the same replica of its sources); for ``method == "replica"`` it is
+    the lost replica, restored by an exact copy of replica ``source_replica`` of the same stage."""
     stage: int
     method: str
     sources: tuple[int, ...]
+    replica: int | None = None
+    source_replica: int | None = None
 
 
 def _intermediate_action(stage: int, method: str) -> RecoveryAction:
@@ -143,6 +149,46 @@ def plan_recovery(
                      + ("" if mode in ("checkfree_plus", "redundant") else
                         ", or use mode 'checkfree_plus' if the first or last stage may fail"))
     raise UnrecoverableFailure("\n".join(lines))
+
+
+def plan_replicated_recovery(
+    lost: Iterable[tuple[int, int]],
+    num_stages: int,
+    dp_size: int,
+    mode: str,
+    method: str = "weighted_average",
+    has_checkpoint: bool = False,
+) -> list[RecoveryAction]:
+    """Recovery with data parallelism: ``lost`` holds ``(stage, replica)`` pairs.
+
+    A stage that keeps at least one live replica restores each lost replica by an exact copy
+    of its lowest live replica (method ``"replica"``: weights, optimizer state, gradient norms
+    and learning-rate factor, so the replicas stay identical; no convergence cost, whatever
+    the mode). Only a stage whose every replica is lost (a whole column) goes through the
+    CheckFree / CheckFree+ rules of ``plan_recovery``, with the replica copies counted as
+    alive (they run first). If those rules roll back to a checkpoint, every rank rolls back
+    and the copies are moot: only the checkpoint actions are returned.
+    """
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"dp_size must be an integer >= 1, got {dp_size!r}")
+    by_stage: dict[int, set[int]] = {}
+    for pair in lost:
+        stage, replica = pair
+        if isinstance(replica, bool) or not isinstance(replica, int) or not 0 <= replica < dp_size:
+            raise ValueError(f"lost replica {replica!r} of stage {stage!r} is out of range [0, {dp_size - 1}]")
+        by_stage.setdefault(stage, set()).add(replica)
+    whole = sorted(s for s, reps in by_stage.items() if len(reps) == dp_size)
+    columns = plan_recovery(whole, num_stages, mode, method=method, has_checkpoint=has_checkpoint)
+    if any(a.method == "checkpoint" for a in columns):
+        return columns
+    copies = []
+    for stage in sorted(set(by_stage) - set(whole)):
+        if not (isinstance(stage, int) and not isinstance(stage, bool) and 0 <= stage < num_stages):
+            raise ValueError(f"lost stage {stage!r} is out of range [0, {num_stages - 1}]")
+        twin = min(set(range(dp_size)) - by_stage[stage])
+        copies += [RecoveryAction(stage, "replica", (stage,), replica=r, source_replica=twin)
+                   for r in sorted(by_stage[stage])]
+    return copies + columns
 
 
 def _check_norm(name: str, value: float) -> float:

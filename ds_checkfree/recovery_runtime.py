@@ -16,7 +16,8 @@ import torch
 import torch.distributed as tdist
 from deepspeed import comm as dist
 
-from .recovery import RecoveryAction, combine, plan_recovery
+from .comm_device import comm_device, comm_empty, comm_tensor, object_to_tensor, tensor_to_object
+from .recovery import RecoveryAction, combine, plan_replicated_recovery
 
 
 @dataclass
@@ -29,22 +30,32 @@ class RecoveryRecord:
     seconds: float
     bytes_received: int
     lr_scale: float
+    #: the data-parallel replica restored (method "replica"), None when every replica was rebuilt
+    replica: int | None = None
+    source_replica: int | None = None
 
     def as_event(self) -> dict:
-        return {"method": self.method, "sources": list(self.sources),
-                "weights": [float(w) for w in self.weights], "seconds": round(self.seconds, 6),
-                "bytes_received": int(self.bytes_received), "lr_scale": self.lr_scale}
+        out = {"method": self.method, "sources": list(self.sources),
+               "weights": [float(w) for w in self.weights], "seconds": round(self.seconds, 6),
+               "bytes_received": int(self.bytes_received), "lr_scale": self.lr_scale}
+        if self.replica is not None:
+            out.update(replica=self.replica, source_replica=self.source_replica)
+        return out
 
 
-def _flatten(state) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in state.values()])
+def _flatten(state, device) -> torch.Tensor:
+    """One fp32 vector on the communication device (the weights are fp32 or fp32 masters:
+    no precision is lost; under NCCL the parameters already live there, so no host copy)."""
+    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t in state.values()])
 
 
 def _unflatten(flat: torch.Tensor, template) -> dict:
+    """fp32 views of ``flat`` shaped like ``template`` (kept in fp32: averaged in fp32, then
+    installed as fp32 masters and cast to the parameters' dtype by the engine)."""
     out, offset = {}, 0
     for key, t in template.items():
         n = t.numel()
-        out[key] = flat[offset:offset + n].view(t.shape).to(t.dtype)
+        out[key] = flat[offset:offset + n].view(t.shape)
         offset += n
     return out
 
@@ -56,10 +67,9 @@ def stable_seed(*parts) -> int:
 
 
 def _send_state(engine, action: RecoveryAction, target_rank: int) -> None:
-    state = engine.module.recovery_state(include_replicated=action.method == "copy")
-    norm = torch.tensor([engine.last_grad_norm()], dtype=torch.float64)
-    dist.send(norm, target_rank)
-    dist.send(_flatten(state), target_rank)
+    state = engine.recovery_weights(include_replicated=action.method == "copy")
+    dist.send(comm_tensor([engine.last_grad_norm()], torch.float64), target_rank)
+    dist.send(_flatten(state, comm_device()), target_rank)
 
 
 def _receive_and_install(engine, action: RecoveryAction, source_ranks: list[int], generator) -> RecoveryRecord:
@@ -68,9 +78,9 @@ def _receive_and_install(engine, action: RecoveryAction, source_ranks: list[int]
     numel = sum(t.numel() for t in template.values())
     states, norms, received = [], [], 0
     for src in source_ranks:
-        norm = torch.zeros(1, dtype=torch.float64)
+        norm = comm_empty(1, torch.float64, zeros=True)
         dist.recv(norm, src)
-        flat = torch.empty(numel, dtype=torch.float32)
+        flat = comm_empty(numel, torch.float32)
         dist.recv(flat, src)
         received += norm.numel() * 8 + flat.numel() * 4
         norms.append(float(norm))
@@ -90,12 +100,49 @@ def _share(record, src_rank: int):
     return box[0]
 
 
+def _copy_replica(engine, action: RecoveryAction, source: int, target: int) -> RecoveryRecord | None:
+    """Exact copy of a live replica of the same stage: weights (fp32, or the fp32 masters),
+    optimizer state, gradient norms and learning-rate factor, so the replicas stay identical.
+    Weights travel as one flat tensor on the communication device; the optimizer state and
+    the stage's recovery state as one serialised blob (one host copy each way)."""
+    if engine.global_rank == source:
+        dist.send(_flatten(engine.recovery_weights(include_replicated=True), comm_device()), target)
+        blob = object_to_tensor(engine.replica_state(), comm_device())
+        dist.send(comm_tensor([blob.numel()], torch.int64), target)
+        dist.send(blob, target)
+        return None
+    start = time.perf_counter()
+    template = engine.module.recovery_state(include_replicated=True)
+    flat = comm_empty(sum(t.numel() for t in template.values()), torch.float32)
+    dist.recv(flat, source)
+    n = comm_empty(1, torch.int64, zeros=True)
+    dist.recv(n, source)
+    blob = comm_empty(int(n), torch.uint8)
+    dist.recv(blob, source)
+    state = tensor_to_object(blob, map_location=flat.device)
+    engine.install_replica(_unflatten(flat, template), state)
+    return RecoveryRecord(stage=action.stage, method="replica", sources=[action.stage], weights=[1.0],
+                          seconds=time.perf_counter() - start, bytes_received=flat.numel() * 4 + 8 + int(n),
+                          lr_scale=engine.lr_scale, replica=action.replica, source_replica=action.source_replica)
+
+
 def apply_plan(engine, actions: list[RecoveryAction], step: int) -> list[RecoveryRecord]:
-    """Run non-checkpoint recovery actions on every rank; returns the records (same on all ranks)."""
+    """Run non-checkpoint recovery actions on every rank; returns the records (same on all ranks).
+
+    Replica copies come first in a plan (``plan_replicated_recovery``), so a column rebuilt
+    next to a restored replica reads the restored state."""
     grid = engine.grid
     my_dp = grid.get_data_parallel_id()
     records = []
     for action in actions:
+        if action.method == "replica":
+            target = grid.stage_to_global(stage_id=action.stage, data=action.replica)
+            source = grid.stage_to_global(stage_id=action.stage, data=action.source_replica)
+            record = None
+            if engine.global_rank in (source, target):
+                record = _copy_replica(engine, action, source, target)
+            records.append(_share(record, target))
+            continue
         for dp in range(grid.get_data_parallel_world_size()):
             target = grid.stage_to_global(stage_id=action.stage, data=dp)
             sources = [grid.stage_to_global(stage_id=s, data=dp) for s in action.sources]
@@ -103,7 +150,8 @@ def apply_plan(engine, actions: list[RecoveryAction], step: int) -> list[Recover
                 _send_state(engine, action, target)
             record = None
             if engine.global_rank == target:
-                gen = torch.Generator().manual_seed(stable_seed("rebuild", step, action.stage, dp))
+                # the same seed for every replica: a "random" rebuild keeps the replicas identical
+                gen = torch.Generator().manual_seed(stable_seed("rebuild", step, action.stage, 0))
                 record = _receive_and_install(engine, action, sources, gen)
             record = _share(record, target)
             if dp == 0:
@@ -111,7 +159,11 @@ def apply_plan(engine, actions: list[RecoveryAction], step: int) -> list[Recover
     return records
 
 
-def plan_for(engine, lost: list[int]) -> list[RecoveryAction]:
+def plan_for(engine, lost) -> list[RecoveryAction]:
+    """The plan for ``lost``: stage ids (every replica of the stage) or ``(stage, replica)`` pairs."""
     cf = engine.checkfree
-    return plan_recovery(lost, engine.num_stages, engine.module.mode, method=cf.recovery_method,
-                         has_checkpoint=bool(cf.fallback_checkpoint_dir or cf.checkpoint_dir))
+    dp_size = engine.grid.get_data_parallel_world_size()
+    pairs = sorted({p for x in lost for p in ([(x, r) for r in range(dp_size)] if isinstance(x, int) else [tuple(x)])})
+    return plan_replicated_recovery(pairs, engine.num_stages, dp_size, engine.module.mode,
+                                    method=cf.recovery_method,
+                                    has_checkpoint=bool(cf.fallback_checkpoint_dir or cf.checkpoint_dir))

@@ -33,8 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sample (default: the model's max_seq_len)")
     p.add_argument("--eval_every", type=int, default=10, help="validation every N steps (0: only at the end)")
     p.add_argument("--eval_batches", type=int, default=4, help="validation micro-batches")
-    p.add_argument("--fail_at", action="append", default=[], metavar="STAGE:STEP",
-                   help="logical failure of STAGE at the start of STEP (repeatable)")
+    p.add_argument("--fail_at", action="append", default=[], metavar="STAGE[.REPLICA]:STEP",
+                   help="logical failure of STAGE (every data-parallel replica, or only REPLICA) at the start "
+                        "of STEP (repeatable)")
     p.add_argument("--failure_rate", type=float, default=None, help="failures per stage per hour, in percent")
     p.add_argument("--assumed_step_seconds", type=float, default=None, help="step time used by the rate model")
     p.add_argument("--failure_seed", type=int, default=None)
