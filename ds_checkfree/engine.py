@@ -271,6 +271,8 @@ class CheckFreePipelineEngine(PipelineEngine):
         else:
             outputs = self.pipe_buffers["outputs"][buffer_id]
             grad = self._routed_grads.pop(buffer_id)
+            if self.using_bf16_optimizer:  # as PipelineEngine._exec_backward_pass: fp32 grads per micro-batch
+                self.optimizer.clear_lp_grads()
             self._passing_grad_through = True
             self._running_engine_backward = True
             try:
@@ -278,6 +280,8 @@ class CheckFreePipelineEngine(PipelineEngine):
             finally:
                 self._running_engine_backward = False
                 self._passing_grad_through = False
+            if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
+                self.optimizer.update_hp_grads(clear_lp_grads=False)
         self.pipe_buffers["outputs"][buffer_id] = None
         if first:
             self.pipe_buffers["inputs"][buffer_id] = None

@@ -39,6 +39,37 @@ def _check_failure_schedule(cf: CheckFreeConfig) -> None:
         raise ConfigError(f"checkfree.failure_schedule = {cf.failure_schedule!r}: {err}.") from None
 
 
+def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int) -> None:
+    """bf16 is recovered (fp32 masters averaged/copied, bf16 parameters their cast); fp16 is not."""
+    if cf.mode == "off":
+        return
+    if ds_config.get("fp16", {}).get("enabled"):
+        raise ConfigError("fp16.enabled = True: CheckFree recovery does not rebuild fp16 training (DeepSpeed's "
+                          "FP16_Optimizer couples the fp32 masters to a dynamic loss scale shared by every stage, "
+                          "which a rebuilt stage would have to rejoin mid-run; not implemented). "
+                          "Fix: use \"bf16\": {\"enabled\": true} instead, disable fp16, or set checkfree.mode "
+                          "to \"off\".")
+    bf16 = next((k for k in ("bf16", "bfloat16") if ds_config.get(k, {}).get("enabled")), None)
+    if bf16 is None:
+        return
+    if cf.mode == "redundant":
+        raise ConfigError(f"{bf16}.enabled = True: mode 'redundant' ships fp32 gradients to its shadow copies. "
+                          f"Fix: disable {bf16} or use mode 'checkfree'/'checkfree_plus'.")
+    if dp != 1:
+        raise ConfigError(f"{bf16}.enabled = True with {dp} data-parallel replicas: DeepSpeed's BF16_Optimizer "
+                          "splits the fp32 master weights over the replicas (each holds only its shard), so a lost "
+                          "replica's shard has no live copy to restore it from. Fix: one replica per stage "
+                          f"(world size = num_stages), disable {bf16}, or set checkfree.mode to \"off\".")
+    if cf.mode == "checkfree_plus" and not cf.swap:
+        raise ConfigError(f"checkfree.swap = False with {bf16}: a replicated (de)embedding that runs no micro-batch "
+                          "has no fp32 gradient for DeepSpeed's tied-gradient all-reduce under BF16_Optimizer. "
+                          f"Fix: keep checkfree.swap = true, or disable {bf16}.")
+    if ds_config.get("zero_optimization", {}).get("stage", 0):
+        raise ConfigError(f"zero_optimization.stage = {ds_config['zero_optimization']['stage']!r} with {bf16}: "
+                          "recovery reads the fp32 masters of DeepSpeed's BF16_Optimizer (ZeRO stage 0). "
+                          "Fix: set zero_optimization.stage to 0 with checkfree.")
+
+
 @dataclass
 class Setup:
     """Everything validated before the process group starts."""
@@ -70,10 +101,7 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
     provisional_dp = max(1, (world - cf.spares) // cf.num_stages)
     micro = micro_batches_per_step(ds_config, provisional_dp)
     dp = validate_world(cf, world, model_cfg.num_layers, micro)
-    precision = [k for k in ("fp16", "bf16", "bfloat16") if ds_config.get(k, {}).get("enabled")]
-    if cf.mode != "off" and precision:
-        raise ConfigError(f"{precision[0]}.enabled = True: CheckFree recovery currently rebuilds fp32 weights only. "
-                          f"Fix: disable {precision[0]} or set checkfree.mode to \"off\".")
+    _check_precision(ds_config, cf, dp)
     act_ckpt = ds_config.get("pipeline", {}).get("activation_checkpoint_interval", 0)
     if cf.mode == "checkfree_plus" and act_ckpt:
         raise ConfigError(f"pipeline.activation_checkpoint_interval = {act_ckpt!r}: the out-of-order schedule runs "

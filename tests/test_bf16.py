@@ -1,0 +1,106 @@
+"""bf16 training with recovery (CPU, real 4-rank DeepSpeed pipelines under BF16_Optimizer):
+a rebuilt stage gets fp32 masters averaged/copied in fp32, bf16 parameters equal to their
+cast, fresh optimizer state and the lr factor; fp16 and the unsupported combinations are
+refused before any process group with the reason."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT, events_of, read_metrics, run_job, steps_of, write_config
+from ds_checkfree.config import ConfigError
+from ds_checkfree.initialize import prepare
+
+
+def _ds(base="checkfree.json", **top):
+    cfg = json.loads((ROOT / "ds_configs" / base).read_text())
+    cfg.update(top)
+    return cfg
+
+
+def test_bf16_is_accepted_and_fp16_refused_with_the_reason():
+    assert prepare(_ds(bf16={"enabled": True}), world_size=4).checkfree.mode == "checkfree"
+    assert prepare(_ds("checkfree_plus.json", bf16={"enabled": True}), world_size=4).dp_size == 1
+    with pytest.raises(ConfigError, match=r"fp16.enabled = True: .*loss scale.*Fix: use \"bf16\""):
+        prepare(_ds(fp16={"enabled": True}), world_size=4)
+    with pytest.raises(ConfigError, match=r"2 data-parallel replicas: .*shard"):
+        prepare(_ds(bf16={"enabled": True}), world_size=8)
+    plus = _ds("checkfree_plus.json", bf16={"enabled": True})
+    plus["checkfree"]["swap"] = False
+    with pytest.raises(ConfigError, match="checkfree.swap = False with bf16"):
+        prepare(plus, world_size=4)
+    red = _ds(bf16={"enabled": True})
+    red["checkfree"]["mode"] = "redundant"
+    with pytest.raises(ConfigError, match="mode 'redundant' ships fp32"):
+        prepare(red, world_size=4)
+    off = _ds(fp16={"enabled": True})
+    off["checkfree"]["mode"] = "off"
+    assert prepare(off, world_size=8).dp_size == 2  # stock DeepSpeed: no recovery, nothing refused
+
+
+def _dump(d, step, stage, tag):
+    return torch.load(d / f"step{step}_stage{stage}_dp0_{tag}.pt", weights_only=False)
+
+
+def _train(tmp_path, base, fails, steps=5):
+    cfg = write_config(tmp_path / "ds.json", base, ds_bf16={"enabled": True})
+    dumps, out = tmp_path / "dumps", tmp_path / "out"
+    extra = [x for f in fails for x in ("--fail_at", f)]
+    run_job("deepspeed", 4, "launch/train.py",
+            ["--deepspeed_config", str(cfg), "--model", "tiny", "--output_dir", str(out), "--eval_every", "0",
+             "--steps", str(steps), *extra, "--dump_recovery_dir", str(dumps)])
+    return dumps, read_metrics(out)
+
+
+def _consistent(dump):
+    """bf16 parameters, fp32 masters, and the parameters equal to the masters' cast."""
+    for k, master in dump["fp32_state"].items():
+        assert dump["state"][k].dtype == torch.bfloat16 and master.dtype == torch.float32, k
+        assert torch.equal(dump["state"][k], master.to(torch.bfloat16)), k
+
+
+def test_bf16_intermediate_stage_is_rebuilt_from_the_neighbours_fp32_masters(tmp_path):
+    dumps, records = _train(tmp_path, "checkfree.json", ["1:3"])
+    prev, nxt = _dump(dumps, 3, 0, "before"), _dump(dumps, 3, 2, "before")
+    old, wiped, new = _dump(dumps, 3, 1, "before"), _dump(dumps, 3, 1, "wiped"), _dump(dumps, 3, 1, "after")
+    b, a = prev["recovery_norm"] + 1e-4, nxt["recovery_norm"] + 1e-4
+    assert a > 1e-3 and b > 1e-3
+    # the masters hold more than bf16 precision: averaging bf16 copies would give another answer
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in prev["fp32_state"].values())
+    keys = [k for k in new["fp32_state"] if k.startswith("decoder.")]
+    assert len(keys) == len(new["fp32_state"]) == 18
+    for k in keys:
+        expected = (a * nxt["fp32_state"][k].double() + b * prev["fp32_state"][k].double()) / (a + b)
+        assert torch.allclose(new["fp32_state"][k].double(), expected, atol=1e-6), k
+        assert not torch.equal(new["fp32_state"][k], old["fp32_state"][k]), k
+        assert not torch.allclose(wiped["fp32_state"][k], old["fp32_state"][k]), k  # masters wiped too
+    for dump in (old, wiped, new, prev, nxt):
+        _consistent(dump)
+    assert new["optimizer_state_entries"] == 0 < old["optimizer_state_entries"]
+    assert new["lr_scale"] == pytest.approx(1.1)
+    assert new["effective_lr"] == pytest.approx(old["effective_lr"] * 1.1)
+    after_prev = _dump(dumps, 3, 0, "after")
+    assert all(torch.equal(after_prev["fp32_state"][k], prev["fp32_state"][k]) for k in prev["fp32_state"])
+
+    rec = events_of(records, "recovery")
+    assert [(r["step"], r["stage"], r["method"], r["sources"]) for r in rec] == [(3, 1, "weighted_average", [0, 2])]
+    assert rec[0]["weights"] == pytest.approx([b, a], rel=1e-9)
+    losses = [r["loss"] for r in steps_of(records)]
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_bf16_checkfree_plus_edge_stage_copies_the_partners_fp32_masters(tmp_path):
+    dumps, records = _train(tmp_path, "checkfree_plus.json", ["0:3"])
+    partner, new = _dump(dumps, 3, 1, "before"), _dump(dumps, 3, 0, "after")
+    assert set(new["fp32_state"]) == set(partner["fp32_state"]) and any(k.startswith("embed") for k in new["state"])
+    for k in new["fp32_state"]:  # decoders and the (de)embedding replica: exact fp32 copies
+        assert torch.equal(new["fp32_state"][k], partner["fp32_state"][k]), k
+    _consistent(new)
+    assert new["optimizer_state_entries"] == 0 and new["lr_scale"] == pytest.approx(1.1)
+    rec = events_of(records, "recovery")
+    assert [(r["step"], r["stage"], r["method"], r["sources"]) for r in rec] == [(3, 0, "copy", [1])]
+    losses = [r["loss"] for r in steps_of(records)]
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
