@@ -1,0 +1,47 @@
+"""The one-GPU check (scripts/gpu_check.sh). On a machine without a CUDA GPU the GPU test is
+skipped with the reason; the script's own refusal without a GPU is checked everywhere, and its
+CPU dry run (the same recipe on gloo, checking the script and table, not the GPU) is slow."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, job_env
+
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def _run(tmp_path, timeout, **env):
+    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, timeout=timeout, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=job_env(GPU_CHECK_OUT=str(tmp_path / "gpu_check"), **env))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU (torch.cuda.is_available() is False): the CUDA + NCCL path is not checked here; "
+                           "run scripts/gpu_check.sh on a machine with one")
+def test_gpu_check_passes_on_one_gpu(tmp_path):
+    proc = _run(tmp_path, timeout=3600, GPU_CHECK_STEPS="20")
+    print(proc.stdout[-4000:])
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 7 and all(line.rstrip().endswith("| ok |") for line in table[1:]), "\n".join(table)
+    assert "all 7 runs passed" in proc.stdout
+
+
+def test_gpu_check_says_so_when_no_gpu_is_visible(tmp_path):
+    proc = _run(tmp_path, timeout=120, CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 2, proc.stdout
+    assert "no CUDA GPU is visible" in proc.stdout and "nothing to check" in proc.stdout
+    assert not (tmp_path / "gpu_check").exists()  # refused before any run
+
+
+@pytest.mark.slow
+def test_gpu_check_recipe_runs_on_cpu(tmp_path):
+    """The same seven runs on CPU/gloo (about 3 min on 2 cores): the script, configs and table."""
+    proc = _run(tmp_path, timeout=1800, GPU_CHECK_CPU="1", GPU_CHECK_STEPS="16")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 8 and all(line.rstrip().endswith("| ok |") for line in table[1:]), "\n".join(table)
