@@ -104,3 +104,17 @@ def test_bf16_checkfree_plus_edge_stage_copies_the_partners_fp32_masters(tmp_pat
     assert [(r["step"], r["stage"], r["method"], r["sources"]) for r in rec] == [(3, 0, "copy", [1])]
     losses = [r["loss"] for r in steps_of(records)]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_bf16_sigkilled_stage_is_rebuilt_on_the_spare(tmp_path):
+    """Real death under ``mpirun --with-ft ulfm`` with bf16: the survivors carry their fp32
+    masters into the rebuilt engines and the spare's stage is averaged from them."""
+    from test_elastic import _check_survived, kill_and_finish
+    job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=2, steps=40, seed=1,
+                                                            latest_kill=14, ds_bf16={"enabled": True})
+    records = _check_survived(job, rc, before, killed, killed_at, victim_stage=2, steps=40,
+                              method="weighted_average")
+    (recovery,) = events_of(records, "recovery")
+    assert recovery["sources"] == [1, 3] and recovery["lr_scale"] == pytest.approx(1.1)
+    losses = [r["loss"] for r in steps_of(records)]
+    assert sum(losses[-5:]) / 5 < losses[0]
