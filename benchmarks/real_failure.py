@@ -124,8 +124,17 @@ def launch_and_kill(args, work: str, name: str, cfg: dict, n: int, fault_toleran
     return proc, out, cfg_path, kill_rank(out, args.victim)
 
 
-def run_checkfree(args, work: str) -> list[tuple[str, float]]:
-    proc, out, _, killed_at = launch_and_kill(args, work, "checkfree", base_config("checkfree", spares=1), 5, True)
+def run_checkfree_repeated(args, work: str) -> tuple[list[tuple[str, float]], float, list[list[float]]]:
+    """``--repeats`` kill runs: the median of each phase (the kill lands anywhere in a step, so
+    one run is one draw), the longest heartbeat silence over all, and every run's values."""
+    runs = [run_checkfree(args, work, f"checkfree_{i}") for i in range(args.repeats)]
+    names = [k for k, _ in runs[0][0]]
+    values = [[dict(phases)[k] for phases, _ in runs] for k in names]
+    return [(k, statistics.median(v)) for k, v in zip(names, values)], max(g for _, g in runs), values
+
+
+def run_checkfree(args, work: str, name: str = "checkfree") -> tuple[list[tuple[str, float]], float]:
+    proc, out, _, killed_at = launch_and_kill(args, work, name, base_config("checkfree", spares=1), 5, True)
     if proc.wait(timeout=600) != 0:
         raise SystemExit(f"the CheckFree job did not survive; see {work}/checkfree.log")
     records = read(out)
@@ -133,6 +142,8 @@ def run_checkfree(args, work: str) -> list[tuple[str, float]]:
     line = next(r for r in records if r.get("event") == "recovery_timeline")
     phases = [("detection (kill -> error seen by the last stage)", rec["failed_at"] - killed_at),
               ("snapshot + close sockets", rec["revoked_at"] - rec["failed_at"]),
+              ("  of which the in-memory snapshot", rec.get("snapshot_s", float("nan"))),
+              ("  of which engine release + gloo teardown", rec.get("close_s", float("nan"))),
               ("agreement (ULFM revoke + shrink)", rec["agreed_at"] - rec["revoked_at"]),
               ("data plane (new gloo group)", rec["data_plane_s"]),
               ("engine rebuild (in-memory state)", rec["engine_rebuild_s"]),
@@ -209,7 +220,13 @@ def heartbeat_overhead(args, work: str, step_s: float) -> dict:
     proc = start(mpirun(5, True, cfg_path, out, ab, ["--heartbeat_ab_window_s", str(window)]), out + ".log")
     if proc.wait(timeout=1200) != 0:
         raise SystemExit(f"heartbeat A/B run failed; see {out}.log")
-    steps_rec = split(read(out))[0]
+    records = read(out)
+    steps_rec = split(records)[0]
+    summary = next((r for r in records if r.get("event") == "heartbeat_summary"), {})
+    per_wakeup = summary.get("cpu_per_wakeup_s")
+    # every rank's thread wakes once per interval while on: their CPU demand over the machine's cores
+    cores = len(os.sched_getaffinity(0))
+    share = 5 * per_wakeup / interval / cores if per_wakeup is not None else None
     per_pair: dict[int, dict[bool, list[float]]] = {}
     skip = 5  # warm-up steps
     for s in steps_rec[skip:]:
@@ -241,7 +258,8 @@ def heartbeat_overhead(args, work: str, step_s: float) -> dict:
     return {"ratio": point, "ci_lo": float(lo), "ci_hi": float(hi), "pairs": len(ratios), "verdict": verdict,
             "on_mean": statistics.fmean(on_all), "off_mean": statistics.fmean(off_all),
             "steps_used": len(on_all) + len(off_all), "steps": steps, "window_s": window, "interval_s": interval,
-            "pair_ratios": ratios, "seconds": time.time() - t0}
+            "pair_ratios": ratios, "seconds": time.time() - t0, "cpu_per_wakeup_s": per_wakeup,
+            "cpu_share": share, "ranks": 5, "cores": cores}
 
 
 def main(argv=None) -> int:
@@ -252,6 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--kill_step", type=int, default=24, help="kill once this step has completed")
     p.add_argument("--victim", type=int, default=1, help="stage (= MPI rank) to kill: an intermediate one")
     p.add_argument("--checkpoint_every", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3, help="CheckFree kill runs (phases: median over them)")
     p.add_argument("--overhead_pairs", type=int, default=40,
                    help="paired on/off heartbeat windows to aim for (0 skips the overhead measurement)")
     p.add_argument("--overhead_window_s", type=float, default=1.5, help="length of one on or off window")
@@ -259,6 +278,9 @@ def main(argv=None) -> int:
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the overhead CI")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--skip_restart", action="store_true", help="skip the restart-from-checkpoint baseline")
+    p.add_argument("--overhead_only", action="store_true", help="only the heartbeat overhead (no kill runs)")
+    p.add_argument("--overhead_step_s", type=float, default=0.12,
+                   help="with --overhead_only: the step time assumed to size the run")
     p.add_argument("--out", default=os.path.join(RESULTS, "real_failure.csv"))
     args = p.parse_args(argv)
     if not 1 <= args.victim <= 2:
@@ -266,11 +288,19 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="checkfree_real_failure_")
     t0 = time.time()
     print(f"work dir {work}", flush=True)
-    cf, gap = run_checkfree(args, work)
-    rs = [] if args.skip_restart else run_restart(args, work)
-    rows = [("checkfree (ULFM, spare, in-memory)", k, v) for k, v in cf] + \
+    if args.overhead_only:
+        cf, gap, per_run, rs = [("median step time", args.overhead_step_s)], float("nan"), [], []
+        args.repeats = 0
+    else:
+        cf, gap, per_run = run_checkfree_repeated(args, work)
+        rs = [] if args.skip_restart else run_restart(args, work)
+    rows = [(f"checkfree (ULFM, spare, in-memory; median of {args.repeats})", k, v) for k, v in cf] + \
            [(f"restart from checkpoint (every {args.checkpoint_every})", k, v) for k, v in rs]
-    rows.append(("heartbeat", "longest silence of a live peer in the kill run (s; interval 0.5, timeout 10)", gap))
+    if args.overhead_only:
+        rows = []
+    else:
+        rows.append(("heartbeat", "longest silence of a live peer in the kill runs (s; interval 0.5, timeout 10)",
+                     gap))
     hb = None
     if args.overhead_pairs:
         hb = heartbeat_overhead(args, work, dict(cf)["median step time"])
@@ -280,6 +310,10 @@ def main(argv=None) -> int:
         rows.append(("heartbeat", "  95% bootstrap CI, high", hb["ci_hi"]))
         rows.append(("heartbeat", "mean step time, heartbeat on (s)", hb["on_mean"]))
         rows.append(("heartbeat", "mean step time, heartbeat off (s)", hb["off_mean"]))
+        if hb["cpu_per_wakeup_s"] is not None:
+            rows.append(("heartbeat", "thread CPU per wake-up, last stage (ms)", hb["cpu_per_wakeup_s"] * 1e3))
+            rows.append(("heartbeat", f"CPU share of all {hb['ranks']} threads, on {hb['cores']} cores (%)",
+                         hb["cpu_share"] * 100))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -290,11 +324,23 @@ def main(argv=None) -> int:
     print("| strategy | phase | value |\n|---|---|---|")
     for s, k, v in rows:
         print(f"| {s} | {k} | {v:.3f} |")
+    if args.repeats > 1:
+        print(f"\nCheckFree per kill run: " + "; ".join(
+            f"{k.split(' (')[0]}: " + ", ".join(f"{x:.3f}" for x in v) for (k, _), v in zip(cf, per_run)))
+        runs_path = os.path.splitext(args.out)[0] + "_checkfree_runs.csv"
+        with open(runs_path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["phase", *[f"run{i}" for i in range(args.repeats)]])
+            w.writerows([k, *[round(x, 4) for x in v]] for (k, _), v in zip(cf, per_run))
     if hb is not None:
         print(f"\nheartbeat overhead: one launch of {hb['steps']} steps, {hb['window_s']} s windows in "
               f"{hb['pairs']} usable on/off pairs ({hb['steps_used']} steps), interval {hb['interval_s']} s: "
               f"on/off = {hb['ratio']:.4f}, 95% CI [{hb['ci_lo']:.4f}, {hb['ci_hi']:.4f}]: {hb['verdict']} "
               f"({hb['seconds']:.0f} s)")
+        if hb["cpu_share"] is not None:
+            print(f"heartbeat thread CPU: {hb['cpu_per_wakeup_s'] * 1e3:.3f} ms per wake-up (last stage), every "
+                  f"{hb['interval_s']} s on {hb['ranks']} ranks = {hb['cpu_share'] * 100:.3f}% of {hb['cores']} "
+                  "cores: the thread's direct cost")
         pairs_path = os.path.splitext(args.out)[0] + "_heartbeat_pairs.csv"
         with open(pairs_path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)

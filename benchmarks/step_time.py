@@ -245,26 +245,29 @@ def worker(args) -> int:
             losses[v].append(float(engines[v].train_batch()))
 
     times = torch.zeros(args.steps, len(VARIANTS), dtype=torch.float64)
+    cpu = torch.zeros_like(times)
     for r in range(args.steps):
         order = [VARIANTS[(r + k) % len(VARIANTS)] for k in range(len(VARIANTS))]
         for v in order:
             tdist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = engines[v].train_batch()
             times[r, VARIANTS.index(v)] = time.perf_counter() - t0
+            cpu[r, VARIANTS.index(v)] = time.process_time() - c0
             losses[v].append(float(loss))
     tdist.all_reduce(times, op=tdist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+    tdist.all_reduce(cpu, op=tdist.ReduceOp.SUM)  # the work a step costs, over all ranks
 
     if rank == 0:
         report(args, cfgs, setups["stock"], model_cfg, seq_len, ref, world, dp_size, tokens_per_step, times,
-               losses, held_all, t_build)
+               losses, held_all, t_build, cpu=cpu)
     tdist.barrier()
     tdist.destroy_process_group()
     return 0
 
 
 def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_per_step, times, losses, held_all,
-           t_build) -> None:
+           t_build, cpu=None) -> None:
     cols = {v: times[:, i].tolist() for i, v in enumerate(VARIANTS)}
     info = machine_info()
     print("\n## Step time: CheckFree / CheckFree+ vs stock DeepSpeed PipelineEngine (failure-free)\n")
@@ -347,6 +350,17 @@ def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_pe
           f"] (total {int(sum(extra)):,}; {'matches' if int(sum(extra)) == rep['total'] else 'DIFFERS FROM'} "
           f"the class count)")
 
+    if cpu is not None:
+        # CPU seconds a step costs summed over ranks (process_time: every thread, gloo's included,
+        # not the time spent waiting): the work an engine adds, much less sensitive to other load
+        ccols = {v: cpu[:, i].tolist() for i, v in enumerate(VARIANTS)}
+        print("\n| CPU time per step, all ranks (s) | median | ratio vs stock [95% CI] |\n|---|---|---|")
+        for row in rows:
+            v = row["variant"]
+            c = (1.0, 1.0, 1.0) if v == "stock" else bootstrap_ratio(ccols[v], ccols["stock"], args.bootstrap)
+            print(f"| {v} | {statistics.median(ccols[v]):.4f} | {c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}] |")
+            row.update({"cpu_median_s": round(statistics.median(ccols[v]), 6), "cpu_ratio_vs_stock": round(c[0], 5),
+                        "cpu_ratio_ci_lo": round(c[1], 5), "cpu_ratio_ci_hi": round(c[2], 5)})
     common = {"model": model_cfg.name, "num_layers": model_cfg.num_layers, "seq_len": seq_len,
               "micro_batch_size": ref.train_micro_batch_size_per_gpu(), "micro_batches": ref.micro_batches,
               "train_batch_size": ref.train_batch_size(), "tokens_per_step": tokens_per_step,

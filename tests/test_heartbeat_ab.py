@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -43,3 +44,32 @@ def test_windows_longer_than_the_timeout_allows_are_refused():
     with pytest.raises(ValueError, match="heartbeat timeout"):
         HeartbeatThread(0, [1], interval_s=0.5, timeout_s=10.0, ab_window_s=5.0)
     HeartbeatThread(0, [1], interval_s=0.5, timeout_s=10.0, ab_window_s=1.5)  # 2 x 1.5 + 0.5 < 10
+
+
+class _CountingBeat(HeartbeatThread):
+    """A transport that only records when the thread beat."""
+    transport = "test"
+
+    def __init__(self, **kw):
+        super().__init__(0, [1], **kw)
+        self.sent_at: list[float] = []
+
+    def _send_all(self, now: float) -> None:
+        self.sent_at.append(time.time())
+
+    def _drain(self, now: float) -> None:
+        pass
+
+
+def test_the_thread_beats_only_in_on_windows_and_accounts_its_cpu():
+    w = 0.2
+    hb = _CountingBeat(interval_s=0.05, timeout_s=1.0, ab_window_s=w).start()
+    time.sleep(2.0)
+    hb.stop()
+    assert len(hb.sent_at) >= 8
+    for t in hb.sent_at:
+        on, _, left = ab_window_active(t, w)
+        assert on or left > w - 0.02, t  # a beat may finish the 1-2 ms it started in an on window
+    summary = hb.summary()
+    assert summary["wakeups"] == len(hb.sent_at)
+    assert summary["thread_cpu_s"] >= 0 and summary["cpu_per_wakeup_s"] is not None

@@ -51,6 +51,9 @@ class HeartbeatThread:
         self._stop = threading.Event()
         self.beats_received = 0
         self.beats_sent = 0
+        #: CPU time this thread spent beating (its whole cost besides sleeping), and how often it woke
+        self.cpu_s = 0.0
+        self.wakeups = 0
         self._last_arrival: dict[int, float] = {}
         self._started = clock()
         #: longest silence seen from any live peer (the margin below the timeout)
@@ -107,7 +110,7 @@ class HeartbeatThread:
                 if not on:  # sleep past the window's end by half an interval: beats never fall on a
                     self._stop.wait(left + self.interval / 2)  # window edge, where the benchmark drops the step
                     continue
-            now = self.clock()
+            now, cpu0 = self.clock(), time.thread_time()
             try:
                 self._send_all(now)
                 self._drain(now)
@@ -117,6 +120,8 @@ class HeartbeatThread:
                         self.transport_error = f"{type(err).__name__}: {err}"
                 return
             self._record_verdicts(now)
+            self.wakeups += 1
+            self.cpu_s += time.thread_time() - cpu0
             self._stop.wait(self.interval)
 
     # -- main-thread API -----------------------------------------------------------------
@@ -126,7 +131,9 @@ class HeartbeatThread:
             return {"transport": self.transport, "interval_s": self.interval, "timeout_s": self.tracker.dead_after,
                     "beats_sent": self.beats_sent, "beats_received": self.beats_received,
                     "max_gap_s": round(self.max_gap_s, 4), "peers_declared_dead": sorted(self._declared),
-                    "transport_error": self.transport_error}
+                    "transport_error": self.transport_error, "wakeups": self.wakeups,
+                    "thread_cpu_s": round(self.cpu_s, 6),
+                    "cpu_per_wakeup_s": round(self.cpu_s / self.wakeups, 7) if self.wakeups else None}
 
     def events(self) -> list[dict]:
         """Failures seen since the last call (each reported once)."""
