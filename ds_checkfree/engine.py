@@ -8,11 +8,13 @@ Kept thin on purpose. It adds
     before and after clipping, the learning-rate multiplier a rebuilt stage keeps), and the
     operations that change it: wipe the stage, install recovered weights, copy a live
     data-parallel replica, carry the stage into a rebuilt engine. Under bf16 each of them
-    reads and writes DeepSpeed's fp32 master weights too, not only the bf16 parameters. Recovery plans are applied by ``ds_checkfree.recovery_runtime``.
+    reads and writes DeepSpeed's fp32 master weights too, not only the bf16 parameters.
+    Recovery plans are applied by ``ds_checkfree.recovery_runtime``.
 Everything else is DeepSpeed's own code path.
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import torch
@@ -159,7 +161,6 @@ class CheckFreePipelineEngine(PipelineEngine):
     def training_state(self) -> dict:
         """A copy of this rank's whole stage in memory, to carry into a rebuilt engine
         (under bf16 with the fp32 masters and the wrapped optimizer's moments)."""
-        import copy
         masters = None
         if self.has_fp32_masters:
             masters = {k: safe_get_full_fp32_param(p).detach().clone() for k, p in self.module.named_parameters()}

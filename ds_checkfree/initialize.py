@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .config import CheckFreeConfig, ConfigError, micro_batches_per_step, split_deepspeed_config, validate_world
+from .config import CheckFreeConfig, ConfigError
+from .deepspeed_config import micro_batches_per_step, split_deepspeed_config, validate_world
 from .models import ModelConfig, load_model_config
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ds_checkfree.config import CheckFreeConfig, ConfigError, format_fail_entry, validate_world
+from ds_checkfree.config import CheckFreeConfig, ConfigError, format_fail_entry
+from ds_checkfree.deepspeed_config import validate_world
 from ds_checkfree.failures import Failure, FailurePlan, parse_fail_at
 from ds_checkfree.recovery import RecoveryAction, UnrecoverableFailure, plan_recovery, plan_replicated_recovery
 

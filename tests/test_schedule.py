@@ -10,6 +10,7 @@ from deepspeed.runtime.pipe.schedule import (
     ReduceTiedGrads,
 )
 
+from ds_checkfree.schedule_check import check_schedule
 from ds_checkfree.schedule import (
     BackwardRouted,
     ForwardRouted,
@@ -23,7 +24,6 @@ from ds_checkfree.schedule import (
     _pair_timetable,
     _plan,
     build_all,
-    check_schedule,
     message_stats,
     stage_route,
 )
