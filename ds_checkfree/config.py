@@ -167,6 +167,11 @@ class CheckFreeConfig:
     # joins the recovery anyway (keep it above the slowest stage's micro-batch time)
     data_plane_timeout_s: float = 30.0
     spares: int = 0
+    # elastic launch, membership (``ds_checkfree.membership``): how long the job waits for
+    # the processes it was launched with before it starts without the missing ones, and
+    # how long it waits for a joining process when a lost stage has no spare (0: stop now)
+    startup_wait_s: float = 60.0
+    join_wait_s: float = 60.0
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     storage_bandwidth_mb_s: float | None = None
@@ -210,6 +215,7 @@ class CheckFreeConfig:
             "epsilon": "set a small positive value such as 1e-4 (the paper's default)",
             "heartbeat_interval_s": "set a positive interval such as 0.5",
             "data_plane_timeout_s": "set it above the slowest stage's micro-batch time, e.g. 30",
+            "startup_wait_s": "set it above the processes' start-up time (imports, data), e.g. 60",
             "assumed_step_seconds": "set the measured seconds per training step, e.g. 2.5",
             "storage_bandwidth_mb_s": "set a positive bandwidth in MB/s (e.g. 500), or null",
         }
@@ -217,7 +223,7 @@ class CheckFreeConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise _fail(_k(name), value, "must be > 0", fix)
-        for name in ("spares", "checkpoint_every"):
+        for name in ("spares", "checkpoint_every", "join_wait_s"):
             value = getattr(self, name)
             if value < 0:
                 raise _fail(_k(name), value, "must be >= 0", f"set {_k(name)} to 0 or more")
