@@ -147,6 +147,9 @@ class CheckFreeConfig:
     mode: str = "checkfree"
     num_stages: int = 4
     swap: bool = True  # meaningful only for checkfree_plus (False: replicated layout, normal order)
+    # mode "redundant" only: True = Bamboo's redundant forward of the successor on every micro-batch;
+    # False = the lower bound (gradients shipped to the shadow, no redundant forward)
+    redundant_forward: bool = True
     lr_scale: float = 1.1
     grad_norm: str = "post_clip"
     # which gradients weight a neighbour in the rebuild: its decoder layers only (what it

@@ -1,7 +1,9 @@
 """The baselines CheckFree is compared against, in real 4-rank DeepSpeed pipelines.
 
 * redundant computation (``ds_checkfree.baselines.redundant``): the shadow on the predecessor
-  equals the successor bit for bit, and a lost stage is restored exactly;
+  equals the successor bit for bit, runs the successor's forward on every micro-batch (Bamboo,
+  ``redundant_forward: true``) with the successor's output, and a lost stage is restored
+  exactly; the lower bound (``redundant_forward: false``) trains identically without it;
 * checkpoint rollback: every rank reloads exactly the saved state and redoes the lost steps.
 """
 from __future__ import annotations
@@ -64,6 +66,8 @@ def test_redundant_plan_rule_is_a_ring():
 
 def test_redundant_mode_in_config():
     assert CheckFreeConfig(mode="redundant", num_stages=2).mode == "redundant"
+    assert CheckFreeConfig(mode="redundant").redundant_forward is True  # Bamboo by default
+    assert CheckFreeConfig(mode="redundant", redundant_forward=False).redundant_forward is False
     with pytest.raises(ConfigError, match="at least 2 stages"):
         CheckFreeConfig(mode="redundant", num_stages=1)
 
@@ -74,7 +78,10 @@ def test_shadow_is_bitwise_and_lost_stage_is_restored_exactly(tmp_path):
     dumps = tmp_path / "dumps"
     out = train(tmp_path, cfg, "--steps", "7", "--fail_at", "2:4", "--fail_at", "0:6",
                 "--dump_recovery_dir", str(dumps), name="fail")
-    ref = train(tmp_path, write_config(tmp_path / "ref.json", "redundant.json"), "--steps", "7", name="ref")
+    # the reference run (no failures) is the lower bound: gradient shipping only, no redundant forward
+    ref = train(tmp_path, write_config(tmp_path / "ref.json", "redundant.json", redundant_forward=False),
+                "--steps", "7", name="ref")
+    micro_batches = 4  # redundant.json: gradient_accumulation_steps
 
     # after 3 steps, every stage's shadow equals its successor (ring: stage 3 mirrors stage 0)
     for s in range(4):
@@ -84,6 +91,17 @@ def test_shadow_is_bitwise_and_lost_stage_is_restored_exactly(tmp_path):
         assert _same_tensors(mirror["shadow"]["weights"], own["weights"]), s
         assert _same_optimizer(mirror["shadow"]["optimizer"], own["optimizer"]), s
         assert len(own["optimizer"]["state"]) > 0 and all(int(v["step"]) == 3 for v in own["optimizer"]["state"].values())
+        # Bamboo: the successor's forward ran on every micro-batch of the 3 steps, on the activation
+        # this stage sent (stage 3: on the input ids), and gave the successor's own output
+        assert mirror["shadow_forwards"] == 3 * micro_batches, s
+        succ = _load(dumps, 4, (s + 1) % 4, "before", redundant=True)
+        fwd = mirror["last_shadow_forward"]
+        if s < 3:
+            assert torch.equal(fwd["input"], mirror["last_own_output"]), s
+        else:
+            assert fwd["input"].dtype == torch.int64
+        assert fwd["output"].shape == succ["last_own_output"].shape, s
+        torch.testing.assert_close(fwd["output"], succ["last_own_output"], rtol=1e-5, atol=1e-6)
 
     for step, lost in ((4, 2), (6, 0)):
         before, wiped, after = (_load(dumps, step, lost, t) for t in ("before", "wiped", "after"))
@@ -105,11 +123,17 @@ def test_shadow_is_bitwise_and_lost_stage_is_restored_exactly(tmp_path):
         [(4, 2, "replica_shadow", [1]), (6, 0, "replica_shadow", [3])]
     assert all(r["bytes_received"] > 0 and r["seconds"] > 0 and r["exact"] for r in rec)
     # an exact restore: the run is indistinguishable from the run without failures
+    # (and the Bamboo variant trains exactly like the lower bound: the redundant forward changes nothing)
     losses = [r["loss"] for r in steps_of(records)]
     assert losses == [r["loss"] for r in steps_of(read_metrics(ref))] and len(losses) == 7
-    # measured costs: a gradient-sized message and a shadow optimizer step every step
+    # measured costs: a gradient-sized message, a shadow optimizer step and (Bamboo) one redundant
+    # forward per micro-batch, every step
     overhead = [r["redundant_overhead"] for r in steps_of(records)]
     assert all(o["bytes_sent"] > 4 * 80_000 and o["seconds"] >= o["shadow_step_s"] > 0 for o in overhead)
+    assert all(o["shadow_forwards"] == micro_batches and o["shadow_forward_s"] > 0 for o in overhead)
+    assert all(o["seconds"] >= o["shadow_step_s"] + o["shadow_forward_s"] for o in overhead)
+    lower = [r["redundant_overhead"] for r in steps_of(read_metrics(ref))]
+    assert all(o["shadow_forwards"] == 0 and not o["redundant_forward"] for o in lower)
     summary = events_of(records, "redundant_overhead")[0]["stages"]
     assert [s["shadow_of"] for s in summary] == [1, 2, 3, 0]
     for s in summary:
@@ -117,6 +141,7 @@ def test_shadow_is_bitwise_and_lost_stage_is_restored_exactly(tmp_path):
         assert mem["shadow_weights"] == 4 * s["shadow_parameters"]
         assert mem["shadow_optimizer"] >= 2 * mem["shadow_weights"]  # AdamW: two moments (+ step counts)
         assert s["steps"] == 7 and s["bytes_sent_per_step"] >= 4 * s["own_parameters"]
+        assert s["redundant_forward"] and s["shadow_forwards"] == 7 * micro_batches
 
 
 def test_ring_adjacent_loss_falls_back_to_checkpoint_and_resyncs_shadows(tmp_path):
@@ -131,6 +156,7 @@ def test_ring_adjacent_loss_falls_back_to_checkpoint_and_resyncs_shadows(tmp_pat
     assert [r["step"] for r in steps] == [1, 2, 3, 3, 4, 5, 6]
     assert steps[2]["loss"] == steps[3]["loss"]  # the redone step is the same step
     assert all(r["redundant_overhead"]["shadow_step_s"] > 0 for r in steps)
+    assert all(r["redundant_overhead"]["shadow_forwards"] == 4 for r in steps)  # after the resync too
 
 
 def test_checkpoint_rollback_restores_the_saved_state_and_redoes_lost_steps(tmp_path):

@@ -1,4 +1,20 @@
-"""Redundant-computation baseline (Bamboo-style, NSDI'23): exact shadow copies in a ring.
+"""Redundant-computation baseline (Bamboo, NSDI'23): exact shadow copies in a ring.
+
+Two variants, chosen by ``checkfree.redundant_forward``:
+
+* ``true`` (default): **Bamboo's redundant computation.** On every training micro-batch the
+  predecessor also runs the successor's forward pass, with the successor's weights (the
+  shadow, built as real layers of the successor), on the very activation it sends to the
+  successor (the last stage, whose successor in the ring is stage 0, runs the embedding
+  stage on the micro-batch's input ids it loads anyway). The forward runs right after the
+  stage's own forward, inside ``train_batch``, under ``torch.no_grad``: its cost is real
+  compute on the critical path, measured in the step time (not charged). Bamboo schedules it
+  into pipeline bubbles and keeps its activations for a lazy backward; here nothing overlaps
+  (all ranks share the CPU cores) and only the output of the last micro-batch is kept.
+  Memory: the successor's weights + optimizer state are held on top of one's own (x2).
+* ``false``: **lower bound** ("gradient shipping only"): the same exact shadow, but no
+  redundant forward; it costs one extra optimizer step and one gradient-sized message per
+  step, less than any implementation of Bamboo.
 
 Every stage ``i`` holds a *shadow* of its successor ``(i + 1) % S`` (a ring, so every stage
 is covered, the first and the last included): the successor's weights and its optimizer
@@ -26,8 +42,10 @@ the totals of every stage at the end of the run):
   * compute: one extra optimizer step over the successor's parameters;
   * communication: one gradient-sized message (plus a mask and the group hyperparameters);
   * memory: the successor's weights + optimizer state + two gradient buffers.
-Bamboo proper also runs the successor's *forward* redundantly in pipeline bubbles; shipping
-gradients instead is cheaper, so this baseline's overhead is a lower bound of Bamboo's.
+  * (``redundant_forward``) one extra forward of the successor's layers per micro-batch.
+How the shadow is kept equal: Bamboo re-derives the successor's update from its own
+redundant computation; shipping the successor's (clipped) gradients gives the same exact
+weights for less, so both variants use it.
 
 Hook API (called by ``ds_checkfree.trainer.Trainer``)::
 
@@ -40,6 +58,7 @@ Hook API (called by ``ds_checkfree.trainer.Trainer``)::
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +97,8 @@ class _Totals:
     steps: int = 0
     comm_s: float = 0.0
     shadow_step_s: float = 0.0
+    shadow_forward_s: float = 0.0
+    shadow_forwards: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     per_step_s: list = field(default_factory=list)
@@ -132,7 +153,7 @@ def _recv_blob(src: int, tag_offset: int = 0):
 class RedundantShadow:
     """This rank's shadow of its successor stage, and the hooks that keep and use it."""
 
-    def __init__(self, engine, elastic: bool = False):
+    def __init__(self, engine, elastic: bool = False, redundant_forward: bool | None = None):
         if elastic:
             raise NotImplementedError("checkfree.mode 'redundant' is not wired into the fault-tolerant MPI launch "
                                       "(a rebuilt engine has a new optimizer). Fix: use the deepspeed/torchrun "
@@ -148,6 +169,21 @@ class RedundantShadow:
         self.succ_rank = grid.stage_to_global(stage_id=self.succ_stage, data=self.dp)
         self.opt = _base_optimizer(engine)
         self._params = [p for g in self.opt.param_groups for p in g["params"]]
+        if redundant_forward is None:
+            redundant_forward = getattr(getattr(engine, "checkfree", None), "redundant_forward", True)
+        self.redundant_forward = bool(redundant_forward)
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        self._names = [names.get(id(p)) for p in self._params]
+        #: Bamboo variant: the successor's layers (the shadow's parameters are theirs)
+        self.shadow_module: torch.nn.Module | None = None
+        self.shadow_layers: list[torch.nn.Module] = []
+        self._pending_inputs: deque = deque()  # last stage: micro-batch inputs for stage 0's shadow
+        self._step_forwards, self._step_forward_s = 0, 0.0
+        self.last_shadow_forward: dict | None = None  # input/output of the last redundant forward
+        self.last_own_output: torch.Tensor | None = None  # this stage's own output, same micro-batch
+        self._hooks = []
+        if self.redundant_forward:
+            self._install_forward_hooks()
         for p in self._params:
             if p.dtype != torch.float32:
                 raise NotImplementedError(f"mode 'redundant' ships fp32 gradients; found a {p.dtype} parameter")
@@ -166,11 +202,12 @@ class RedundantShadow:
     def own_state(self) -> dict:
         """This stage's exact training state: parameter shapes per group, weights, optimizer state."""
         return {"stage": self.stage, "shapes": [[tuple(p.shape) for p in g["params"]] for g in self.opt.param_groups],
-                "weights": [p.detach() for p in self._params], "optimizer": self.opt.state_dict()}
+                "names": self._names, "weights": [p.detach() for p in self._params],
+                "optimizer": self.opt.state_dict()}
 
     def shadow_state(self) -> dict:
         """The shadow, in the same form as the successor's ``own_state``."""
-        return {"stage": self.succ_stage, "shapes": self._shadow_shapes,
+        return {"stage": self.succ_stage, "shapes": self._shadow_shapes, "names": self._shadow_names,
                 "weights": [p.detach() for p in self.shadow_params], "optimizer": self.shadow_opt.state_dict()}
 
     def _install_shadow(self, state: dict) -> None:
@@ -178,11 +215,26 @@ class RedundantShadow:
             raise RuntimeError(f"stage {self.stage} expected its successor {self.succ_stage}'s state, "
                                f"got stage {state['stage']}'s")
         self._shadow_shapes = state["shapes"]
+        self._shadow_names = list(state.get("names") or [None] * len(state["weights"]))
         weights = iter(state["weights"])
+        names = iter(self._shadow_names)
+        layer_params = self._successor_layer_params() if self.redundant_forward else None
         groups = []
         self.shadow_params = []
         for shapes in state["shapes"]:
-            ps = [torch.nn.Parameter(next(weights).detach().clone()) for _ in shapes]
+            ps = []
+            for _ in shapes:
+                w, name = next(weights).detach(), next(names)
+                if layer_params is None:
+                    ps.append(torch.nn.Parameter(w.clone()))
+                    continue
+                if name not in layer_params:
+                    raise RuntimeError(f"stage {self.stage}: the successor's parameter {name!r} is not in the "
+                                       f"shadow layers built for stage {self.succ_stage} ({sorted(layer_params)})")
+                p = layer_params[name]
+                with torch.no_grad():
+                    p.copy_(w)
+                ps.append(p)
             self.shadow_params.extend(ps)
             groups.append({"params": ps})
         self.shadow_opt = type(self.opt)(groups)
@@ -195,6 +247,62 @@ class RedundantShadow:
             self._grad_views.append(self._grad_in[offset:offset + p.numel()].view(p.shape))
             offset += p.numel()
         self._mask_in = self._grad_in[offset:]
+
+    # ------------------------------------------------------------------ redundant forward
+    def _successor_layer_params(self) -> dict[str, torch.nn.Parameter]:
+        """The successor's layers, built once on this rank (same specs, same global layer
+        names as on the successor), by parameter name; their weights are overwritten next."""
+        if self.shadow_module is None:
+            from ..module import make_spec
+            m = self.engine.module
+            container = torch.nn.Module()
+            first = m.parts[self.succ_stage]
+            for k, slot in enumerate(m.slots[self.succ_stage]):
+                layer = make_spec(slot, m.model_config, m.base_seed, replicated=False).build()
+                container.add_module(str(first + k), layer)
+                self.shadow_layers.append(layer)
+            self.shadow_module = container.to(self.engine.device)
+            self.shadow_module.train()
+        return dict(self.shadow_module.named_parameters())
+
+    def _install_forward_hooks(self) -> None:
+        engine = self.engine
+        self._hooks.append(engine.module.register_forward_hook(self._on_forward))
+        if self.succ_stage == 0:
+            # The last stage loads every micro-batch (for its labels); stage 0's shadow needs the
+            # inputs of the same micro-batch. An instance attribute shadows PipelineEngine._next_batch.
+            load = engine._next_batch
+
+            def next_batch():
+                batch = load()
+                if engine.module.training:
+                    self._pending_inputs.append(batch[0])
+                return batch
+            engine._next_batch = next_batch
+
+    def _on_forward(self, module, inputs, output) -> None:
+        """After this stage's own forward of a training micro-batch: the successor's forward."""
+        if not module.training or self.shadow_module is None:
+            return
+        if self.succ_stage == 0:
+            if not self._pending_inputs:
+                raise RuntimeError("redundant forward: no loaded micro-batch for stage 0's shadow")
+            x = self._pending_inputs.popleft()
+            x = x.to(self.engine.device) if torch.is_tensor(x) else x
+        else:
+            x = output
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            y = x.detach() if torch.is_tensor(x) else x
+            for layer in self.shadow_layers:
+                y = layer(y)
+        dt = time.perf_counter() - t0
+        self._step_forwards += 1
+        self._step_forward_s += dt
+        self.totals.shadow_forwards += 1
+        self.totals.shadow_forward_s += dt
+        self.last_shadow_forward = {"input": x.detach(), "output": y}
+        self.last_own_output = output.detach()
 
     def _install_own(self, state: dict) -> None:
         if state["stage"] != self.stage:
@@ -270,6 +378,8 @@ class RedundantShadow:
             for p in self.shadow_params:
                 p.grad = None
         t2 = time.perf_counter()
+        fwd_n, fwd_s = self._step_forwards, self._step_forward_s
+        self._step_forwards, self._step_forward_s = 0, 0.0
         sent = _nbytes(self._grad_out) + _nbytes(self._hp_out)
         received = _nbytes(self._grad_in) + _nbytes(self._hp_in)
         tot = self.totals
@@ -278,8 +388,11 @@ class RedundantShadow:
         tot.shadow_step_s += t2 - t1
         tot.bytes_sent += sent
         tot.bytes_received += received
-        tot.per_step_s.append(t2 - t0)
-        return {"comm_s": round(t1 - t0, 6), "shadow_step_s": round(t2 - t1, 6), "seconds": round(t2 - t0, 6),
+        tot.per_step_s.append(t2 - t0 + fwd_s)
+        # "seconds": everything the baseline added to this step (the forwards ran inside train_batch)
+        return {"comm_s": round(t1 - t0, 6), "shadow_step_s": round(t2 - t1, 6),
+                "shadow_forwards": fwd_n, "shadow_forward_s": round(fwd_s, 6),
+                "seconds": round(t2 - t0 + fwd_s, 6), "redundant_forward": self.redundant_forward,
                 "bytes_sent": sent, "bytes_received": received, "memory_bytes": self.memory_bytes()}
 
     # ------------------------------------------------------------------ accounting
@@ -299,8 +412,11 @@ class RedundantShadow:
                 "own_parameters": sum(p.numel() for p in self._params),
                 "own_weight_bytes": own, "own_optimizer_bytes": _state_bytes(self.opt),
                 "memory_bytes": self.memory_bytes(), "setup_seconds": round(self.setup_seconds, 6),
+                "redundant_forward": self.redundant_forward, "shadow_forwards": tot.shadow_forwards,
+                "shadow_forward_s_total": round(tot.shadow_forward_s, 6),
                 "comm_s_total": round(tot.comm_s, 6), "shadow_step_s_total": round(tot.shadow_step_s, 6),
-                "seconds_per_step_mean": round((tot.comm_s + tot.shadow_step_s) / max(tot.steps, 1), 6),
+                "seconds_per_step_mean": round((tot.comm_s + tot.shadow_step_s + tot.shadow_forward_s)
+                                               / max(tot.steps, 1), 6),
                 "seconds_per_step_median": round(per[len(per) // 2], 6) if per else 0.0,
                 "bytes_sent_total": tot.bytes_sent, "bytes_received_total": tot.bytes_received,
                 "bytes_sent_per_step": tot.bytes_sent // max(tot.steps, 1)}
@@ -321,12 +437,16 @@ class RedundantShadow:
         self.shadow_opt.state.clear()
         self._grad_out.zero_()
         self._hp_out.zero_()
+        self._pending_inputs.clear()
+        self.last_shadow_forward = self.last_own_output = None
 
     def dump(self, directory: str, step: int, tag: str) -> str:
         """Debug aid for tests: exact own and shadow state of this rank."""
         import os
         path = os.path.join(directory, f"step{step}_stage{self.stage}_dp{self.dp}_{tag}_redundant.pt")
-        torch.save({"own": self.own_state(), "shadow": self.shadow_state(), "shadow_of": self.succ_stage}, path)
+        torch.save({"own": self.own_state(), "shadow": self.shadow_state(), "shadow_of": self.succ_stage,
+                    "shadow_forwards": self.totals.shadow_forwards, "last_shadow_forward": self.last_shadow_forward,
+                    "last_own_output": self.last_own_output}, path)
         return path
 
     def recover(self, actions, step: int) -> list[RedundantRecoveryRecord]:
