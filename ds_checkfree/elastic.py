@@ -1,103 +1,187 @@
-"""Surviving a real process death: membership over MPI (ULFM) and a rebuilt data plane.
+"""Surviving real process deaths: membership through the job's coordinator, a rebuilt data plane.
 
-Launched as ``mpirun --with-ft ulfm -n S+N python launch/train.py ... --spares N``: ranks
-0..S-1 run the pipeline stages, the N extra ranks wait idle as spares. The training data
-plane is a torch.distributed gloo group of the S stage ranks only (DeepSpeed runs on it);
-MPI carries control: heartbeats, the agreement on who is gone, and the new rendezvous.
+Launched as ``mpirun --with-ft ulfm -n S+N python launch/train.py ... --spares N`` (ranks
+0..S-1 take the stages, the N others wait as spares), and joined later from anywhere by
+``python launch/train.py ... --join HOST:PORT``. Membership lives outside ``COMM_WORLD``: every
+process is a member of the coordinator (``ds_checkfree.membership``), named by a member id;
+MPI only starts the processes (``--with-ft ulfm`` keeps ``mpirun`` from killing the job when
+one dies) and, when no ``--coordinator`` is given, lets rank 0 start one and tell the others
+where it is.
 
-When a stage's process dies, gloo errors reach its neighbours at once; each survivor tears
-its process group down (closing its sockets, so ranks blocked on it fail too), revokes the
-MPI control communicator (waking idle spares) and joins ``Shrink``, a fault-tolerant
-consensus on the survivors. Every member then computes the same new role table (lowest
-spare takes the lowest lost stage), a new gloo group is formed around a fresh TCPStore, and
-the caller rebuilds the DeepSpeed engine from the survivors' in-memory state.
+The training data plane is a torch.distributed gloo group of the S stage holders (data-plane
+rank = stage), formed per generation under the coordinator's store. When a stage's process
+dies or stalls, the coordinator opens a round: each member tears its group down (a member
+blocked on the stalled peer has its data-plane sockets shut down so it wakes at once),
+checks in, and receives one plan: who holds which stage, which stages lost their state, the
+step to resume from. The caller rebuilds the DeepSpeed engine around the kept state and
+lets the CheckFree rules re-materialise the lost stages.
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-_CTRL_TAG = 7101
-_PORT_TAG = 7102
+from .membership.client import CoordinatorLost, MemberClient, parse_address
+from .membership.plane_sockets import shutdown_new_sockets, socket_inodes
+from .membership.roster import Plan
 
 
 class NoSpareLeft(RuntimeError):
-    """A stage was lost and no spare process can take its place."""
+    """A stage was lost and no spare or joining process took its place."""
 
     def __init__(self, message: str, lost_stages: list[int], dead_ranks: list[int], survivors: list[int]):
         super().__init__(message)
         self.lost_stages, self.dead_ranks, self.survivors = lost_stages, dead_ranks, survivors
 
 
+class DataPlaneInterrupted(RuntimeError):
+    """A membership round opened while the data plane was forming: form the next one instead."""
+
+
 @dataclass
 class Agreement:
-    """What every survivor agreed on after a failure (identical on all members)."""
-    dead_ranks: list[int]
+    """What every member agreed on for one generation (identical on all members)."""
+    dead_ranks: list[int]       # member ids gone since the previous generation
     lost_stages: list[int]
-    replacements: dict[int, int]  # stage -> world rank that takes it
+    replacements: dict[int, int]  # stage -> member id that takes it
     resume_step: int
-    revoked_at: float
+    revoked_at: float            # when this member learnt of the failure
     agreed_at: float
-    roles_before: dict = field(default_factory=dict)  # world rank -> stage (None: spare) before the failure
-
-
-def _error_class(err) -> int:
-    try:
-        return err.Get_error_class()
-    except Exception:  # pragma: no cover
-        return -1
+    roles_before: dict = field(default_factory=dict)  # member id -> stage (None: spare) before
+    generation: int = 0
+    evicted: list[int] = field(default_factory=list)
+    fresh: bool = False
 
 
 class ElasticWorld:
-    """Roles (stage or spare) of every MPI rank, agreement after failures, data-plane rendezvous."""
+    """Roles (stage or spare) of every member, agreement after failures, the data plane."""
 
-    def __init__(self, num_stages: int, spares: int, dp_timeout_s: float = 60.0):
-        from mpi4py import MPI
-        self.MPI = MPI
-        self.world = MPI.COMM_WORLD
-        self.rank = self.world.Get_rank()
-        self.size = self.world.Get_size()
-        if self.size != num_stages + spares:
-            raise ValueError(f"MPI world has {self.size} ranks but {num_stages} stages + {spares} spares were "
-                             f"configured; launch with -n {num_stages + spares}")
-        self.num_stages = num_stages
-        self.ctrl = self.world.Dup()
-        self.ctrl.Set_errhandler(MPI.ERRORS_RETURN)
-        self.dp_timeout_s = dp_timeout_s
-        #: world rank -> stage id, or None for a spare
-        self.roles: dict[int, int | None] = {r: (r if r < num_stages else None) for r in range(self.size)}
-        #: world rank -> rank in the current control communicator (changes after each Shrink)
-        self.ctrl_rank: dict[int, int] = {r: r for r in range(self.size)}
-        hosts = self.ctrl.allgather(socket.gethostname())
-        self.single_host = len(set(hosts)) == 1
-        #: world rank -> the address its peers reach it at (data-plane rendezvous)
-        self.addrs = self._advertised_addrs(hosts)
+    def __init__(self, num_stages: int, spares: int, dp_timeout_s: float = 60.0, *, coordinator: str | None = None,
+                 joining: bool = False, cf=None, log_dir: str | None = None):
+        self.num_stages, self.dp_timeout_s = num_stages, dp_timeout_s
+        self.roles: dict[int, int | None] = {}
+        self.generation = 0
+        self._lock = threading.Lock()
+        self._plane_before: set[str] | None = None  # socket inodes from before the data plane formed
+        self._round_announced = 0  # the highest generation a round was announced for
+        self._checked_in_for = 0   # the generation this member last checked in for
+        mpi_rank = os.environ.get("OMPI_COMM_WORLD_RANK")
+        id_hint = None if joining or mpi_rank is None else int(mpi_rank)
+        if coordinator is None:
+            if joining or mpi_rank is None:
+                raise ValueError("a joining process needs the job's coordinator address (--join HOST:PORT)")
+            one_host = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == os.environ.get("OMPI_COMM_WORLD_SIZE")
+            if one_host and os.environ.get("PMIX_NAMESPACE"):
+                address, addr = self._coordinator_on_this_host(num_stages + spares, cf, log_dir), "127.0.0.1"
+            else:
+                address, addr = self._coordinator_over_mpi(num_stages, spares, cf, log_dir)
+        else:
+            address = parse_address(coordinator)
+            addr = self._choose_interface(address[0])
+        self.address = address
+        self.client = MemberClient(address, id_hint=id_hint, num_stages=num_stages, addr=addr,
+                                   connect_timeout_s=max(60.0, dp_timeout_s), on_round=self._on_round)
+        self.rank = self.client.id
+        print(f"[member {self.rank}] {socket.gethostname()} pid {os.getpid()}: member of the job at "
+              f"{address[0]}:{address[1]} (advertising {addr})", flush=True)
 
-    def _advertised_addrs(self, hosts: list[str]) -> list[str]:
-        """Each rank's reachable address (``netaddr``'s rules; the route toward the other hosts'
-        interface addresses counts). A failure on any rank raises on every rank alike, naming it.
-        Across hosts, gloo's own device follows the chosen interface unless GLOO_SOCKET_IFNAME is set
+    # -- where the coordinator is -------------------------------------------------------
+    @staticmethod
+    def _choose_interface(coordinator_host: str) -> str:
+        """This member's address: toward the coordinator's host (``netaddr``'s rules). When the
+        coordinator is not on loopback the job may span hosts, so gloo is told the interface
         (its default, the hostname's address, is 127.0.1.1 on Debian)."""
         from ds_checkfree import netaddr
-        mine = [a for a in netaddr.interfaces().values() if not netaddr.is_loopback(a)]
-        everyone = self.ctrl.allgather(mine)
-        peers = [a for r, addrs in enumerate(everyone) if hosts[r] != hosts[self.rank] for a in addrs]
         try:
-            choice = netaddr.choose_here(os.environ, multi_host=not self.single_host, peer_addrs=peers)
+            coord_ip = socket.gethostbyname(coordinator_host)
+        except OSError:
+            coord_ip = coordinator_host
+        multi_host = not netaddr.is_loopback(coord_ip)
+        choice = netaddr.choose_here(os.environ, multi_host=multi_host, peer_addrs=[coord_ip])
+        if multi_host and choice.ifname and not os.environ.get("GLOO_SOCKET_IFNAME"):
+            os.environ["GLOO_SOCKET_IFNAME"] = choice.ifname
+        return choice.addr
+
+    @staticmethod
+    def _coordinator_on_this_host(expect: int, cf, log_dir: str | None) -> tuple[str, int]:
+        """No ``--coordinator``, every rank on one host: the first rank to claim the job's lock
+        file (named after mpirun's job namespace) starts the coordinator, the others read its
+        port from the announce file. No MPI call, so a rank that dies during start-up (even
+        before ``MPI_Init``) cannot stall the others, and rank 0 is not special."""
+        key = "".join(c if c.isalnum() else "_" for c in os.environ["PMIX_NAMESPACE"])
+        folder = log_dir or tempfile.gettempdir()
+        os.makedirs(folder, exist_ok=True)
+        announce = os.path.join(folder, f"coordinator-{key}.json")
+        try:
+            os.close(os.open(announce + ".lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            start_coordinator(expect, cf, folder, announce=announce)
+        except FileExistsError:
+            pass
+        deadline = time.monotonic() + cf.startup_wait_s + 60
+        while time.monotonic() < deadline:
+            try:
+                with open(announce, encoding="utf-8") as f:
+                    return ("127.0.0.1", json.load(f)["port"])
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
+        raise CoordinatorLost(f"no coordinator announced itself in {announce} (the process that claimed it may "
+                              "have died); start it yourself (python -m ds_checkfree.membership.coordinator) and "
+                              "pass --coordinator HOST:PORT")
+
+    def _coordinator_over_mpi(self, num_stages: int, spares: int, cf, log_dir: str | None):
+        """No ``--coordinator``: rank 0 starts one (a process of its own, outliving rank 0) and
+        every rank learns its address over MPI, the only MPI traffic of the job."""
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD.Dup()
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
+        rank, size = comm.Get_rank(), comm.Get_size()
+        if size != num_stages + spares:
+            raise ValueError(f"MPI world has {size} ranks but {num_stages} stages + {spares} spares were "
+                             f"configured; launch with -n {num_stages + spares}")
+        try:
+            hosts = comm.allgather(socket.gethostname())
+            addrs = self._advertised_addrs(comm, rank, hosts)
+            port = None
+            if rank == 0:
+                port = start_coordinator(num_stages + spares, cf, log_dir)
+            port = comm.bcast(port, root=0)
+        except MPI.Exception as err:
+            raise CoordinatorLost(f"a process died while the job was forming ({err.Get_error_string().strip()}); "
+                                  "start the coordinator yourself (python -m ds_checkfree.membership.coordinator) "
+                                  "and pass --coordinator HOST:PORT, so start-up needs no MPI collective") from None
+        return (addrs[0], port), addrs[rank]
+
+    @staticmethod
+    def _advertised_addrs(comm, rank: int, hosts: list[str]) -> list[str]:
+        """Each rank's reachable address (``netaddr``'s rules; the route toward the other hosts'
+        interface addresses counts). A failure on any rank raises on every rank alike, naming it."""
+        from ds_checkfree import netaddr
+        single_host = len(set(hosts)) == 1
+        mine = [a for a in netaddr.interfaces().values() if not netaddr.is_loopback(a)]
+        everyone = comm.allgather(mine)
+        peers = [a for r, addrs in enumerate(everyone) if hosts[r] != hosts[rank] for a in addrs]
+        try:
+            choice = netaddr.choose_here(os.environ, multi_host=not single_host, peer_addrs=peers)
             result = (choice.addr, None)
         except netaddr.NoReachableAddress as err:
             choice, result = None, (None, str(err))
-        results = self.ctrl.allgather(result)
+        results = comm.allgather(result)
         errors = [f"rank {r} on {hosts[r]}: {e}" for r, (_, e) in enumerate(results) if e]
         if errors:
             raise netaddr.NoReachableAddress("; ".join(errors))
-        if not self.single_host:
+        if not single_host:
             if choice.ifname and not os.environ.get("GLOO_SOCKET_IFNAME"):
                 os.environ["GLOO_SOCKET_IFNAME"] = choice.ifname
-            print(f"[rank {self.rank}] {hosts[self.rank]}: advertising {choice.addr} ({choice.how}), gloo on "
+            print(f"[rank {rank}] {hosts[rank]}: advertising {choice.addr} ({choice.how}), gloo on "
                   f"{os.environ.get('GLOO_SOCKET_IFNAME', 'its default device')}", flush=True)
         return [a for a, _ in results]
 
@@ -117,31 +201,27 @@ class ElasticWorld:
 
     # -- data plane ----------------------------------------------------------------------
     def init_data_plane(self) -> None:
-        """Form the gloo group of the stage ranks (data-plane rank = stage id)."""
+        """Form this generation's gloo group of the stage holders (data-plane rank = stage)."""
         import torch.distributed as tdist
         backend = self.data_plane_backend()  # refuses an accelerator before anything is formed
-        leader = self.stage_rank(0)
-        if self.rank == leader:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                port = s.getsockname()[1]
-            addr = self.addrs[self.rank]
-            for r, st in self.roles.items():
-                if st is not None and r != leader:
-                    self.ctrl.send((addr, port), dest=self.ctrl_rank[r], tag=_PORT_TAG)
-        else:
-            addr, port = self.ctrl.recv(source=self.ctrl_rank[leader], tag=_PORT_TAG)
-        os.environ.update({"RANK": str(self.stage), "WORLD_SIZE": str(self.num_stages), "MASTER_ADDR": addr,
+        with self._lock:
+            if self._round_announced > self.generation:
+                raise DataPlaneInterrupted(f"the round for generation {self._round_announced} opened before "
+                                           f"generation {self.generation}'s data plane formed")
+            self._plane_before = set(socket_inodes().values())
+        host, port = self.address[0], self.client.store_port
+        os.environ.update({"RANK": str(self.stage), "WORLD_SIZE": str(self.num_stages), "MASTER_ADDR": host,
                            "MASTER_PORT": str(port),
                            "LOCAL_RANK": os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")})
         # backstop: DeepSpeed's subgroups are created without a timeout (30 min by default);
         # make any op on them fail after the data-plane timeout instead
         from torch.distributed import distributed_c10d
         distributed_c10d.default_pg_timeout = timedelta(seconds=self.dp_timeout_s)
-        store = tdist.TCPStore(addr, port, self.num_stages, is_master=self.rank == leader,
-                               timeout=timedelta(seconds=self.dp_timeout_s))
-        tdist.init_process_group(backend, store=store, rank=self.stage,
-                                 world_size=self.num_stages, timeout=timedelta(seconds=self.dp_timeout_s))
+        store = tdist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.dp_timeout_s),
+                               wait_for_workers=False)
+        prefixed = tdist.PrefixStore(f"gen{self.generation}/", store)
+        tdist.init_process_group(backend, store=prefixed, rank=self.stage, world_size=self.num_stages,
+                                 timeout=timedelta(seconds=self.dp_timeout_s))
 
     @staticmethod
     def data_plane_backend() -> str:
@@ -162,78 +242,154 @@ class ElasticWorld:
                 "with DS_ACCELERATOR=cpu, or use logical failures (deepspeed/torchrun launch) on the GPU.")
         return backend
 
-    @staticmethod
-    def tear_down_data_plane() -> None:
-        """Close this rank's gloo connections so peers blocked on it fail now, not at the timeout
-        (the caller must have dropped its engine, which holds the subgroups)."""
+    def tear_down_data_plane(self) -> None:
+        """Close this member's gloo connections so peers blocked on it fail now, not at the
+        timeout (the caller must have dropped its engine, which holds the subgroups)."""
         import torch.distributed as tdist
+        with self._lock:
+            self._plane_before = None
         if tdist.is_initialized():
             try:
                 tdist.destroy_process_group()
             except Exception:
                 pass
 
-    # -- agreement -----------------------------------------------------------------------
-    def agree(self, steps_done: int) -> Agreement:
-        """Revoke + Shrink: all survivors (stages and spares) agree on who is gone.
+    def _on_round(self, msg: dict) -> None:
+        """(reader thread) A membership change is coming: wake a main thread blocked on the data plane."""
+        generation = msg.get("generation", float("inf"))  # no generation: the coordinator is gone
+        with self._lock:
+            if generation <= self.generation:
+                return  # a round this member already took part in
+            self._round_announced = max(self._round_announced, generation)
+            if self._plane_before is not None:
+                shutdown_new_sockets(self._plane_before)
 
-        ``steps_done`` is this rank's count of completed steps (ignored for spares). Raises
-        ``NoSpareLeft`` on every survivor alike when a lost stage has no replacement.
-        """
-        MPI = self.MPI
-        revoked_at = time.time()
-        try:
-            self.ctrl.Revoke()
-        except MPI.Exception:
-            pass
-        new = self.ctrl.Shrink()
-        new.Set_errhandler(MPI.ERRORS_RETURN)
-        members = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), self.world.Get_group())
-        done = new.allgather(steps_done if self.stage is not None else None)
-        agreed_at = time.time()
-        self.ctrl = new
-        self.ctrl_rank = {int(w): i for i, w in enumerate(members)}
-        alive = set(members)
-        roles_before = dict(self.roles)
-        dead = sorted(r for r in self.roles if r not in alive)
-        lost = sorted(self.roles[r] for r in dead if self.roles[r] is not None)
-        for r in dead:
-            del self.roles[r]
-        spares = self.spares()
-        if len(spares) < len(lost):
-            raise NoSpareLeft(f"stage(s) {lost} lost (MPI rank(s) {dead}) and only {len(spares)} spare(s) left: "
-                              "no process can take their place. Launch with more spares (--spares) or restart "
-                              "from a checkpoint.", lost, dead, sorted(alive))
-        replacements = {}
-        for stage, spare in zip(lost, spares):
-            self.roles[spare] = stage
-            replacements[stage] = spare
-        stage_done = [d for d in done if d is not None]
-        # normally all survivors stopped in the same step; if the failure split the final
-        # collective, the ones that finished it keep their update and the others skip it
-        resume = (max(stage_done) if stage_done else 0) + 1
-        return Agreement(dead, lost, replacements, resume, revoked_at, agreed_at, roles_before=roles_before)
+    # -- agreement -----------------------------------------------------------------------
+    def join_job(self) -> Agreement | None:
+        """A new member's first plan: the start-up plan, or the one that gives this joiner a
+        lost stage; None when it was admitted as a spare (then ``wait_as_spare``)."""
+        return self._wait(steps_done=0, has_state=False, as_spare=False, checkin=False)
+
+    def agree(self, steps_done: int, has_state: bool = True) -> Agreement:
+        """Check in and wait for the next generation's plan (the same on every member).
+
+        Raises ``NoSpareLeft`` on every member alike when a lost stage found no replacement."""
+        return self._wait(steps_done, has_state, as_spare=False, checkin=True)
 
     def wait_as_spare(self):
         """Block until this spare is given a stage (returns the Agreement) or training ends (None)."""
-        MPI = self.MPI
-        while True:
-            try:
-                msg = self.ctrl.recv(source=MPI.ANY_SOURCE, tag=_CTRL_TAG)
-                if msg == "done":
-                    return None
-            except MPI.Exception as err:
-                if _error_class(err) == MPI.ERR_REVOKED:
-                    agreement = self.agree(steps_done=-1)
-                    if self.stage is not None:
-                        return agreement
-                else:  # a peer died (maybe another spare): acknowledge and keep waiting
-                    self.ctrl.Ack_failed()
+        return self._wait(0, False, as_spare=True, checkin=False)
 
+    def _wait(self, steps_done: int, has_state: bool, as_spare: bool, checkin: bool):
+        revoked_at = time.time()
+        if checkin:
+            self._checkin(steps_done, has_state)
+        while True:
+            msg = self.client.next_message()
+            op = msg.get("op")
+            if op == "round":
+                if msg["generation"] > max(self.generation, self._checked_in_for):
+                    self._checkin(steps_done if not as_spare else 0, has_state and not as_spare)
+            elif op == "plan":
+                plan = Plan.from_message(msg)
+                if plan.generation <= self.generation:
+                    continue
+                agreement = self._apply(plan, revoked_at)
+                if as_spare and self.stage is None:
+                    continue
+                return agreement
+            elif op == "admitted":
+                if not as_spare:
+                    return None
+            elif op == "stop":
+                raise NoSpareLeft(f"the job stops: {msg['why']}", msg.get("lost", []), msg.get("dead", []),
+                                  msg.get("survivors", []))
+            elif op == "done":
+                self.kill_evicted(msg.get("evicted", []))
+                return None
+            elif op == "coordinator_lost":
+                raise CoordinatorLost(f"the connection to the coordinator at {self.address[0]}:{self.address[1]} "
+                                      "closed: membership can no longer be agreed")
+
+    def _checkin(self, steps_done: int, has_state: bool) -> None:
+        self._checked_in_for = self.generation + 1
+        try:
+            self.client.send({"op": "checkin", "steps_done": steps_done, "has_state": has_state,
+                              "for_generation": self._checked_in_for})
+        except OSError:
+            pass  # the reader reports the lost coordinator
+
+    def _apply(self, plan: Plan, revoked_at: float) -> Agreement:
+        roles_before = dict(self.roles)
+        with self._lock:
+            self.roles, self.generation = dict(plan.roles), plan.generation
+        return Agreement(plan.dead, plan.lost, plan.replacements, plan.resume_step, revoked_at, time.time(),
+                         roles_before=roles_before, generation=plan.generation, evicted=plan.evicted,
+                         fresh=plan.fresh)
+
+    # -- the end -------------------------------------------------------------------------
     def release_spares(self) -> None:
-        """End of training: tell the idle spares to exit (called by the stage-0 rank)."""
-        for r in self.spares():
-            try:
-                self.ctrl.send("done", dest=self.ctrl_rank[r], tag=_CTRL_TAG)
-            except self.MPI.Exception:
-                pass  # a dead spare needs no goodbye
+        """End of training (called by the lowest stage holder): the coordinator tells every
+        member, spares leave; processes evicted while stopped are killed on this host."""
+        try:
+            self.client.send({"op": "finished"})
+        except OSError:
+            return
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            msg = self.client.next_message(timeout=max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                return
+            if msg.get("op") == "done":
+                self.kill_evicted(msg.get("evicted", []))
+                return
+
+    def kill_evicted(self, evicted: list[dict]) -> None:
+        """A process evicted while stopped that never woke keeps ``mpirun`` from exiting: kill it
+        when it runs on this host (elsewhere, a member on its host does; if none, it stays)."""
+        here = socket.gethostname()
+        for proc in evicted:
+            if proc.get("host") == here and proc.get("pid") and proc["pid"] != os.getpid():
+                try:
+                    os.kill(proc["pid"], signal.SIGKILL)
+                    print(f"[member {self.rank}] killed evicted member {proc['id']} (pid {proc['pid']})",
+                          file=sys.stderr, flush=True)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def start_coordinator(expect: int, cf, log_dir: str | None, timeout_s: float = 60.0,
+                      announce: str | None = None) -> int:
+    """Start ``membership.coordinator`` as a process of its own session (it outlives this
+    one) and return its port."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log_dir = log_dir or tempfile.gettempdir()
+    os.makedirs(log_dir, exist_ok=True)
+    announce = announce or os.path.join(log_dir, f"coordinator-{os.getpid()}.json")
+    log_path = announce[:-len(".json")] + ".log" if announce.endswith(".json") else announce + ".log"
+    cmd = [sys.executable, "-m", "ds_checkfree.membership.coordinator", "--expect", str(expect),
+           "--num_stages", str(cf.num_stages), "--heartbeat_timeout_s", str(cf.heartbeat_timeout_s),
+           "--startup_wait_s", str(cf.startup_wait_s), "--join_wait_s", str(cf.join_wait_s),
+           "--port", "0", "--announce", announce]
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PRTE_"))]:
+        del env[key]  # not an MPI process
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if os.path.exists(announce):
+            with open(announce, encoding="utf-8") as f:
+                port = json.load(f)["port"]
+            print(f"[rank {os.environ.get('OMPI_COMM_WORLD_RANK', '?')}] coordinator started (pid {proc.pid}, "
+                  f"port {port}, log {log_path}); "
+                  f"join with --join <this host>:{port}", flush=True)
+            return port
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise CoordinatorLost(f"the coordinator did not start (see {log_path})")

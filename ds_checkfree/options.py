@@ -34,6 +34,8 @@ class TrainOptions:
     save_failure_schedule: str | None = None
     resume_from: str | None = None
     dump_recovery_dir: str | None = None
+    #: the elastic job's coordinator, HOST:PORT (``--coordinator`` / ``--join``)
+    coordinator: str | None = None
     #: wall-clock time the process started (restart costs include the imports)
     process_started_at: float | None = None
 
@@ -63,6 +65,13 @@ def check_inputs(options: TrainOptions) -> None:
     if options.heartbeat_ab_window_s is not None and options.heartbeat_ab_window_s <= 0:
         raise _fail("--heartbeat_ab_window_s", options.heartbeat_ab_window_s, "must be > 0",
                     "use e.g. 1.5 (seconds) or leave it out")
+    if options.coordinator is not None:
+        from .membership.client import parse_address
+        try:
+            parse_address(options.coordinator)
+        except ValueError as err:
+            raise _fail("--join/--coordinator", options.coordinator, str(err).split(": ", 1)[-1],
+                        "pass the address the job printed, e.g. 10.0.0.5:29400") from None
     if options.seq_len is not None and options.seq_len < 2:
         raise _fail("--seq_len", options.seq_len, "must be >= 2", "use e.g. 64 or leave it out")
     if options.resume_from and not os.path.isfile(os.path.join(options.resume_from, "latest")):

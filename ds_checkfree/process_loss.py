@@ -1,7 +1,7 @@
 """Recovery from a real process death (``mpirun --with-ft ulfm``): agree, rebuild, re-materialise.
 
 The survivors keep their stage in memory, drop the old engine so its sockets close (peers
-blocked on this rank then fail at once), agree over MPI on who is gone
+blocked on this rank then fail at once), agree through the coordinator on who is gone
 (``ds_checkfree.elastic``), form a new data plane, build a new engine around the kept state
 and let the CheckFree / CheckFree+ rules re-materialise the lost stages on the spares that
 took their place. The result is one ``ProcessLossOutcome``; the trainer only logs it and
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .ds_private import release_engine
 from .elastic import Agreement, NoSpareLeft
+from .membership.client import CoordinatorLost
 from .recovery import UnrecoverableFailure
 from .recovery_runtime import RecoveryRecord, apply_plan, plan_for
 
@@ -67,10 +68,17 @@ class ProcessLossRecovery:
         self._close_s: dict = {}  # the last recovery's snapshot and socket-close times
 
     def start(self):
-        """The launch-time data plane and engine of a stage rank."""
+        """The launch-time data plane and engine of a stage holder. A member lost before the
+        first step only changes who builds which stage from the seed: agree and form again."""
         freeze_startup_objects()
-        self.world.init_data_plane()
-        return self.build_engine()
+        while True:
+            try:
+                self.world.init_data_plane()
+                return self.build_engine()
+            except Exception as err:  # noqa: BLE001 - a peer lost while the job was forming
+                self.warn(f"the data plane broke while forming ({_short(err)}); agreeing on the members again")
+                self.world.tear_down_data_plane()
+                self._agree(steps_done=0, has_state=False, kept=None, step=1, stage_before=self.world.stage)
 
     def recover(self, engine, step: int, reason: str, steps_done: int) -> ProcessLossOutcome:
         """The data plane broke at ``step``; raises ``StoppedForGood`` when nothing can take
@@ -83,23 +91,45 @@ class ProcessLossRecovery:
         del engine
         self.world.tear_down_data_plane()
         self._close_s = {"snapshot_s": round(t_kept - failed_at, 4), "close_s": round(time.time() - t_kept, 4)}
-        self.roles_before = dict(self.world.roles)
         stage_before = self.world.stage
-        try:
-            agreement = self.world.agree(steps_done=steps_done)
-        except NoSpareLeft as no_spare:
-            saved = self.checkpointer.save_stopped_state(kept, step, stage_before, steps_done)
-            raise StoppedForGood(no_spare, no_spare.lost_stages, no_spare.dead_ranks, stage_before, saved,
-                                 survivors=no_spare.survivors) from None
-        self.warn(f"agreed: dead MPI ranks {agreement.dead_ranks}, lost stages {agreement.lost_stages}, "
-                  f"replacements {agreement.replacements}, redo from step {agreement.resume_step}")
-        return self._rebuild(agreement, kept, failed_at, reason)
+        agreement = self._agree(steps_done, True, kept, step, stage_before)
+        return self._rebuild_until_formed(agreement, kept, steps_done, failed_at, reason, step, stage_before)
 
     def join(self, agreement: Agreement) -> ProcessLossOutcome:
-        """A spare takes a lost stage's place (it has no state to keep)."""
+        """A spare or a joining process takes a lost stage's place (it has no state to keep)."""
         self.roles_before = dict(agreement.roles_before)
         self._close_s = {}
-        return self._rebuild(agreement, None, agreement.revoked_at, "process lost")
+        return self._rebuild_until_formed(agreement, None, 0, agreement.revoked_at, "process lost", 1, None)
+
+    def _agree(self, steps_done: int, has_state: bool, kept, step: int, stage_before) -> Agreement:
+        self.roles_before = dict(self.world.roles)
+        try:
+            agreement = self.world.agree(steps_done=steps_done, has_state=has_state)
+        except (NoSpareLeft, CoordinatorLost) as stop:
+            saved = self.checkpointer.save_stopped_state(kept, step, stage_before, steps_done) \
+                if kept is not None else None
+            lost, dead, survivors = (stop.lost_stages, stop.dead_ranks, stop.survivors) \
+                if isinstance(stop, NoSpareLeft) else ([], [], None)
+            raise StoppedForGood(stop, lost, dead, stage_before, saved, survivors=survivors) from None
+        if agreement.dead_ranks or agreement.lost_stages:
+            self.warn(f"generation {agreement.generation}: members gone {agreement.dead_ranks}"
+                      f"{f' (evicted {agreement.evicted})' if agreement.evicted else ''}, lost stages "
+                      f"{agreement.lost_stages}, replacements {agreement.replacements}, redo from step "
+                      f"{agreement.resume_step}")
+        return agreement
+
+    def _rebuild_until_formed(self, agreement: Agreement, kept, steps_done: int, failed_at: float, reason: str,
+                              step: int, stage_before) -> ProcessLossOutcome:
+        """``_rebuild``, again with the next plan when another member is lost meanwhile."""
+        while True:
+            try:
+                return self._rebuild(agreement, kept, failed_at, reason)
+            except (StoppedForGood, UnrecoverableFailure):
+                raise
+            except Exception as err:  # noqa: BLE001 - a second failure during the rebuild
+                self.warn(f"generation {agreement.generation}: rebuild interrupted ({_short(err)}); agreeing again")
+                self.world.tear_down_data_plane()
+                agreement = self._agree(steps_done, kept is not None, kept, step, stage_before)
 
     def _rebuild(self, agreement: Agreement, kept: dict | None, failed_at: float, reason: str) -> ProcessLossOutcome:
         """New data plane and engine around the kept state, then the CheckFree rules."""
@@ -107,6 +137,14 @@ class ProcessLossRecovery:
         self.world.init_data_plane()
         t_plane = time.time()
         engine = self.build_engine()
+        try:
+            return self._rematerialise(engine, agreement, kept, failed_at, reason, t0, t_plane)
+        except Exception:
+            release_engine(engine)
+            raise
+
+    def _rematerialise(self, engine, agreement: Agreement, kept, failed_at: float, reason: str, t0: float,
+                       t_plane: float) -> ProcessLossOutcome:
         if kept is not None:
             engine.load_training_state(kept)
         t_built = time.time()
@@ -132,3 +170,7 @@ class ProcessLossRecovery:
                     "data_plane_s": round(t_plane - t0, 4), "engine_rebuild_s": round(t_built - t_plane, 4),
                     "rematerialise_s": round(t_remat - t_built, 4), "resume_step": resume_step, **self._close_s}
         return ProcessLossOutcome(engine, agreement, records, timeline, resume_step, events)
+
+
+def _short(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"

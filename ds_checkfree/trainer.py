@@ -211,8 +211,8 @@ class Trainer:
             rank = agreement.replacements[stage]
             self.metrics.event("failure", step, stage, cause="process_lost", dead_ranks=agreement.dead_ranks,
                                replaced_by_rank=rank)
-            self.log(f"step {step}: stage {stage} lost (process died, MPI ranks {agreement.dead_ranks}); "
-                     f"spare rank {rank} takes its place")
+            self.log(f"step {step}: stage {stage} lost (process lost, members {agreement.dead_ranks}); "
+                     f"member {rank} takes its place")
         for name, fields in outcome.events:
             self.metrics.event(name, step, None, **fields, **timeline)
         for r in outcome.records:

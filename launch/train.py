@@ -45,6 +45,12 @@ def parse_args(argv=None):
                    help="idle spare ranks that replace dead stage processes (needs mpirun --with-ft ulfm)")
     p.add_argument("--fault_tolerant", action="store_true",
                    help="survive real process deaths under mpirun --with-ft ulfm (implied by --spares > 0)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="the fault-tolerant job's coordinator (python -m ds_checkfree.membership.coordinator); "
+                        "default under mpirun: rank 0 starts one")
+    p.add_argument("--join", dest="coordinator", metavar="HOST:PORT",
+                   help="join a running fault-tolerant job (no mpirun needed): become a spare, or take a lost "
+                        "stage at once")
     p.add_argument("--resume_from", default=None, metavar="DIR",
                    help="start from the latest DeepSpeed checkpoint in DIR (a restarted job)")
     p.add_argument("--no_heartbeat", action="store_true",
@@ -90,11 +96,15 @@ def main(argv=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from ds_checkfree.initialize import prepare
-    elastic = args.fault_tolerant or bool(cfg["checkfree"].get("spares"))
-    if elastic and ("OMPI_COMM_WORLD_SIZE" not in os.environ or not _ulfm_enabled()):
+    under_mpi = "OMPI_COMM_WORLD_SIZE" in os.environ
+    elastic = args.fault_tolerant or bool(cfg["checkfree"].get("spares")) or options.coordinator is not None
+    if elastic and (under_mpi and not _ulfm_enabled() or not under_mpi and options.coordinator is None):
         raise ConfigError("--spares / --fault_tolerant: surviving a process death needs Open MPI's fault-tolerant "
-                          "launch. Fix: mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ...")
-    world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"]) if elastic else None
+                          "launch. Fix: mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ..., or "
+                          "--join HOST:PORT to join a running job")
+    cf_section = cfg["checkfree"]
+    world_size = (int(os.environ["OMPI_COMM_WORLD_SIZE"]) if under_mpi else
+                  int(cf_section.get("num_stages", 4)) + int(cf_section.get("spares", 0) or 0)) if elastic else None
     # the one parse of the configuration: everything below receives the validated objects
     setup = prepare(cfg, options.model, {"num_layers": options.num_layers}, world_size=world_size, elastic=elastic)
 
@@ -111,7 +121,7 @@ def main(argv=None) -> int:
     # error there, so it is skipped.
     sys.stdout.flush()
     sys.stderr.flush()
-    if not _ulfm_enabled():
+    if under_mpi and not _ulfm_enabled():
         from mpi4py import MPI
         MPI.Finalize()
     os._exit(code)
@@ -123,37 +133,51 @@ def _ulfm_enabled() -> bool:
 
 
 def run_elastic(options, setup) -> int:
-    """Stage ranks train; spare ranks wait until a stage's process dies, then take its place."""
+    """Stage holders train; spares wait until a stage is lost, then take its place."""
     import faulthandler
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     from ds_checkfree.elastic import ElasticWorld, NoSpareLeft
     from ds_checkfree.heartbeat import start_monitor
+    from ds_checkfree.membership.client import CoordinatorLost, JoinRefused
     from ds_checkfree.recovery import UnrecoverableFailure
     from ds_checkfree.trainer import Trainer
 
     cf = setup.checkfree
-    world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=cf.data_plane_timeout_s)
-    monitor = None if options.no_heartbeat else start_monitor(cf, world=world,
-                                                              ab_window_s=options.heartbeat_ab_window_s)
+    who = f"rank {os.environ.get('OMPI_COMM_WORLD_RANK', '?')}"
+    world = monitor = None
     try:
+        world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=cf.data_plane_timeout_s,
+                             coordinator=options.coordinator, joining="OMPI_COMM_WORLD_SIZE" not in os.environ,
+                             cf=cf, log_dir=options.output_dir)
+        who = f"member {world.rank}"
+        monitor = None if options.no_heartbeat else start_monitor(cf, world=world,
+                                                                  ab_window_s=options.heartbeat_ab_window_s)
+        agreement = world.join_job()
         if world.stage is None:
-            print(f"[rank {world.rank}] spare: waiting for a stage to replace", flush=True)
+            print(f"[{who}] spare: waiting for a stage to replace", flush=True)
             _prepare_spare(options, setup)
             agreement = world.wait_as_spare()
             if agreement is None:
-                print(f"[rank {world.rank}] spare: released, training finished", flush=True)
+                print(f"[{who}] spare: released, training finished", flush=True)
                 return 0
-            print(f"[rank {world.rank}] spare: taking the place of stage {world.stage}", flush=True)
-            return Trainer(options, setup, world, joined=agreement).run(monitor)
-        return Trainer(options, setup, world).run(monitor)
-    except (NoSpareLeft, UnrecoverableFailure) as err:
-        print(f"[rank {world.rank}] fatal: {err}", file=sys.stderr, flush=True)
+            print(f"[{who}] spare: taking the place of stage {world.stage}", flush=True)
+        elif agreement is not None and not agreement.fresh:
+            print(f"[{who}] joined: taking the place of stage {world.stage}", flush=True)
+        joined = agreement if agreement is not None and not agreement.fresh else None
+        return Trainer(options, setup, world, joined=joined).run(monitor)
+    except JoinRefused as err:
+        print(f"[{who}] {err}", file=sys.stderr, flush=True)
+        return 2
+    except (NoSpareLeft, UnrecoverableFailure, CoordinatorLost) as err:
+        print(f"[{who}] fatal: {err}", file=sys.stderr, flush=True)
         return 3
     finally:
         if monitor is not None:
             monitor.stop()
-        print(f"[rank {world.rank}] exiting (pid {os.getpid()})", file=sys.stderr, flush=True)
+        if world is not None:
+            world.close()
+        print(f"[{who}] exiting (pid {os.getpid()})", file=sys.stderr, flush=True)
 
 
 def _prepare_spare(options, setup) -> None:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, events_of, job_env, read_metrics, steps_of
+from conftest import write_config, BIN, ROOT, events_of, job_env, read_metrics, steps_of
 from multihost import HOSTS, TwoHosts, unavailable_reason
 from test_elastic import ElasticJob, _check_survived, exit_pids
 
@@ -131,7 +131,8 @@ def test_losing_a_whole_host_stops_cleanly_naming_the_lost_stage(two_hosts, tmp_
     The interface is ``lan0`` (not eth0), named to MPI and to the data plane as the README says."""
     bed = two_hosts(ifname="lan0")
     launcher = elastic_launcher(bed, 5, "--mca", "btl_tcp_if_include", "lan0", "-x", "CHECKFREE_SOCKET_IFNAME=lan0")
-    job = ElasticJob(tmp_path, 5, CONFIG, 30, "--spares", "1", launcher=launcher, env=env())
+    cfg = write_config(tmp_path / "ds.json", join_wait_s=3.0)  # no joiner will come: stop soon
+    job = ElasticJob(tmp_path, 5, cfg, 30, "--spares", "1", launcher=launcher, env=env())
     job.wait_for_step(8, timeout=150)
     pids = job.rank_pids()
     on_b = sorted(r for r, h in placement(job, bed).items() if h == "hostB")
@@ -140,15 +141,16 @@ def test_losing_a_whole_host_stops_cleanly_naming_the_lost_stage(two_hosts, tmp_
         os.kill(pids[r], signal.SIGKILL)
     rc = job.wait()
     log = job.log()
-    fatal = re.findall(r"\[rank (\d+)\] fatal: (.*)", log)
+    fatal = re.findall(r"\[member (\d+)\] fatal: (.*)", log)
     assert sorted(int(r) for r, _ in fatal) == [0, 1, 2], log[-6000:]
-    assert all(msg.startswith("stage(s) [3] lost (MPI rank(s) [3, 4]) and only 0 spare(s) left") for _, msg in fatal)
+    assert all(msg.startswith("the job stops: stage(s) [3] lost and no spare or joining process took them")
+               for _, msg in fatal)
     assert rc == 3, log[-6000:]
     assert "Traceback" not in log
     assert exit_pids(log) == {r: p for r, p in pids.items() if r < 3}
     # the metrics writer (stage 3) died with its host: the lowest survivor writes why the job ended
     (event,) = events_of(read_metrics(job.out), "unrecoverable")
-    assert event["stages"] == [3] and event["dead_ranks"] == [3, 4] and "only 0 spare(s) left" in event["reason"]
+    assert event["stages"] == [3] and event["dead_ranks"] == [3, 4] and "no spare or joining" in event["reason"]
     assert advertised(log) == {r: (h, HOSTS[h], "CHECKFREE_SOCKET_IFNAME=lan0") for r, h in
                                [(0, "hostA"), (1, "hostA"), (2, "hostA"), (3, "hostB"), (4, "hostB")]}
     assert "gloo on lan0" in log

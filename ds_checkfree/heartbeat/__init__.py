@@ -1,7 +1,7 @@
 """Stage-health heartbeats: pure liveness (``liveness``), a thread around it (``monitor``), and
-two transports: MPI for the fault-tolerant launch (``mpi``), the rendezvous store for the
-``deepspeed`` / ``torchrun`` launches (``store``). ``start_monitor`` is the one place that
-picks and starts one.
+two transports: the job's coordinator for the fault-tolerant launch (``coordinator``), the
+rendezvous store for the ``deepspeed`` / ``torchrun`` launches (``store``). ``start_monitor``
+is the one place that picks and starts one.
 """
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ __all__ = ["HeartbeatTracker", "PeerState", "liveness", "HeartbeatThread", "star
 def start_monitor(cf, world=None, log=print, ab_window_s: float | None = None):
     """The run's heartbeat monitor, started; ``None`` when no transport is reachable.
 
-    ``world``: the ``ElasticWorld`` of the MPI fault-tolerant launch (beats over its
-    communicator, from before the data plane exists, spares included). Without it, beats
+    ``world``: the ``ElasticWorld`` of the fault-tolerant launch (beats to its coordinator,
+    which decides who is dead, from before the data plane exists, spares included). Without it, beats
     go over the rendezvous store of the initialised torch.distributed group: those
     launchers end the job when a process dies, so that monitor reports, it cannot survive.
-    ``ab_window_s``: the overhead benchmark's on/off windows (MPI transport only; see
+    ``ab_window_s``: the overhead benchmark's on/off windows (coordinator transport only; see
     ``monitor.ab_window_active``).
     """
     if world is not None:
-        from .mpi import MpiHeartbeat
-        return MpiHeartbeat(world.world, cf.heartbeat_interval_s, cf.heartbeat_timeout_s,
-                            ab_window_s=ab_window_s).start()
+        from .coordinator import CoordinatorHeartbeat
+        return CoordinatorHeartbeat(world.client, cf.heartbeat_interval_s, cf.heartbeat_timeout_s,
+                                    ab_window_s=ab_window_s).start()
     import torch.distributed as dist
 
     from .store import StoreHeartbeat

@@ -1,0 +1,195 @@
+"""The coordinator's membership decisions (``membership.roster``), clock passed in, no processes."""
+from __future__ import annotations
+
+import pytest
+
+from ds_checkfree.membership.roster import STOP_NO_REPLACEMENT, Plan, Roster
+
+
+def ops(outs, op):
+    return [o for o in outs if o.msg.get("op") == op]
+
+
+def plan_of(outs) -> Plan:
+    (out,) = ops(outs, "plan")
+    return Plan.from_message(out.msg)
+
+
+def started(num_stages=4, expect=5, join_wait_s=0.0, dead_after=10.0):
+    """A roster past start-up: members 0..expect-1, stage s on member s, the rest spares."""
+    r = Roster(num_stages, expect, dead_after=dead_after, startup_wait_s=30.0, join_wait_s=join_wait_s, now=0.0)
+    for i in range(expect):
+        mid, _ = r.hello(i, "h", 100 + i, "127.0.0.1", now=1.0)
+        assert mid == i
+    outs = []
+    for i in range(expect):
+        outs += r.checkin(i, 0, False, now=2.0, for_generation=1)
+    return r, plan_of(outs)
+
+
+def beat_all(r, now):
+    for mid in list(r.members):
+        r.beat(mid, now)
+
+
+def test_start_up_gives_stage_s_to_rank_s_and_makes_the_rest_spares():
+    r, plan = started()
+    assert plan.generation == 1 and plan.fresh and plan.resume_step == 1 and plan.lost == []
+    assert plan.roles == {0: 0, 1: 1, 2: 2, 3: 3, 4: None}
+
+
+def test_start_up_waits_for_every_launched_process_then_starts_without_the_missing_one():
+    r = Roster(4, 5, dead_after=10.0, startup_wait_s=30.0, join_wait_s=0.0, now=0.0)
+    outs = []
+    for i in (0, 1, 3, 4):  # rank 2 died during its imports and never said hello
+        _, o = r.hello(i, "h", 100 + i, "a", now=1.0)
+        outs += o + r.checkin(i, 0, False, now=1.5, for_generation=1)
+    assert not ops(outs, "plan"), "started before the start-up wait was over"
+    beat_all(r, 29.0)
+    assert not ops(r.tick(29.0), "plan")
+    beat_all(r, 30.5)
+    plan = plan_of(r.tick(30.5))
+    assert plan.fresh and plan.roles == {0: 0, 1: 1, 3: 3, 4: 2} and plan.replacements[2] == 4
+
+
+def test_a_killed_stage_opens_a_round_and_the_spare_takes_it_with_the_lost_state_named():
+    r, _ = started()
+    outs = r.disconnected(2, now=5.0)
+    assert ops(outs, "round")[0].to == [0, 1, 3, 4]
+    outs = []
+    for mid, steps in ((0, 8), (1, 8), (3, 7), (4, 0)):
+        assert not ops(outs, "plan")
+        outs += r.checkin(mid, steps, mid != 4, now=5.2, for_generation=2)
+    plan = plan_of(outs)
+    assert plan.generation == 2 and not plan.fresh
+    assert plan.lost == [2] and plan.replacements == {2: 4} and plan.dead == [2] and plan.evicted == []
+    assert plan.roles == {0: 0, 1: 1, 3: 3, 4: 2}
+    assert plan.resume_step == 9  # the last collective split: the furthest survivor decides
+
+
+def test_a_stale_check_in_does_not_open_a_new_round():
+    r, _ = started()
+    r.disconnected(2, now=5.0)
+    outs = []
+    for mid in (0, 1, 3, 4):
+        outs += r.checkin(mid, 8, mid != 4, now=5.1, for_generation=2)
+    assert plan_of(outs).generation == 2
+    assert r.checkin(1, 8, True, now=5.2, for_generation=2) == []  # a duplicate arriving late
+    assert r.round is None
+    assert ops(r.checkin(1, 9, True, now=6.0, for_generation=3), "round")  # a real new failure
+
+
+def test_a_silent_member_is_evicted_and_its_connection_closed():
+    r, _ = started(dead_after=10.0)
+    beat_all(r, 5.0)
+    for mid in (0, 1, 3, 4):
+        r.beat(mid, 14.0)
+    outs = r.tick(15.5)  # member 2 (SIGSTOPped) last beat at 5.0
+    (ev,) = ops(outs, "evicted")
+    assert ev.to == [2] and ev.close and "no heartbeat" in ev.msg["why"]
+    assert ops(outs, "round") and 2 not in r.members
+    r.beat(2, 16.0)  # it wakes: nothing brings it back
+    assert 2 not in r.members
+    outs = []
+    for mid in (0, 1, 3, 4):
+        outs += r.checkin(mid, 12, mid != 4, now=16.0, for_generation=2)
+    plan = plan_of(outs)
+    assert plan.evicted == [2] and plan.replacements == {2: 4}
+    done = ops(r.finished(0, now=20.0), "done")[0]
+    assert done.msg["evicted"] == [{"id": 2, "host": "h", "pid": 102}]
+
+
+def test_without_a_spare_the_lost_stage_waits_for_a_joiner():
+    r, _ = started(expect=4, join_wait_s=60.0)
+    r.disconnected(2, now=5.0)
+    outs = []
+    for mid in (0, 1, 3):
+        outs += r.checkin(mid, 8, True, now=5.1, for_generation=2)
+    assert not ops(outs, "plan") and not ops(outs, "stop")
+    beat_all(r, 7.0)
+    mid, outs = r.hello(None, "other-host", 555, "10.0.0.9", now=7.0)
+    assert mid == 4 and ops(outs, "round")[0].to == [4]  # told to check in
+    plan = plan_of(r.checkin(mid, 0, False, now=7.2, for_generation=2))
+    assert plan.replacements == {2: 4} and plan.lost == [2] and plan.roles[4] == 2 and plan.hosts[4] == "other-host"
+    # that joiner dies too: a second joiner replaces it (generation 3)
+    r.disconnected(4, now=8.0)
+    for m in (0, 1, 3):
+        r.checkin(m, 9, True, now=8.1, for_generation=3)
+    beat_all(r, 9.0)
+    mid2, _ = r.hello(None, "h3", 556, "a", now=9.0)
+    plan = plan_of(r.checkin(mid2, 0, False, now=9.1, for_generation=3))
+    assert mid2 == 5 and plan.generation == 3 and plan.replacements == {2: 5} and plan.dead == [4]
+
+
+def test_no_joiner_within_the_wait_stops_the_job_naming_the_stage():
+    r, _ = started(expect=4, join_wait_s=20.0)
+    r.disconnected(2, now=5.0)
+    for mid in (0, 1, 3):
+        r.checkin(mid, 8, True, now=5.1, for_generation=2)
+    beat_all(r, 24.0)
+    assert not ops(r.tick(24.0), "stop")
+    beat_all(r, 25.5)
+    (stop,) = ops(r.tick(25.5), "stop")
+    assert stop.msg["reason"] == STOP_NO_REPLACEMENT and stop.msg["lost"] == [2] and stop.msg["dead"] == [2]
+    assert stop.to == [0, 1, 3] and r.phase == "stopped"
+
+
+def test_zero_join_wait_stops_at_once():
+    r, _ = started(expect=4, join_wait_s=0.0)
+    r.disconnected(1, now=5.0)
+    outs = []
+    for mid in (0, 2, 3):
+        outs += r.checkin(mid, 8, True, now=5.1, for_generation=2)
+    assert ops(outs, "stop")[0].msg["lost"] == [1]
+
+
+def test_a_joiner_while_nothing_is_vacant_becomes_a_spare_without_a_round():
+    r, _ = started(expect=4)
+    mid, outs = r.hello(None, "h", 1, "a", now=3.0)
+    assert ops(outs, "admitted") and not ops(outs, "round") and r.roles[mid] is None
+    r.disconnected(3, now=4.0)
+    outs = []
+    for m in (0, 1, 2, mid):
+        outs += r.checkin(m, 5, m != mid, now=4.1, for_generation=2)
+    assert plan_of(outs).replacements == {3: mid}
+
+
+def test_a_death_during_the_rebuild_loses_the_half_built_stage_again():
+    r, _ = started(expect=6)
+    r.disconnected(2, now=5.0)
+    outs = []
+    for mid in (0, 1, 3, 4, 5):
+        outs += r.checkin(mid, 8, mid < 4, now=5.1, for_generation=2)
+    assert plan_of(outs).replacements == {2: 4}
+    r.disconnected(3, now=5.3)  # a neighbour dies while member 4 rebuilds stage 2
+    outs = []
+    for mid in (0, 1, 4, 5):  # member 4 never finished: it holds no state for stage 2
+        outs += r.checkin(mid, 8, mid < 4, now=5.5, for_generation=3)
+    plan = plan_of(outs)
+    assert plan.lost == [2, 3] and plan.replacements == {2: 4, 3: 5}
+
+
+def test_a_member_lost_during_a_round_is_not_waited_for():
+    r, _ = started(expect=6)
+    r.disconnected(2, now=5.0)
+    outs = r.checkin(0, 8, True, now=5.1, for_generation=2) + r.checkin(1, 8, True, now=5.1, for_generation=2)
+    outs += r.disconnected(5, now=5.2)  # an idle spare dies meanwhile
+    for mid in (3, 4):
+        outs += r.checkin(mid, 8, mid == 3, now=5.3, for_generation=2)
+    plan = plan_of(outs)
+    assert plan.dead == [2, 5] and plan.replacements == {2: 4} and 5 not in plan.roles
+
+
+def test_before_any_step_a_lost_stage_is_rebuilt_from_the_seed_not_recovered():
+    r, _ = started()
+    r.disconnected(1, now=3.0)
+    outs = []
+    for mid in (0, 2, 3, 4):
+        outs += r.checkin(mid, 0, False, now=3.1, for_generation=2)
+    plan = plan_of(outs)
+    assert plan.fresh and plan.lost == [] and plan.replacements == {1: 4} and plan.roles[2] == 2
+
+
+def test_expect_below_stages_is_refused():
+    with pytest.raises(ValueError):
+        Roster(4, 3, dead_after=1.0, startup_wait_s=1.0, join_wait_s=0.0, now=0.0)
