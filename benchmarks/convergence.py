@@ -74,6 +74,17 @@ class Strategy:
     def available(self) -> bool:
         return all(k in CheckFreeConfig.field_names() for k in self.requires)
 
+    @property
+    def layout(self) -> str:
+        return dict(self.checkfree).get("layout", "all_stages_fail")
+
+    def never_fail(self) -> list[int]:
+        """Stages its layout excludes from failures (the paper layout's embedding and head stages)."""
+        if self.layout == "all_stages_fail":
+            return []
+        from ds_checkfree.layout import never_fail_stages
+        return list(never_fail_stages(self.num_stages, self.layout))
+
 
 def strategy_registry(checkpoint_every: list[int], fallback_every: int) -> list[Strategy]:
     """Every strategy the harness knows, in table order. One line each."""
@@ -305,6 +316,19 @@ def run_outcomes(points: list[Point], costs: Costs, target: float) -> tuple[Outc
                     False))
 
 
+def modelled_wall(steps: Outcome, step_s: float, step_ratio: float, charged_s: float) -> Outcome:
+    """Wall-clock to the target from the noise-free steps: steps x the reference's median step time
+    x the strategy's step-time ratio (measured by step_time.py in interleaved rounds) + the costs
+    charged up to there (checkpoint bytes, replacement). Censored like its steps."""
+    return Outcome(steps.value * step_s * step_ratio + charged_s, steps.reached)
+
+
+def charged_at_target(points: list[Point], target: float) -> float:
+    """Charged seconds at the first validation at or below the target (else at the last one)."""
+    hit = next((p for p in points if p.val_loss <= target), points[-1] if points else None)
+    return hit.charged_s if hit is not None else 0.0
+
+
 @dataclass
 class Summary:
     """Mean ± sd over the runs of one cell; with censored runs the mean is a lower bound."""
@@ -339,12 +363,15 @@ def fmt_summary(s: Summary | None, digits: int = 0) -> str:
     return body if not s.censored else f"≥{s.mean:.{digits}f} ({s.reached}/{s.n} reached; rest >{s.cut_off:.{digits}f})"
 
 
-def gap_vs(a: Summary | None, b: Summary | None, z: float = 2.0) -> tuple[float, float, bool] | None:
-    """(mean(a) - mean(b), z * Welch standard error, inside the noise?) or None when either cell is
-    censored, missing or a single run (a gap to a censored cell is not a measured gap)."""
+def gap_vs(a: Summary | None, b: Summary | None, z: float = 2.0, sys_a: float = 0.0,
+           sys_b: float = 0.0) -> tuple[float, float, bool] | None:
+    """(mean(a) - mean(b), z * standard error, inside the noise?) or None when either cell is
+    censored, missing or a single run (a gap to a censored cell is not a measured gap). The
+    standard error is Welch's over runs, plus ``sys_a``/``sys_b`` in quadrature: standard errors
+    that do not shrink with more runs (a measured step-time ratio's uncertainty)."""
     if a is None or b is None or a.censored or b.censored or a.n < 2 or b.n < 2:
         return None
-    se = math.sqrt((a.sd ** 2) / a.n + (b.sd ** 2) / b.n)
+    se = math.sqrt((a.sd ** 2) / a.n + (b.sd ** 2) / b.n + sys_a ** 2 + sys_b ** 2)
     diff = a.mean - b.mean
     return diff, z * se, abs(diff) <= z * se
 
@@ -465,6 +492,8 @@ def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str 
         json.dump(spec, f, indent=1)
     t0 = time.time()
     status = {"state": "finished"}
+    started = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+               "load_1min_at_start": os.getloadavg()[0]}
 
     def reached(records):
         return any(_is_val(r) and r["val_loss"] <= target for r in records)
@@ -479,6 +508,7 @@ def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str 
         reason = next((r.get("reason") for r in records if r.get("event") == "unrecoverable"), None)
         status = {"state": "stopped", "reason": (reason or str(err).splitlines()[0])[:300]}
     status["launch_s"] = round(time.time() - t0, 1)
+    status.update(started)
     shutil.rmtree(os.path.join(run_dir, "ckpt"), ignore_errors=True)  # keep the results dir small
     with open(status_path, "w") as f:
         json.dump(status, f)
@@ -495,6 +525,15 @@ def _fmt(x, digits=1, suffix=""):
 
 def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, schedules, probs, prefix,
                   elapsed_s, ratios):
+    by_name = {st.name: st for st in strategies}
+    # the stock step time: every run's median step time divided by its strategy's ratio, median over runs
+    per_run = [runs[k]["step_s"] / ratios.get(by_name[k[0]].step_variant, (1.0,))[0] for k in runs
+               if runs[k].get("step_s")]
+    t_ref = statistics.median(per_run) if per_run else float("nan")
+
+    def ratio_rel_se(name):  # the step-time ratio's 95% CI as a relative standard error
+        r, lo, hi = ratios.get(by_name[name].step_variant, (1.0, 1.0, 1.0))
+        return (hi - lo) / 3.92 / r
     """``runs``: (strategy name, rate, failure seed, train seed) -> dict(points, costs, status)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -512,17 +551,22 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
     with open(prefix + "_runs.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["strategy", "rate", "failure_seed", "train_seed", "state", "failures", "recoveries",
-                    "rollbacks", "steps_executed", "steps_redone", "steps_to_target", "reached", "wall_to_target_s"])
+                    "rollbacks", "steps_executed", "steps_redone", "steps_to_target", "reached", "wall_to_target_s",
+                    "modelled_wall_to_target_s", "median_step_s"])
         for key, run in runs.items():
             so, wo = run_outcomes(run["points"], run["costs"], target)
-            outcomes[key] = (so, wo, run["costs"].failures)
+            ratio = ratios.get(by_name[key[0]].step_variant, (1.0,))[0]
+            mo = modelled_wall(so, t_ref, ratio, charged_at_target(run["points"], target))
+            outcomes[key] = (so, wo, run["costs"].failures, mo)
             c = run["costs"]
             w.writerow([*key, run["status"]["state"], c.failures, c.recoveries, c.checkpoint_loads,
-                        c.steps_executed, c.steps_redone, round(so.value, 2), so.reached, round(wo.value, 3)])
+                        c.steps_executed, c.steps_redone, round(so.value, 2), so.reached, round(wo.value, 3),
+                        round(mo.value, 3), run.get("step_s")])
 
     def cell(name, rate):
         ks = [k for k in outcomes if k[0] == name and k[1] == rate]
-        return ([outcomes[k][0] for k in ks], [outcomes[k][1] for k in ks], [outcomes[k][2] for k in ks], ks)
+        return ([outcomes[k][0] for k in ks], [outcomes[k][1] for k in ks], [outcomes[k][2] for k in ks], ks,
+                [outcomes[k][3] for k in ks])
 
     fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), squeeze=False)
     for j, rate in enumerate(rates):
@@ -548,6 +592,13 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
          f"training seeds {a.train_seeds}; failure schedules (seeds) {a.failure_seeds}; "
          f"cap {a.cap_factor:g}x the reference = {a.cap_steps} logical steps. Harness wall time "
          f"{elapsed_s / 60:.1f} min on this machine (2 shared cores, CPU).", "",
+         f"Command: `python benchmarks/convergence.py {' '.join(a.argv)}`; outputs written "
+         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+         + (f"; runs started {min(v['started'] for v in runs.values() if v.get('started'))} to "
+            f"{max(v['started'] for v in runs.values() if v.get('started'))}, 1-min load at their starts "
+            f"{min(v['load'] for v in runs.values() if v.get('load') is not None):.1f}-"
+            f"{max(v['load'] for v in runs.values() if v.get('load') is not None):.1f}"
+            if any(v.get("started") for v in runs.values()) else "") + ".", "",
          f"**Target validation loss {target:.4f}**: "
          + ("given by --target_loss" if a.target_loss is not None else
             f"the highest of the references' validation losses at {int(a.target_fraction * 100)}% of their steps "
@@ -564,9 +615,16 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
          "at the cut-off; '≥mean (k/n reached)': some runs cut off, counted at their cut-off (a lower bound)",
          "- steps = optimizer steps executed to the target (redone steps after a rollback included), interpolated "
          "between validations",
-         f"- wall-clock = measured - validation passes + checkpoint bytes at {a.storage_bandwidth_mb_s:g} MB/s "
+         f"- measured wall-clock = measured - validation passes + checkpoint bytes at {a.storage_bandwidth_mb_s:g} MB/s "
          f"+ {a.replacement_delay_s:g} s per lost stage; runs execute one after another on a shared machine, so "
-         "wall-clock carries load noise; steps do not",
+         "it carries load noise (other engineers' jobs ran beside these); steps do not",
+         f"- modelled wall-clock = steps to target x {t_ref:.4f} s (stock step time: median over runs of each run's "
+         "median step time / its strategy's ratio) x the "
+         f"strategy's step-time ratio vs stock from `{os.path.relpath(a.step_time_csv, os.path.dirname(RESULTS))}` "
+         "(interleaved rounds, 4 stages, 8 layers; CheckFree+ at 6 stages uses the 4-stage ratio) + the charged "
+         "costs up to the target; its gap's band adds both ratios' CI (as standard errors) to the run-to-run "
+         "spread; ratios: "
+         + ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in ratios.items()),
          f"- noise: mean ± sd over {len(a.failure_seeds)} schedules x {len(a.train_seeds)} seeds; a gap to the "
          "fastest strategy of the rate is 'inside the noise' when |gap| <= 2 Welch standard errors "
          "(a rough 95% band at these n; gaps to censored cells are not measured gaps)",
@@ -581,29 +639,35 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
     for rate in rates:
         sched = schedules.get(rate, {})
         L += [f"## {rate:g} % per stage per hour (p = {probs[rate]:.4f} per stage per step)", ""]
-        for (S, fs), fl in sorted(sched.items()):
-            L.append(f"- schedule {fs}, {S} stages: " + (", ".join(f"{s}:{g}" for s, g in fl) or "none")
-                     + " (step:stage)")
-        L += ["", "| strategy | runs | failures (mean) | steps redone (mean) | steps to target | wall s to target "
-              "| wall gap to fastest (± 2 SE) | steps gap to fewest (± 2 SE) |", "|---|---|---|---|---|---|---|---|"]
+        for (S, never, fs), fl in sorted(sched.items()):
+            L.append(f"- schedule {fs}, {S} stages{f' (stages {list(never)} never fail)' if never else ''}: "
+                     + (", ".join(f"{s}:{g}" for s, g in fl) or "none") + " (step:stage)")
+        L += ["", "| strategy | runs | failures (mean) | steps redone (mean) | steps to target | measured wall s "
+              "| modelled wall s | modelled-wall gap to fastest (± 2 SE) | steps gap to fewest (± 2 SE) |",
+              "|---|---|---|---|---|---|---|---|---|"]
         cells = {}
         for st in strategies:
             r = 0.0 if st.name == NO_FAILURE else rate
-            so, wo, fl, ks = cell(st.name, r)
+            so, wo, fl, ks, mo = cell(st.name, r)
             if ks:
-                cells[st.name] = (summarize_outcomes(so), summarize_outcomes(wo), fl, ks)
-        fastest = min((n for n in cells if not cells[n][1].censored), key=lambda n: cells[n][1].mean, default=None)
-        fewest = min((n for n in cells if not cells[n][0].censored), key=lambda n: cells[n][0].mean, default=None)
+                cells[st.name] = (summarize_outcomes(so), summarize_outcomes(mo), fl, ks, summarize_outcomes(wo))
+        rivals = [n for n in cells if n != NO_FAILURE]
+        fastest = min((n for n in rivals if not cells[n][1].censored), key=lambda n: cells[n][1].mean, default=None)
+        fewest = min((n for n in rivals if not cells[n][0].censored), key=lambda n: cells[n][0].mean, default=None)
         for st in strategies:
             if st.name not in cells:
                 continue
-            ss, ws, fl, ks = cells[st.name]
+            ss, ms, fl, ks, ws = cells[st.name]
             redone = statistics.fmean(runs[k]["costs"].steps_redone for k in ks)
 
             def gap(which, best):
                 if st.name == best:
                     return "(fastest)" if which == 1 else "(fewest)"
-                g = gap_vs(cells[st.name][which], cells[best][which]) if best else None
+                sys_a = sys_b = 0.0
+                if which == 1 and best and cells[st.name][1] is not None and cells[best][1] is not None:
+                    sys_a = cells[st.name][1].mean * ratio_rel_se(st.name)
+                    sys_b = cells[best][1].mean * ratio_rel_se(best)
+                g = gap_vs(cells[st.name][which], cells[best][which], sys_a=sys_a, sys_b=sys_b) if best else None
                 if st.name == NO_FAILURE:
                     return "-"
                 if g is None:
@@ -611,7 +675,7 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
                 return f"{g[0]:+.{1 if which == 1 else 0}f} ± {g[1]:.{1 if which == 1 else 0}f} " \
                        f"({'inside the noise' if g[2] else 'outside the noise'})"
             L.append(f"| {st.label} | {len(ks)} | {statistics.fmean(fl):.1f} | {redone:.1f} | {fmt_summary(ss)} | "
-                     f"{fmt_summary(ws, 1)} | {gap(1, fastest)} | {gap(0, fewest)} |")
+                     f"{fmt_summary(ws, 1)} | {fmt_summary(ms, 1)} | {gap(1, fastest)} | {gap(0, fewest)} |")
         stopped = [(k, runs[k]["status"]) for k in runs if k[1] == rate and runs[k]["status"]["state"] == "stopped"]
         for k, s in stopped:
             L.append(f"\n- {k[0]} (schedule {k[2]}, seed {k[3]}) stopped: {s.get('reason', '')}")
@@ -733,6 +797,7 @@ def parse_args(argv=None):
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--timeout_s", type=float, default=None)
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     q = a.quick
     a.rates = [float(r) for r in (a.rates if a.rates is not None else ([10.0] if q else [0.0, 5.0, 10.0, 16.0]))]
     a.steps = a.steps or (100 if q else 400)
@@ -766,18 +831,23 @@ def main(argv=None) -> int:
     print(f"strategies: {[s.name for s in strategies]}; not available: {[s.name for s in unavailable]}", flush=True)
 
     probs, schedules, schedule_files = {}, {}, {}
-    stage_counts = sorted({s.num_stages for s in strategies})
+    # one schedule per (stages, stages that never fail, failure seed): draws are seeded by
+    # (seed, step, stage), so the same seed fails the same (step, stage) slots in every layout
+    shapes = sorted({(s.num_stages, tuple(s.never_fail())) for s in strategies})
     for rate in a.rates:
         probs[rate] = step_failure_probability(rate, a.assumed_step_seconds)
         schedules[rate] = {}
         if rate <= 0:
             continue
-        for S in stage_counts:
+        for S, never in shapes:
             for fs in a.failure_seeds:
-                path = os.path.join(a.runs_dir, f"failures_rate{rate:g}_S{S}_f{fs}.json")
-                plan = FailurePlan(S, rate_percent_per_hour=rate, step_seconds=a.assumed_step_seconds, seed=fs)
-                schedules[rate][(S, fs)] = [(f.step, f.stage) for f in plan.save(path, a.cap_steps)]
-                schedule_files[(rate, S, fs)] = path
+                tag = f"_nf{'-'.join(map(str, never))}" if never else ""
+                path = os.path.join(a.runs_dir, f"failures_rate{rate:g}_S{S}{tag}_f{fs}.json")
+                extra = {"never_fail": never} if never else {}
+                plan = FailurePlan(S, rate_percent_per_hour=rate, step_seconds=a.assumed_step_seconds, seed=fs,
+                                   **extra)
+                schedules[rate][(S, never, fs)] = [(f.step, f.stage) for f in plan.save(path, a.cap_steps)]
+                schedule_files[(rate, S, never, fs)] = path
         print(f"rate {rate:g}%/h: p={probs[rate]:.4f}/stage/step; failures per schedule "
               f"{ {k: len(v) for k, v in schedules[rate].items()} }", flush=True)
 
@@ -785,7 +855,10 @@ def main(argv=None) -> int:
 
     def record(st, rate, fs, ts, records, status):
         pts, costs = wall_clock_curve(records, a.storage_bandwidth_mb_s, a.replacement_delay_s)
-        runs[(st.name, rate, fs, ts)] = {"points": pts, "costs": costs, "status": status}
+        step_times = [r["step_time_s"] for r in records if _is_step(r) and "step_time_s" in r]
+        runs[(st.name, rate, fs, ts)] = {"points": pts, "costs": costs, "status": status,
+                                         "started": status.get("started_utc"), "load": status.get("load_1min_at_start"),
+                                         "step_s": statistics.median(step_times) if step_times else None}
 
     ref = strategies[0]
     ref_targets = {}
@@ -807,7 +880,7 @@ def main(argv=None) -> int:
         for st in strategies[1:]:
             for fs in (a.failure_seeds if rate > 0 else [0]):
                 for ts in a.train_seeds:
-                    sched = schedule_files.get((rate, st.num_stages, fs))
+                    sched = schedule_files.get((rate, st.num_stages, tuple(st.never_fail()), fs))
                     if sched and a.failure_draws == "executed_step":
                         sched = (rate, fs)
                     records, status = run_one(st, rate, fs, ts, a, sched, a.cap_steps, target)

@@ -91,6 +91,15 @@ def test_outcomes_reached_or_censored_at_the_cut_off():
     assert (steps.value, steps.reached, wall.value, wall.reached) == (41.0, False, 61.0, False)
 
 
+def test_modelled_wall_clock_from_steps_ratio_and_charged_costs():
+    pts = [Point(10, 10, 5.0, 3.0, 4.0, 1.0), Point(20, 20, 9.0, 2.0, 7.0, 2.0), Point(30, 30, 12.0, 1.0, 9.0, 3.0)]
+    assert conv.charged_at_target(pts, 2.5) == 2.0  # the first validation at or below the target
+    assert conv.charged_at_target(pts, 0.5) == 3.0  # never reached: everything charged
+    got = conv.modelled_wall(conv.Outcome(15.0, True), step_s=0.2, step_ratio=1.5, charged_s=2.0)
+    assert got.value == pytest.approx(15 * 0.2 * 1.5 + 2.0) and got.reached
+    assert not conv.modelled_wall(conv.Outcome(30.0, False), 0.2, 1.0, 0.0).reached
+
+
 def test_summary_formats_mean_sd_and_censoring():
     O = conv.Outcome
     s = conv.summarize_outcomes([O(100, True), O(120, True), O(110, True)])
@@ -113,6 +122,9 @@ def test_gap_inside_or_outside_the_noise():
     assert not inside
     assert conv.gap_vs(S(2, 1, 200.0, 1.0, 300.0), b) is None  # a censored cell has no measured gap
     assert conv.gap_vs(S(1, 1, 200.0, 0.0, None), b) is None  # nor has a single run
+    # a systematic error (a measured step-time ratio's CI) widens the band and does not shrink with n
+    _, band, inside = conv.gap_vs(S(4, 4, 130.0, 0.0, None), S(4, 4, 100.0, 0.0, None), sys_a=10.0, sys_b=10.0)
+    assert band == pytest.approx(2 * 200 ** 0.5) and not inside
 
 
 def test_extra_steps_per_failure_is_a_mean_over_runs():
