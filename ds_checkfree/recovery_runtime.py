@@ -161,7 +161,8 @@ def _restore_from_checkpoint(engine, action: RecoveryAction, step: int, checkpoi
                                  **checkpointer.charged(loaded["bytes"])})
 
 
-def apply_plan(engine, actions: list[RecoveryAction], step: int, copies=None, checkpointer=None) -> list[RecoveryRecord]:
+def apply_plan(engine, actions: list[RecoveryAction], step: int, copies=None,
+               checkpointer=None) -> list[RecoveryRecord]:
     """Run non-rollback recovery actions on every rank; returns the records (same on all ranks).
 
     Replica copies come first in a plan (``plan_replicated_recovery``), so a column rebuilt

@@ -14,6 +14,7 @@ from deepspeed import comm as dist
 
 from .comm_device import comm_device, comm_empty
 from .layout import copy_holders
+from .models import DecoderLayerPipe
 
 
 def _flat(state) -> torch.Tensor:
@@ -58,11 +59,9 @@ class StageCopies:
     def _numel(self, engine, stage: int) -> int:
         """Parameters of block ``stage``: block stages are alike (the alignment rule), so the
         holder counts them from the model config without asking."""
-        per = engine.module.slots[stage]
-        from .models import DecoderLayerPipe
         with torch.device("meta"):
             layer = DecoderLayerPipe(engine.module.model_config, 0)
-        return len(per) * sum(p.numel() for p in layer.parameters())
+        return len(engine.module.slots[stage]) * sum(p.numel() for p in layer.parameters())
 
     def send_back(self, stage: int, target_rank: int) -> None:
         """The holder's half of a restore."""

@@ -54,7 +54,8 @@ def test_lost_stage_reloads_its_stale_state_while_the_others_go_on(tmp_path):
     assert not events_of(records, "checkpoint_load")  # no rollback: only the lost stages reloaded
     rec = events_of(records, "recovery")
     assert [(r["step"], r["stage"], r["method"], r["restore"], r["checkpoint_step"], r["staleness_steps"])
-            for r in rec] == [(5, 2, "checkpoint_stage", "lost_stage", 3, 1), (6, 0, "checkpoint_stage", "lost_stage", 3, 2)]
+            for r in rec] == [(5, 2, "checkpoint_stage", "lost_stage", 3, 1),
+                              (6, 0, "checkpoint_stage", "lost_stage", 3, 2)]
     assert all(r["bytes"] > 0 and r["charged_s"] == pytest.approx(r["bytes"] / 1e8, abs=1e-6) and r["lr_scale"] == 1.0
                for r in rec)
     for step, stage in ((5, 2), (6, 0)):
