@@ -6,6 +6,10 @@
 ``DS_ACCELERATOR=cpu OMP_NUM_THREADS=1``, captures the log to ``output_dir/train.log``,
 raises ``RunFailed`` (with the log tail) on a non-zero exit, and returns the parsed
 ``metrics.jsonl`` records.
+
+``stop_when(records) -> bool`` (optional) is polled on the records written so far every
+``poll_s`` seconds; when it returns True the run is ended (its own process group only) and
+counts as finished: ``run_train`` returns the records, and ``last_run_stopped_early()`` says so.
 """
 from __future__ import annotations
 
@@ -51,13 +55,45 @@ def _deepspeed_cmd() -> list[str]:
     return [found] if found else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
+def parse_metrics_lines(lines) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a run ended while writing) is skipped."""
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.endswith("\n"):
+                raise
+    return out
+
+
 def read_metrics(output_dir: str) -> list[dict]:
     with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return parse_metrics_lines(f)
+
+
+_STOPPED_EARLY = [False]
+
+
+def last_run_stopped_early() -> bool:
+    """Whether the last ``run_train`` was ended by its ``stop_when`` condition."""
+    return _STOPPED_EARLY[0]
+
+
+def _stop(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # our own launcher's process group only
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny", num_gpus: int = 4,
-              extra_args: list[str] | tuple = (), timeout_s: float | None = None, quiet: bool = False) -> list[dict]:
+              extra_args: list[str] | tuple = (), timeout_s: float | None = None, quiet: bool = False,
+              stop_when=None, poll_s: float = 0.5) -> list[dict]:
     os.makedirs(output_dir, exist_ok=True)
     cfg_path = os.path.join(output_dir, "ds_config.json")
     with open(cfg_path, "w", encoding="utf-8") as f:
@@ -77,16 +113,25 @@ def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny",
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)  # our own launcher's process group only
+        _STOPPED_EARLY[0] = False
+        deadline = None if timeout_s is None else t0 + timeout_s
+        rc = None
+        while rc is None:
+            wait = poll_s if stop_when is not None else None
+            if deadline is not None:
+                wait = max(0.0, deadline - time.time()) if wait is None else min(wait, max(0.0, deadline - time.time()))
             try:
-                proc.wait(timeout=15)
+                rc = proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            rc = "timeout"
+                if deadline is not None and time.time() >= deadline:
+                    _stop(proc)
+                    rc = "timeout"
+                elif stop_when is not None and os.path.exists(metrics_path):
+                    with open(metrics_path, encoding="utf-8") as f:
+                        if stop_when(parse_metrics_lines(f)):
+                            _stop(proc)
+                            _STOPPED_EARLY[0] = True
+                            rc = 0
     if rc != 0 or not os.path.exists(metrics_path):
         with open(log_path, encoding="utf-8", errors="replace") as f:
             tail = "".join(f.readlines()[-40:])

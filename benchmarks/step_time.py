@@ -22,6 +22,13 @@ What it measures
     ``ds_checkfree.run_info.replica_parameters``; MB as fp32 weights and as weights + grads + Adam moments),
     cross-checked against the parameters each stage actually holds.
 
+    With ``--redundant`` two more engines join the rounds (mode "redundant", each with its
+    ``RedundantShadow``; a step is ``train_batch`` + the shadow's ``after_step``):
+      redundant     Bamboo: the successor's forward run redundantly on every micro-batch
+                    (``checkfree.redundant_forward: true``) + gradient shipping + shadow step
+      redundant_lb  the lower bound: gradient shipping + shadow optimizer step only
+    and the ratios redundant/stock, redundant_lb/stock, redundant/redundant_lb.
+
     Cross-talk check: stock and checkfree run the same schedule on the same weights and data,
     so their losses must agree at every step; the script prints the largest difference. (plus
     differs by design: odd micro-batches run in the swapped stage order.)
@@ -67,9 +74,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-VARIANTS = ("stock", "checkfree", "plus")
-CONFIG_FILES = {"stock": "baseline.json", "checkfree": "checkfree.json", "plus": "checkfree_plus.json"}
-RATIOS = (("checkfree", "stock"), ("plus", "stock"), ("plus", "checkfree"))
+BASE_VARIANTS = ("stock", "checkfree", "plus")
+REDUNDANT_VARIANTS = ("redundant", "redundant_lb")  # with --redundant
+VARIANTS = BASE_VARIANTS
+CONFIG_FILES = {"stock": "baseline.json", "checkfree": "checkfree.json", "plus": "checkfree_plus.json",
+                "redundant": "redundant.json", "redundant_lb": "redundant.json"}
+BASE_RATIOS = (("checkfree", "stock"), ("plus", "stock"), ("plus", "checkfree"))
+REDUNDANT_RATIOS = (("redundant", "stock"), ("redundant_lb", "stock"), ("redundant", "redundant_lb"))
+RATIOS = BASE_RATIOS
+
+
+def use_variants(redundant: bool) -> None:
+    """Which engines run: the three base ones, plus the two redundant baselines with --redundant."""
+    global VARIANTS, RATIOS
+    VARIANTS = BASE_VARIANTS + (REDUNDANT_VARIANTS if redundant else ())
+    RATIOS = BASE_RATIOS + (REDUNDANT_RATIOS if redundant else ())
 
 
 def parse_args(argv=None):
@@ -91,7 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true",
                    help="instead of step times: peak memory per stage process, one launch per engine")
     p.add_argument("--memory_rounds", type=int, default=2, help="launches per engine for --memory")
-    p.add_argument("--only", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--redundant", action="store_true",
+                   help="also time the redundant-computation baselines (Bamboo and its lower bound)")
+    p.add_argument("--only", choices=BASE_VARIANTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory_out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
@@ -99,6 +120,9 @@ def parse_args(argv=None):
     for name in ("steps", "micro_batch_size", "micro_batches", "num_stages", "nproc", "bootstrap"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if args.redundant and args.memory:
+        p.error("--memory does not cover --redundant (the step-time report prints the shadow's bytes)")
+    use_variants(args.redundant)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step of an engine exchanges shapes and builds buffers)")
     return args
@@ -149,6 +173,8 @@ def build_configs(args) -> dict[str, dict]:
             cfg["checkfree"] = {"mode": "off", "num_stages": args.num_stages}
         else:
             cfg["checkfree"]["num_stages"] = args.num_stages
+        if v in REDUNDANT_VARIANTS:
+            cfg["checkfree"]["redundant_forward"] = v == "redundant"
         cfgs[v] = cfg
     assert cfgs["checkfree"]["checkfree"]["mode"] == "checkfree"
     assert cfgs["plus"]["checkfree"]["mode"] == "checkfree_plus"
@@ -207,12 +233,16 @@ def worker(args) -> int:
 
     cfgs = build_configs(args)
     overrides = {"num_layers": args.num_layers}
-    classes = {"stock": PipelineEngine, "checkfree": CheckFreePipelineEngine, "plus": CheckFreePipelineEngine}
-    engines, setups, t_build = {}, {}, {}
+    classes = {"stock": PipelineEngine, "checkfree": CheckFreePipelineEngine, "plus": CheckFreePipelineEngine,
+               "redundant": CheckFreePipelineEngine, "redundant_lb": CheckFreePipelineEngine}
+    engines, setups, t_build, shadows = {}, {}, {}, {}
     for v in VARIANTS:
         t0 = time.perf_counter()
         # initialize() validates a copy; DeepSpeed may annotate the dict it is given.
         engines[v], setups[v] = initialize(copy.deepcopy(cfgs[v]), args.model, overrides, engine_class=classes[v])
+        if v in REDUNDANT_VARIANTS:
+            from ds_checkfree.baselines import RedundantShadow
+            shadows[v] = RedundantShadow(engines[v])  # redundant_forward from the engine's config
         t_build[v] = time.perf_counter() - t0
     rank = tdist.get_rank()
     world = tdist.get_world_size()
@@ -238,11 +268,17 @@ def worker(args) -> int:
     held_all = [torch.zeros_like(held) for _ in range(world)]
     tdist.all_gather(held_all, held)
 
+    def step(v):
+        loss = engines[v].train_batch()
+        if v in shadows:
+            shadows[v].after_step()
+        return loss
+
     losses = {v: [] for v in VARIANTS}
     for _ in range(args.warmup):
         for v in VARIANTS:
             tdist.barrier()
-            losses[v].append(float(engines[v].train_batch()))
+            losses[v].append(float(step(v)))
 
     times = torch.zeros(args.steps, len(VARIANTS), dtype=torch.float64)
     cpu = torch.zeros_like(times)
@@ -251,23 +287,26 @@ def worker(args) -> int:
         for v in order:
             tdist.barrier()
             t0, c0 = time.perf_counter(), time.process_time()
-            loss = engines[v].train_batch()
+            loss = step(v)
             times[r, VARIANTS.index(v)] = time.perf_counter() - t0
             cpu[r, VARIANTS.index(v)] = time.process_time() - c0
             losses[v].append(float(loss))
     tdist.all_reduce(times, op=tdist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     tdist.all_reduce(cpu, op=tdist.ReduceOp.SUM)  # the work a step costs, over all ranks
 
+    shadow_info = {v: sh.local_summary() for v, sh in shadows.items()}
+    gathered = [None] * world
+    tdist.all_gather_object(gathered, shadow_info)
     if rank == 0:
         report(args, cfgs, setups["stock"], model_cfg, seq_len, ref, world, dp_size, tokens_per_step, times,
-               losses, held_all, t_build, cpu=cpu)
+               losses, held_all, t_build, cpu=cpu, shadows=gathered)
     tdist.barrier()
     tdist.destroy_process_group()
     return 0
 
 
 def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_per_step, times, losses, held_all,
-           t_build, cpu=None) -> None:
+           t_build, cpu=None, shadows=None) -> None:
     cols = {v: times[:, i].tolist() for i, v in enumerate(VARIANTS)}
     info = machine_info()
     print("\n## Step time: CheckFree / CheckFree+ vs stock DeepSpeed PipelineEngine (failure-free)\n")
@@ -288,6 +327,9 @@ def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_pe
     print(f"\nloss check: max |loss(stock) - loss(checkfree)| over {len(losses['stock'])} steps = {diff:.3e} "
           f"({'OK: identical training, engines do not interfere' if diff < 1e-5 else 'MISMATCH'}); "
           f"last losses: " + ", ".join(f"{v} {losses[v][-1]:.4f}" for v in VARIANTS))
+    for v in (x for x in REDUNDANT_VARIANTS if x in VARIANTS):
+        d = max(abs(a - b) for a, b in zip(losses["stock"], losses[v]))
+        print(f"loss check: max |loss(stock) - loss({v})| = {d:.3e} ({'OK' if d < 1e-5 else 'MISMATCH'})")
 
     rows = []
     print("\n| engine | mode | median step (s) | mean step (s) | std (s) | min (s) | tokens/s (median) | "
@@ -295,7 +337,8 @@ def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_pe
     print("|---|---|---|---|---|---|---|---|")
     modes = {v: cfgs[v]["checkfree"]["mode"] for v in VARIANTS}
     engine_names = {"stock": "PipelineEngine", "checkfree": "CheckFreePipelineEngine",
-                    "plus": "CheckFreePipelineEngine"}
+                    "plus": "CheckFreePipelineEngine", "redundant": "CheckFreePipelineEngine + Bamboo shadow",
+                    "redundant_lb": "CheckFreePipelineEngine + shadow (lower bound)"}
     ratios = {}
     for num, den in RATIOS:
         ratios[(num, den)] = bootstrap_ratio(cols[num], cols[den], args.bootstrap)
@@ -330,6 +373,17 @@ def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_pe
         verdict = (f"point estimate {'within' if p <= 1.02 else 'above'} the goal, but the CI straddles 1.02: "
                    "too noisy to decide; run more --steps on a quieter machine")
     print(f"\ngoal checkfree/stock 1.00-1.02: measured {p:.3f}, 95% CI [{lo:.3f}, {hi:.3f}]; {verdict}")
+
+    if shadows and any(shadows):
+        print("\n| redundant variant | stage | shadow of | redundant forwards | forward s/step | "
+              "shadow step + comm s/step | shadow memory (weights + Adam + buffers) |\n|---|---|---|---|---|---|---|")
+        for v in REDUNDANT_VARIANTS:
+            for sh in sorted((g[v] for g in shadows if v in g), key=lambda x: x["stage"]):
+                n = max(sh["steps"], 1)
+                print(f"| {v} | {sh['stage']} | {sh['shadow_of']} | {sh['shadow_forwards']} "
+                      f"({sh['shadow_forwards'] / n:.0f}/step) | {sh['shadow_forward_s_total'] / n:.4f} | "
+                      f"{(sh['shadow_step_s_total'] + sh['comm_s_total']) / n:.4f} | "
+                      f"{sh['memory_bytes']['total'] / 1e6:.2f} MB (own weights {sh['own_weight_bytes'] / 1e6:.2f} MB) |")
 
     # CheckFree+ memory overhead
     rep = replica_parameters(model_cfg)
@@ -399,11 +453,12 @@ def plot(path: str, rows: list[dict], model_cfg, seq_len: int, tokens_per_step: 
     labels = [f"{r['variant']}\n({r['mode']})" for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     med = [r["median_s"] for r in rows]
-    ax1.bar(labels, med, color=["#888888", "#1f77b4", "#ff7f0e"])
+    colors = ["#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a"][:len(rows)]
+    ax1.bar(labels, med, color=colors)
     ax1.set_ylabel("median step time (s)")
     for i, r in enumerate(rows):
         ax1.text(i, med[i], f"x{r['ratio_vs_stock']:.3f}", ha="center", va="bottom", fontsize=8)
-    ax2.bar(labels, [r["tokens_per_s_median"] for r in rows], color=["#888888", "#1f77b4", "#ff7f0e"])
+    ax2.bar(labels, [r["tokens_per_s_median"] for r in rows], color=colors)
     ax2.set_ylabel("tokens/s (median step)")
     fig.suptitle(f"{model_cfg.name}, {model_cfg.num_layers} layers, seq {seq_len}, {tokens_per_step} tokens/step")
     fig.tight_layout()

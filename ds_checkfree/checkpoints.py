@@ -35,7 +35,9 @@ class Loaded:
     bytes: int
 
     def event(self, **extra) -> dict:
-        return {"seconds": round(self.seconds, 6), "resumed_from": self.resume_step - 1, "bytes": self.bytes, **extra}
+        # "restore": which checkpoint baseline this is (a harness tells them apart by it)
+        return {"seconds": round(self.seconds, 6), "resumed_from": self.resume_step - 1, "bytes": self.bytes,
+                "restore": "global_rollback", **extra}
 
 
 class Checkpointer:
@@ -81,6 +83,33 @@ class Checkpointer:
         engine.reset_lr_scale()  # the saved weights need no compensation
         step = int(client["step"])
         return Loaded(resume_step=step + 1, seconds=seconds, bytes=dir_bytes(os.path.join(directory, f"step{step}")))
+
+    def load_stage(self, engine) -> dict:
+        """The paper's checkpoint baseline: this (lost) rank alone reloads its stage's layer
+        files and optimizer state from the latest checkpoint, without a collective (DeepSpeed's
+        ``load_checkpoint`` is collective and rewinds the step counters; the other stages go
+        on and the step counter must not move). The stage comes back stale, with the
+        optimizer state it had then and no lr factor. Returns ``step``, ``seconds``, ``bytes``."""
+        t0 = time.perf_counter()
+        with open(os.path.join(self.directory, "latest")) as f:
+            tag = f.read().strip()
+        ckpt_dir, size = os.path.join(self.directory, tag), 0
+        module = engine.module
+        with torch.no_grad():
+            for idx, layer in enumerate(module.forward_funcs):
+                if not hasattr(layer, "load_state_dict"):
+                    continue
+                path = module.ckpt_layer_path(ckpt_dir, idx)
+                layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+                size += os.path.getsize(path)
+        states_path = engine._get_ckpt_name(self.directory, tag)
+        states = torch.load(states_path, map_location="cpu", weights_only=False)
+        size += os.path.getsize(states_path)
+        engine.optimizer.load_state_dict(states["optimizer"])
+        for p in module.parameters():
+            p.grad = None
+        engine.stage_state.reset()  # no gradient history, no lr factor: the saved stage needs none
+        return {"step": int(states["step"]), "seconds": time.perf_counter() - t0, "bytes": size}
 
     def save_stopped_state(self, state: dict, step: int, stage: int, steps_done: int) -> dict | None:
         """A survivor stopping for good writes its stage's in-memory state, without any

@@ -27,7 +27,10 @@ __all__ = [
     "MIN_STAGES",
 ]
 
-from .modes import GRAD_NORMS, MIN_STAGES, MIN_STAGES_WHY, MODES, NORM_SCOPES, RECOVERY_METHODS
+from .failures import RATE_PRESETS
+from .modes import (CHECKPOINT_RESTORES, CLIP_SCOPES, FAILURE_DRAWS, GRAD_NORMS, LAYOUTS, LOST_STAGE_RESTORE_MODES,
+                    MIN_STAGES, MIN_STAGES_PAPER, MIN_STAGES_PAPER_WHY, MIN_STAGES_WHY, MODES, NORM_SCOPES,
+                    PAPER_LAYOUT_MODES, RECOVERY_METHODS)
 
 SECTION = "checkfree"
 
@@ -140,6 +143,25 @@ def format_fail_entry(entry: tuple[int, ...]) -> str:
     return f"{stage}.{replica[0]}:{step}" if replica else f"{stage}:{step}"
 
 
+def check_against_deepspeed(cf: "CheckFreeConfig", ds_config: dict) -> None:
+    """The section's options that depend on the DeepSpeed side of the JSON (run by ``prepare``)."""
+    clip = ds_config.get("gradient_clipping", 0.0) or 0.0
+    bf16 = any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "bfloat16", "fp16"))
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if cf.clip_scope == "stage" and clip <= 0:
+        raise _fail(_k("clip_scope"), cf.clip_scope, f"gradient_clipping = {clip!r}: there is no clip value to "
+                    "apply per stage", "set gradient_clipping > 0 (the reference clips at 1.0), or clip_scope "
+                    '"global"')
+    if cf.clip_scope == "stage" and (bf16 or zero):
+        raise _fail(_k("clip_scope"), cf.clip_scope, "per-stage clipping replaces DeepSpeed's fp32 clipping, which "
+                    "DeepSpeed's bf16/fp16/ZeRO optimizers bypass (they clip inside their own step)",
+                    'use clip_scope "global" with bf16/fp16/ZeRO, or train in fp32 without ZeRO')
+    if cf.checkpoint_restore == "lost_stage" and (bf16 or zero):
+        raise _fail(_k("checkpoint_restore"), cf.checkpoint_restore, "a lost stage reloads its layer files and its "
+                    "torch optimizer state; bf16/fp16 fp32 masters and ZeRO shards are not reloaded that way",
+                    'use "global_rollback" with bf16/fp16/ZeRO, or train in fp32 without ZeRO')
+
+
 @dataclass
 class CheckFreeConfig:
     """Validated ``"checkfree"`` section; see the module docstring for why."""
@@ -157,9 +179,25 @@ class CheckFreeConfig:
     norm_scope: str = "decoder"
     epsilon: float = 1e-4
     recovery_method: str = "weighted_average"
+    # "all_stages_fail": (de)embedding on the first/last decoder stage, every stage may fail;
+    # "paper": embedding alone on stage 0, norm + head alone on stage S-1, neither fails
+    layout: str = "all_stages_fail"
+    # layout "paper", mode checkfree: steps between refreshes of the first/last block stage's
+    # in-memory copy (kept on the embedding / head stage; the reference refreshes every 100)
+    stage_copy_every: int = 100
+    # "global": DeepSpeed clips the pipeline's global gradient norm; "stage": each stage clips
+    # its own norm at gradient_clipping (the reference)
+    clip_scope: str = "global"
     #: (stage, step) = every replica of the stage; (stage, step, replica) = one replica
     fail_at: list[tuple[int, ...]] = field(default_factory=list)
     failure_rate: float = 0.0  # percent per stage per hour
+    # per-stage per-step probability, or a named preset of the reference's (RATE_PRESETS);
+    # at most one of failure_rate / failure_probability / failure_preset
+    failure_probability: float | None = None
+    failure_preset: str | None = None
+    # what a rate draw is keyed by: "logical_step" (a redone step never fails again) or
+    # "executed_step" (every executed step draws, redone ones included)
+    failure_draws: str = "logical_step"
     assumed_step_seconds: float | None = None
     failure_seed: int = 0
     failure_schedule: str | None = None
@@ -177,6 +215,9 @@ class CheckFreeConfig:
     join_wait_s: float = 60.0
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
+    # "global_rollback": every rank reloads the last checkpoint (DeepSpeed practice);
+    # "lost_stage": only the lost stage reloads its stale weights + optimizer state (the paper)
+    checkpoint_restore: str = "global_rollback"
     storage_bandwidth_mb_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -185,6 +226,7 @@ class CheckFreeConfig:
         self._validate_choices()
         self._validate_numbers()
         self._validate_fail_at()
+        self._validate_rate_source()
         self._validate_dependencies()
 
     # -- validation, split by concern -------------------------------------------------
@@ -196,6 +238,12 @@ class CheckFreeConfig:
             ("norm_scope", NORM_SCOPES, '"decoder" (the layers being averaged) or "stage" (all parameters)'),
             ("recovery_method", RECOVERY_METHODS, '"weighted_average" (the paper); the others '
              "are ablations"),
+            ("layout", LAYOUTS, '"all_stages_fail" (every stage may fail) or "paper" (embedding and head '
+             "on their own stages, which never fail)"),
+            ("clip_scope", CLIP_SCOPES, '"global" (DeepSpeed) or "stage" (each stage clips its own norm)'),
+            ("failure_draws", FAILURE_DRAWS, '"logical_step" or "executed_step" (redone steps draw too)'),
+            ("checkpoint_restore", CHECKPOINT_RESTORES, '"global_rollback" (every rank) or "lost_stage" '
+             "(the lost stage alone reloads its stale state)"),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -211,6 +259,25 @@ class CheckFreeConfig:
                     ', or use mode "checkfree" / "off"' if self.mode == "checkfree_plus"
                     else ', or use mode "off"' if self.mode == "checkfree" else ""),
             )
+        self._validate_layout()
+
+    def _validate_layout(self) -> None:
+        if self.layout != "paper":
+            return
+        if self.mode not in PAPER_LAYOUT_MODES:
+            raise _fail(_k("layout"), self.layout, f"not implemented for mode {self.mode!r} (CheckFree+ "
+                        "rebuilds the edge stages by swapping them, the paper layout keeps them out of "
+                        "failures; the redundant ring is untested with it)",
+                        f'use layout "all_stages_fail" with mode {self.mode!r}, or mode "checkfree" / "off"')
+        if self.spares:
+            raise _fail(_k("layout"), self.layout, f"with checkfree.spares = {self.spares}: the first/last block "
+                        "stage's in-memory copy is not carried through a real process death (a joining spare "
+                        "would not know when the copies were taken)",
+                        'use layout "all_stages_fail" with spares, or spares = 0 (logical failures)')
+        if self.num_stages < MIN_STAGES_PAPER:
+            raise _fail(_k("num_stages"), self.num_stages,
+                        f"layout 'paper' needs at least {MIN_STAGES_PAPER} stages: {MIN_STAGES_PAPER_WHY}",
+                        f'set num_stages >= {MIN_STAGES_PAPER}, or layout "all_stages_fail"')
 
     def _validate_numbers(self) -> None:
         positive = {
@@ -226,6 +293,18 @@ class CheckFreeConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise _fail(_k(name), value, "must be > 0", fix)
+        if self.stage_copy_every < 1:
+            raise _fail(_k("stage_copy_every"), self.stage_copy_every, "must be >= 1",
+                        "set the steps between refreshes of the in-memory stage copy, e.g. 100 (the reference)")
+        p = self.failure_probability
+        if p is not None and not 0.0 <= p < 1.0:
+            raise _fail(_k("failure_probability"), p, "must be a per-step probability in [0, 1)",
+                        "use e.g. 0.002 (the reference's 500M model at 10 %/h), or null")
+        if self.failure_preset is not None and self.failure_preset not in RATE_PRESETS:
+            close = difflib.get_close_matches(self.failure_preset, list(RATE_PRESETS), n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise _fail(_k("failure_preset"), self.failure_preset, f"unknown preset{hint}",
+                        f"use one of {sorted(RATE_PRESETS)} (model_percent-per-hour), or null")
         for name in ("spares", "checkpoint_every", "join_wait_s"):
             value = getattr(self, name)
             if value < 0:
@@ -244,6 +323,23 @@ class CheckFreeConfig:
                 f"set heartbeat_timeout_s to at least {max(10.0, 4 * self.heartbeat_interval_s)!r}",
             )
 
+    def _validate_rate_source(self) -> None:
+        given = [n for n, v in (("failure_rate", self.failure_rate or None), ("failure_probability",
+                 self.failure_probability), ("failure_preset", self.failure_preset)) if v is not None]
+        if len(given) > 1:
+            raise _fail(_k(given[1]), getattr(self, given[1]), f"conflicts with {_k(given[0])} = "
+                        f"{getattr(self, given[0])!r}: one rate source at a time",
+                        f"keep one of {given} and unset the other(s)")
+        if self.failure_probability and self.assumed_step_seconds is None:
+            raise _fail(_k("assumed_step_seconds"), None,
+                        f"required with checkfree.failure_probability = {self.failure_probability!r}, so the "
+                        "rate can be reported as %/h as well as per step",
+                        "set assumed_step_seconds to the seconds per training step (e.g. 2.5)")
+        if self.failure_draws == "executed_step" and self.spares:
+            raise _fail(_k("failure_draws"), self.failure_draws, f"with checkfree.spares = {self.spares}: a spare "
+                        "that joins later cannot know how many steps the job executed, so its draws would "
+                        "differ from the survivors'", 'use failure_draws "logical_step" with spares')
+
     def _validate_fail_at(self) -> None:
         raw = self.fail_at
         if not isinstance(raw, (list, tuple)):
@@ -259,6 +355,13 @@ class CheckFreeConfig:
                     _k("fail_at"), format_fail_entry(entry),
                     f"stage {stage} does not exist with num_stages = {self.num_stages}",
                     f"use a stage in 0..{self.num_stages - 1}",
+                )
+            if self.layout == "paper" and stage in (0, self.num_stages - 1):
+                raise _fail(
+                    _k("fail_at"), format_fail_entry(entry),
+                    f"stage {stage} holds only the {'embedding' if stage == 0 else 'final norm + LM head'} "
+                    "in layout 'paper', which never fails (as in the paper's reference code)",
+                    f'fail a decoder stage in 1..{self.num_stages - 2}, or use layout "all_stages_fail"',
                 )
         self.fail_at = parsed
 
@@ -276,6 +379,15 @@ class CheckFreeConfig:
                 f"file not found (resolved to {os.path.abspath(self.failure_schedule)!r})",
                 "give the path of an existing failure-schedule JSON file, or null",
             )
+        if self.checkpoint_restore == "lost_stage" and self.mode not in LOST_STAGE_RESTORE_MODES:
+            raise _fail(_k("checkpoint_restore"), self.checkpoint_restore,
+                        f"not supported with mode {self.mode!r} (CheckFree+'s tied (de)embedding replicas would "
+                        "differ from their live partner; the redundant ring restores exact copies itself)",
+                        f'use "global_rollback", or mode in {list(LOST_STAGE_RESTORE_MODES)}')
+        if self.checkpoint_restore == "lost_stage" and not (self.checkpoint_dir or self.fallback_checkpoint_dir):
+            raise _fail(_k("checkpoint_restore"), self.checkpoint_restore,
+                        "a lost stage reloads its own files from a checkpoint, but no checkpoint_dir is set",
+                        "set checkpoint_every and checkpoint_dir (or fallback_checkpoint_dir)")
         if self.checkpoint_every > 0 and not self.checkpoint_dir:
             raise _fail(
                 _k("checkpoint_dir"), self.checkpoint_dir,

@@ -12,6 +12,7 @@ import json
 import os
 
 from .config import SECTION, CheckFreeConfig, ConfigError, _fail, _k, format_fail_entry
+from .layout import block_stages
 from .modes import MIN_STAGES
 
 __all__ = ["split_deepspeed_config", "micro_batches_per_step", "validate_world"]
@@ -135,21 +136,23 @@ def validate_world(cfg: CheckFreeConfig, world_size: int, num_layers: int, micro
             (f"use num_stages in {options}" if options else
              f"launch a multiple of {S} ranks (+ spares)") + ", or change the world size/spares",
         )
-    if num_layers < S:
+    B = len(block_stages(S, cfg.layout))  # stages holding decoder layers
+    if num_layers < B:
         raise _fail(
-            "num_layers", num_layers, f"fewer layers than the {S} pipeline stages",
-            f"use at least {S} layers or fewer stages",
+            "num_layers", num_layers, f"fewer layers than the {B} pipeline stages that hold decoder layers",
+            f"use at least {B} layers or fewer stages",
         )
-    if cfg.mode != "off" and num_layers % S != 0:
-        lo, hi = num_layers // S * S, (num_layers // S + 1) * S
+    if (cfg.mode != "off" or cfg.layout == "paper") and num_layers % B != 0:
+        lo, hi = num_layers // B * B, (num_layers // B + 1) * B
         divisors = [d for d in range(MIN_STAGES[cfg.mode], num_layers + 1)
                     if num_layers % d == 0 and active % d == 0]
         alt = f", or num_stages in {divisors}" if divisors else ""
         raise _fail(
             "num_layers", num_layers,
-            f"not divisible by num_stages = {S}: mode {cfg.mode!r} averages/copies neighbouring "
-            "stages key by key, so every stage must hold the same number of decoder layers",
-            f"use num_layers = {lo if lo >= S else hi} or {hi}{alt}",
+            f"not divisible by the {B} decoder stages (num_stages = {S}, layout {cfg.layout!r}): mode "
+            f"{cfg.mode!r} averages/copies neighbouring stages key by key, so every decoder stage must "
+            "hold the same number of decoder layers",
+            f"use num_layers = {lo if lo >= B else hi} or {hi}" + (alt if cfg.layout != "paper" else ""),
         )
     if cfg.mode == "checkfree_plus" and cfg.swap and micro_batches < 2:
         raise _fail(

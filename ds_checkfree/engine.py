@@ -207,11 +207,27 @@ class CheckFreePipelineEngine(PipelineEngine):
 
     def clip_fp32_gradients(self):
         max_norm = self.gradient_clipping()
+        if self.checkfree.clip_scope == "stage":
+            self._clip_stage_gradients(float(max_norm))
+            return
         total = clip_grad_norm_(parameters=self.module.parameters(), max_norm=max_norm, mpu=self.mpu)
         self.global_grad_norm = float(total)
         # DeepSpeed multiplies every gradient by min(1, max_norm / (total + 1e-6)): the
         # post-clip norms follow without another pass over the gradients
         self.stage_state.record_clip_factor(min(1.0, float(max_norm) / (self.global_grad_norm + 1e-6)))
+
+    def _clip_stage_gradients(self, max_norm: float) -> None:
+        """``clip_scope: "stage"`` (the reference): this stage clips its own gradient norm, the
+        whole-stage norm already measured before the step, with DeepSpeed's coefficient
+        ``min(1, max_norm / (norm + 1e-6))``; no collective, and the post-clip norms follow."""
+        total = self.stage_state.grad_norm_pre_clip
+        factor = min(1.0, max_norm / (total + 1e-6))
+        if factor < 1.0:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, factor)
+        self.global_grad_norm = total  # what DeepSpeed would report: here the stage's own norm
+        self.stage_state.record_clip_factor(factor)
 
     def _gather_grad_norms(self):
         mine = comm_tensor(self.stage_state.pair(self.checkfree.norm_scope), torch.float64, self.grid.get_pipe_parallel_group())

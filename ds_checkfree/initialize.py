@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .config import CheckFreeConfig, ConfigError
+from .config import CheckFreeConfig, ConfigError, check_against_deepspeed
 from .deepspeed_config import micro_batches_per_step, split_deepspeed_config, validate_world
 from .models import ModelConfig, load_model_config
 
@@ -103,6 +103,7 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
     micro = micro_batches_per_step(ds_config, provisional_dp)
     dp = validate_world(cf, world, model_cfg.num_layers, micro)
     _check_precision(ds_config, cf, dp)
+    check_against_deepspeed(cf, ds_config)
     act_ckpt = ds_config.get("pipeline", {}).get("activation_checkpoint_interval", 0)
     if cf.mode == "checkfree_plus" and act_ckpt:
         raise ConfigError(f"pipeline.activation_checkpoint_interval = {act_ckpt!r}: the out-of-order schedule runs "
@@ -163,7 +164,7 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
         setup = prepare(config, model, model_overrides, world_size=dist.get_world_size() + spares, elastic=elastic)
 
     module = CheckFreePipelineModule(setup.model, setup.checkfree.num_stages, setup.checkfree.mode,
-                                     base_seed=base_seed)
+                                     base_seed=base_seed, layout=setup.checkfree.layout)
     if elastic:
         module.route_collectives_over_world()
     mpu = module.mpu()

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from .checkpoints import Loaded
 from .failures import Failure, FailurePlan
+from .recovery import UnrecoverableFailure
 from .recovery_runtime import RecoveryRecord, apply_plan, plan_for, stable_seed
+from .stage_copies import StageCopies
 
 
 @dataclass
@@ -25,18 +27,38 @@ class Handled:
 
 
 class LogicalFailures:
-    """Fires each planned failure once (a step redone after a rollback does not fail again)."""
+    """Fires each planned failure once per logical step (a step redone after a rollback does
+    not fail again), except rate draws under ``failure_draws: "executed_step"``, which are
+    drawn afresh for every executed step, redone ones included. Under the paper's layout it
+    also keeps the first/last block stage's in-memory copies fresh (``StageCopies``)."""
 
-    def __init__(self, plan: FailurePlan, checkpointer, redundant=None):
+    def __init__(self, plan: FailurePlan, checkpointer, redundant=None, stage_copies: StageCopies | None = None):
         self.plan = plan
         self.checkpointer = checkpointer
         self.redundant = redundant
+        self.stage_copies = stage_copies
         self._fired: set[tuple[int, int, int | None]] = set()
+        #: loop iterations so far (every rank counts alike): the key of executed-step draws
+        self.executed = 0
 
-    def due(self, step: int) -> list[Failure]:
-        failures = [f for f in self.plan.failures_at(step) if (f.step, f.stage, f.replica) not in self._fired]
-        self._fired.update((f.step, f.stage, f.replica) for f in failures)
-        return failures
+    def due(self, step: int, engine=None) -> list[Failure]:
+        """The failures that hit ``step`` now; called once per loop iteration, before the step.
+        With ``engine``, a stage copy due after step - 1 is taken first (before any wipe)."""
+        if engine is not None and self.stage_copies is not None:
+            self.stage_copies.refresh(engine, step - 1)
+        self.executed += 1
+        out = []
+        for f in self.plan.failures_at(step, executed=self.executed):
+            if f.cause == "rate" and self.plan.draws == "executed_step":
+                out.append(f)
+            elif (f.step, f.stage, f.replica) not in self._fired:
+                self._fired.add((f.step, f.stage, f.replica))
+                out.append(f)
+        return out
+
+    def event_fields(self, failure: Failure) -> dict:
+        """The ``failure`` event's fields (cause, replica, executed step, the rate in both units)."""
+        return self.plan.event_fields(failure)
 
     def handle(self, engine, step: int, failures: list[Failure], dump=None) -> Handled:
         """Destroy the lost stages (on their ranks) and recover them (every rank, same plan).
@@ -52,10 +74,16 @@ class LogicalFailures:
                 self.redundant.wipe(seed=stable_seed("wipe-shadow", step, engine.stage_id))
             dump("wiped")
         actions = plan_for(engine, pairs)  # UnrecoverableFailure: the same verdict on every rank
+        if any(a.method == "checkpoint_stage" for a in actions) and not self.checkpointer.exists():
+            raise UnrecoverableFailure(f"stages {lost} lost at step {step} are restored from the checkpoint "
+                                       f"(checkpoint_restore 'lost_stage'), but none exists yet in "
+                                       f"{self.checkpointer.directory!r}")
         if any(a.method == "checkpoint" for a in actions):
             loaded = self.checkpointer.load_latest(engine, why=f"stages {lost} lost at step {step}")
             if self.redundant is not None:
                 self.redundant.resync()  # shadows must mirror the reloaded state
+            if self.stage_copies is not None:
+                self.stage_copies.copy_step = None  # copies newer than the checkpoint: retake them
             dump("rollback")
             return Handled(lost, [], rollback=loaded, lost_replicas=pairs)
         copies = [a for a in actions if a.method == "replica"]
@@ -64,7 +92,7 @@ class LogicalFailures:
         if self.redundant is not None and any(a.method == "redundant" for a in rest):
             records += self.redundant.recover(rest, step)
         else:
-            records += apply_plan(engine, rest, step)
+            records += apply_plan(engine, rest, step, copies=self.stage_copies, checkpointer=self.checkpointer)
         if self.redundant is not None and copies:
             self.redundant.resync()  # the restored replica's shadow of its successor was lost too
         dump("after")

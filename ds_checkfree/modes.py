@@ -23,3 +23,28 @@ MIN_STAGES_WHY = {
     "redundant": "the redundant-computation baseline keeps each stage's shadow copy on its "
     "predecessor in a ring, which needs a second stage",
 }
+
+#: where the (de)embedding sits and which stages may fail (issue #11, item 1)
+#: "all_stages_fail": embedding in front of stage 0's decoder layers, norm + head behind the
+#: last stage's, every stage may fail; "paper": the reference code's layout, embedding alone
+#: on stage 0 and norm + head alone on stage S-1, those two never fail
+LAYOUTS = ("all_stages_fail", "paper")
+#: modes the paper layout is implemented for (CheckFree+ swaps the edge stages, which the
+#: paper layout keeps out of the pipeline's failure domain; the redundant shadow ring is untested)
+PAPER_LAYOUT_MODES = ("off", "checkfree")
+MIN_STAGES_PAPER = 3
+MIN_STAGES_PAPER_WHY = ("the paper's layout puts the embedding alone on stage 0 and the final norm + LM "
+                        "head alone on stage S-1, so at least one stage in between must hold the decoder "
+                        "layers (with 3 or 4 stages every decoder stage is a first/last block stage, "
+                        "restored from its in-memory copy; from 5 stages on the middle ones are averaged)")
+#: gradient clipping: DeepSpeed's one global norm, or each stage its own norm (the reference)
+CLIP_SCOPES = ("global", "stage")
+#: what a rate draw is keyed by: the logical step (a redone step never fails again) or the
+#: executed step (every loop iteration draws, redone steps included: the paper's time model)
+FAILURE_DRAWS = ("logical_step", "executed_step")
+#: what "restore from the checkpoint" means: every rank rolls back (DeepSpeed practice), or
+#: only the lost stage reloads its own stale weights and optimizer state (the paper's baseline)
+CHECKPOINT_RESTORES = ("global_rollback", "lost_stage")
+#: modes whose losses may be restored stage by stage from a checkpoint: CheckFree+'s tied
+#: (de)embedding replicas would diverge from their live partner, the redundant ring restores itself
+LOST_STAGE_RESTORE_MODES = ("off", "checkfree")

@@ -88,13 +88,14 @@ class CheckFreePipelineModule(PipelineModule):
     """PipelineModule over the LLaMA layers with the CheckFree stage layout."""
 
     def __init__(self, model_config: ModelConfig, num_stages: int, mode: str = "checkfree", base_seed: int = 1234,
-                 topology=None, activation_checkpoint_interval: int = 0):
-        slots = L.stage_slots(model_config.num_layers, num_stages, mode)
+                 topology=None, activation_checkpoint_interval: int = 0, layout: str = "all_stages_fail"):
+        slots = L.stage_slots(model_config.num_layers, num_stages, mode, layout)
         replicated = mode == "checkfree_plus"
         specs = [make_spec(slot, model_config, base_seed, replicated) for stage in slots for slot in stage]
         # Set before PipelineModule.__init__, which calls _partition_layers.
         object.__setattr__(self, "_cf_slots", slots)
         object.__setattr__(self, "_cf_mode", mode)
+        object.__setattr__(self, "_cf_layout", layout)
         super().__init__(layers=specs, num_stages=None if topology else num_stages, topology=topology, loss_fn=lm_loss,
                          partition_method=_PARTITION_METHOD, activation_checkpoint_interval=activation_checkpoint_interval)
         self.model_config = model_config
@@ -161,6 +162,11 @@ class CheckFreePipelineModule(PipelineModule):
     @property
     def mode(self) -> str:
         return self._cf_mode
+
+    @property
+    def layout(self) -> str:
+        """``checkfree.layout``: where the (de)embedding sits and which stages may fail."""
+        return self._cf_layout
 
     @property
     def slots(self) -> list[list[L.Slot]]:

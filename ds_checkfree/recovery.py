@@ -14,11 +14,16 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .modes import MIN_STAGES, MODES
+from .layout import copy_holders
+from .modes import CHECKPOINT_RESTORES, LAYOUTS, MIN_STAGES, MIN_STAGES_PAPER, MODES, PAPER_LAYOUT_MODES
 from .modes import RECOVERY_METHODS as METHODS
 
 #: methods ``combine`` knows (everything that builds weights; "checkpoint" loads them instead)
 COMBINE_METHODS = METHODS + ("copy",)
+#: methods that install state from elsewhere instead of combining neighbours:
+#: "stage_copy" (the in-memory copy kept on a never-failing stage, layout "paper") and
+#: "checkpoint_stage" (the lost stage alone reloads its stale state from the last checkpoint)
+RESTORE_METHODS = ("stage_copy", "checkpoint_stage")
 
 _FALLBACK_HINT = "set checkfree.fallback_checkpoint_dir to roll back to the last checkpoint instead"
 
@@ -63,12 +68,27 @@ def _neighbour_reason(stage: int, lost: set[int]) -> str | None:
     return f"stages {names} are adjacent: stage {stage}'s neighbours {dead[0]} and {dead[1]} are lost too"
 
 
+def _paper_reason(stage: int, num_stages: int, lost: set[int]) -> str | None:
+    """Why ``stage`` cannot be restored under the paper layout, or None (then: its copy, or
+    for a middle block stage the neighbour rule decides)."""
+    if stage in (0, num_stages - 1):
+        what = "embedding" if stage == 0 else "final norm + LM head"
+        return (f"stage {stage} holds only the {what} in layout 'paper', which has no rebuild rule "
+                "(the paper's layout never lets it fail)")
+    holder = copy_holders(num_stages, "paper", "checkfree").get(stage)
+    if holder is not None and holder in lost:
+        return f"stage {stage}'s in-memory copy lived on stage {holder}, which is lost too"
+    return None
+
+
 def plan_recovery(
     lost: Iterable[int],
     num_stages: int,
     mode: str,
     method: str = "weighted_average",
     has_checkpoint: bool = False,
+    layout: str = "all_stages_fail",
+    checkpoint_restore: str = "global_rollback",
 ) -> list[RecoveryAction]:
     """One action per lost stage, sorted by stage.
 
@@ -77,10 +97,24 @@ def plan_recovery(
     paper's rule). Under ``checkfree_plus`` the swap pairs (0, 1) and (S-2, S-1) copy each
     other. If any lost stage cannot be rebuilt, the whole loss is rolled back to the
     checkpoint (all-or-nothing: stages rebuilt from step t next to stages restored from
-    step t-k would be inconsistent), or ``UnrecoverableFailure`` is raised.
+    step t-k would be inconsistent), or ``UnrecoverableFailure`` is raised. With
+    ``checkpoint_restore="lost_stage"`` nobody rolls back: each stage without a rule reloads
+    its own stale state (method ``checkpoint_stage``) and the others keep their rule.
+
+    Layout ``paper`` (plain CheckFree): stages 0 and S-1 hold only the embedding / the head
+    and have no rule (they never fail by design); the first and last block stages (1 and
+    S-2) are restored alone from their in-memory copy (method ``stage_copy``, source: the
+    stage that holds the copy); the block stages between them are averaged as usual.
     """
     if mode not in MODES:
         raise ValueError(f"unknown checkfree mode {mode!r}; expected one of {MODES}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout == "paper" and (mode not in PAPER_LAYOUT_MODES or num_stages < MIN_STAGES_PAPER):
+        raise ValueError(f"layout 'paper' needs a mode in {PAPER_LAYOUT_MODES} and >= {MIN_STAGES_PAPER} stages, "
+                         f"got {mode!r} with {num_stages}")
+    if checkpoint_restore not in CHECKPOINT_RESTORES:
+        raise ValueError(f"unknown checkpoint_restore {checkpoint_restore!r}; expected one of {CHECKPOINT_RESTORES}")
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; expected one of {METHODS}")
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
@@ -96,6 +130,7 @@ def plan_recovery(
         return []
 
     last = num_stages - 1
+    holders = copy_holders(num_stages, layout, mode)
     actions: list[RecoveryAction] = []
     reasons: dict[int, str] = {}
     for stage in sorted(lost_set):
@@ -110,6 +145,14 @@ def plan_recovery(
             else:
                 actions.append(RecoveryAction(stage, "redundant", (holder,)))
             continue
+        if layout == "paper" and mode == "checkfree":
+            why = _paper_reason(stage, num_stages, lost_set)
+            if why is None and stage in holders:
+                actions.append(RecoveryAction(stage, "stage_copy", (holders[stage],)))
+                continue
+            if why is not None:
+                reasons[stage] = why
+                continue
         if mode == "checkfree_plus":
             partner = {0: 1, 1: 0, last: last - 1, last - 1: last}.get(stage)
             if partner is not None:
@@ -136,6 +179,9 @@ def plan_recovery(
 
     if not reasons:
         return actions
+    if has_checkpoint and checkpoint_restore == "lost_stage":
+        return sorted(actions + [RecoveryAction(stage, "checkpoint_stage", ()) for stage in reasons],
+                      key=lambda a: a.stage)
     if has_checkpoint:
         return [RecoveryAction(stage, "checkpoint", ()) for stage in sorted(lost_set)]
     lines = [f"cannot recover lost stages {sorted(lost_set)} (mode {mode!r}, {num_stages} stages) "
@@ -158,6 +204,8 @@ def plan_replicated_recovery(
     mode: str,
     method: str = "weighted_average",
     has_checkpoint: bool = False,
+    layout: str = "all_stages_fail",
+    checkpoint_restore: str = "global_rollback",
 ) -> list[RecoveryAction]:
     """Recovery with data parallelism: ``lost`` holds ``(stage, replica)`` pairs.
 
@@ -178,7 +226,8 @@ def plan_replicated_recovery(
             raise ValueError(f"lost replica {replica!r} of stage {stage!r} is out of range [0, {dp_size - 1}]")
         by_stage.setdefault(stage, set()).add(replica)
     whole = sorted(s for s, reps in by_stage.items() if len(reps) == dp_size)
-    columns = plan_recovery(whole, num_stages, mode, method=method, has_checkpoint=has_checkpoint)
+    columns = plan_recovery(whole, num_stages, mode, method=method, has_checkpoint=has_checkpoint, layout=layout,
+                            checkpoint_restore=checkpoint_restore)
     if any(a.method == "checkpoint" for a in columns):
         return columns
     copies = []

@@ -33,6 +33,8 @@ class RecoveryRecord:
     #: the data-parallel replica restored (method "replica"), None when every replica was rebuilt
     replica: int | None = None
     source_replica: int | None = None
+    #: method-specific fields (a stage copy's or checkpoint's step and staleness, bytes charged)
+    extra: dict | None = None
 
     def as_event(self) -> dict:
         out = {"method": self.method, "sources": list(self.sources),
@@ -40,7 +42,7 @@ class RecoveryRecord:
                "bytes_received": int(self.bytes_received), "lr_scale": self.lr_scale}
         if self.replica is not None:
             out.update(replica=self.replica, source_replica=self.source_replica)
-        return out
+        return {**out, **(self.extra or {})}
 
 
 def _flatten(state, device) -> torch.Tensor:
@@ -126,15 +128,64 @@ def _copy_replica(engine, action: RecoveryAction, source: int, target: int) -> R
                           lr_scale=engine.lr_scale, replica=action.replica, source_replica=action.source_replica)
 
 
-def apply_plan(engine, actions: list[RecoveryAction], step: int) -> list[RecoveryRecord]:
-    """Run non-checkpoint recovery actions on every rank; returns the records (same on all ranks).
+def _restore_from_copy(engine, action: RecoveryAction, step: int, copies, holder: int, target: int):
+    """Layout "paper": the block stage's weights come back from its holder's in-memory copy;
+    fresh optimizer state and the lr factor as for any rebuilt stage."""
+    if copies is None or copies.copy_step is None:
+        raise RuntimeError(f"stage {action.stage} is planned from its in-memory copy, but no copy is kept here "
+                           "(StageCopies not passed or never refreshed)")
+    if engine.global_rank == holder:
+        copies.send_back(action.stage, target)
+        return None
+    if engine.global_rank != target:
+        return None
+    start = time.perf_counter()
+    weights = copies.receive(engine, holder)
+    lr_scale = engine.checkfree.lr_scale
+    engine.install_recovered(weights, lr_scale, include_replicated=False)
+    return RecoveryRecord(stage=action.stage, method="stage_copy", sources=list(action.sources), weights=[1.0],
+                          seconds=time.perf_counter() - start, bytes_received=copies.nbytes(engine, action.stage),
+                          lr_scale=lr_scale, extra={"copy_of_step": copies.copy_step,
+                                                    "staleness_steps": step - 1 - copies.copy_step})
+
+
+def _restore_from_checkpoint(engine, action: RecoveryAction, step: int, checkpointer, target: int):
+    """The paper's checkpoint baseline: the lost stage alone reloads its stale state, no collective."""
+    if engine.global_rank != target:
+        return None
+    loaded = checkpointer.load_stage(engine)
+    return RecoveryRecord(stage=action.stage, method="checkpoint_stage", sources=[], weights=[],
+                          seconds=loaded["seconds"], bytes_received=loaded["bytes"], lr_scale=1.0,
+                          extra={"restore": "lost_stage", "checkpoint_step": loaded["step"],
+                                 "staleness_steps": step - 1 - loaded["step"], "bytes": loaded["bytes"],
+                                 **checkpointer.charged(loaded["bytes"])})
+
+
+def apply_plan(engine, actions: list[RecoveryAction], step: int, copies=None,
+               checkpointer=None) -> list[RecoveryRecord]:
+    """Run non-rollback recovery actions on every rank; returns the records (same on all ranks).
 
     Replica copies come first in a plan (``plan_replicated_recovery``), so a column rebuilt
-    next to a restored replica reads the restored state."""
+    next to a restored replica reads the restored state. ``copies`` (``StageCopies``) serves
+    ``stage_copy`` actions, ``checkpointer`` (``Checkpointer``) ``checkpoint_stage`` ones."""
     grid = engine.grid
     my_dp = grid.get_data_parallel_id()
     records = []
     for action in actions:
+        if action.method in ("stage_copy", "checkpoint_stage"):
+            if action.method == "checkpoint_stage" and checkpointer is None:
+                raise RuntimeError(f"stage {action.stage} is planned from the checkpoint, but no Checkpointer given")
+            for dp in range(grid.get_data_parallel_world_size()):
+                target = grid.stage_to_global(stage_id=action.stage, data=dp)
+                if action.method == "stage_copy":
+                    holder = grid.stage_to_global(stage_id=action.sources[0], data=dp)
+                    record = _restore_from_copy(engine, action, step, copies, holder, target)
+                else:
+                    record = _restore_from_checkpoint(engine, action, step, checkpointer, target)
+                record = _share(record, target)
+                if dp == 0:
+                    records.append(record)
+            continue
         if action.method == "replica":
             target = grid.stage_to_global(stage_id=action.stage, data=action.replica)
             source = grid.stage_to_global(stage_id=action.stage, data=action.source_replica)
@@ -166,4 +217,5 @@ def plan_for(engine, lost) -> list[RecoveryAction]:
     pairs = sorted({p for x in lost for p in ([(x, r) for r in range(dp_size)] if isinstance(x, int) else [tuple(x)])})
     return plan_replicated_recovery(pairs, engine.num_stages, dp_size, engine.module.mode,
                                     method=cf.recovery_method,
-                                    has_checkpoint=bool(cf.fallback_checkpoint_dir or cf.checkpoint_dir))
+                                    has_checkpoint=bool(cf.fallback_checkpoint_dir or cf.checkpoint_dir),
+                                    layout=cf.layout, checkpoint_restore=cf.checkpoint_restore)

@@ -22,6 +22,13 @@ def replica_parameters(setup) -> int:
                    for p in mod.parameters())
 
 
+def failure_rate_label(cf) -> dict | None:
+    """The configured failure rate in both units (per-step probability and %/h at the
+    assumed step time), as run.json, the log and the failure events report it."""
+    from .failures import rate_label
+    return rate_label(cf.failure_rate, cf.assumed_step_seconds, cf.failure_probability, cf.failure_preset)
+
+
 def run_info(engine, setup, options, data, seq_len: int) -> dict:
     """run.json: resolved configuration, model, world layout, data and versions."""
     import deepspeed
@@ -31,7 +38,10 @@ def run_info(engine, setup, options, data, seq_len: int) -> dict:
         "argv": sys.argv, "args": options.as_dict(), "deepspeed_config": setup.ds_config,
         "checkfree": setup.checkfree.to_dict(), "model": setup.model.to_dict(),
         "model_parameters": setup.model.num_parameters(), "replica_parameters": replica_parameters(setup),
-        "grad_norms_logged": {"grad_norm": setup.checkfree.grad_norm, "norm_scope": setup.checkfree.norm_scope},
+        "grad_norms_logged": {"grad_norm": setup.checkfree.grad_norm, "norm_scope": setup.checkfree.norm_scope,
+                              "clip_scope": setup.checkfree.clip_scope},
+        "failure_rate": failure_rate_label(setup.checkfree), "failure_draws": setup.checkfree.failure_draws,
+        "layout": setup.checkfree.layout, "checkpoint_restore": setup.checkfree.checkpoint_restore,
         "world": {"world_size": setup.world_size, "num_stages": e.num_stages,
                   "dp_size": e.grid.get_data_parallel_world_size(), "micro_batches": e.micro_batches,
                   "micro_batch_size": e.train_micro_batch_size_per_gpu(),
@@ -51,6 +61,13 @@ def announcement(engine, setup, steps: int, tokens_per_step: int) -> list[str]:
     lines = [f"training {setup.model.name} ({setup.model.num_parameters() / 1e6:.2f}M params) on {e.num_stages} "
              f"stages x {e.grid.get_data_parallel_world_size()} replicas, mode {setup.checkfree.mode}, {steps} steps, "
              f"{tokens_per_step} tokens/step"]
+    from .failures import describe_rate
+    label = failure_rate_label(setup.checkfree)
+    if label is not None:
+        lines.append(f"{describe_rate(label)}, drawn per {setup.checkfree.failure_draws.replace('_', ' ')}")
+    if setup.checkfree.layout == "paper":
+        lines.append(f"layout paper: embedding alone on stage 0, norm + head alone on stage {e.num_stages - 1} "
+                     "(neither fails)")
     if replica:
         lines.append(f"CheckFree+ replicas: {replica} extra parameters ({replica * 4 / 1e6:.2f} MB fp32) on stages "
                      f"1 and {e.num_stages - 2}")

@@ -22,6 +22,7 @@ from .metrics import MetricsWriter, write_run_json
 from .process_loss import ProcessLossOutcome, ProcessLossRecovery, StoppedForGood
 from .recovery import UnrecoverableFailure
 from .run_info import announcement, fmt_eta, run_info
+from .stage_copies import StageCopies
 
 
 class Trainer:
@@ -59,12 +60,11 @@ class Trainer:
         if self.cf.mode == "redundant":
             from .baselines import RedundantShadow
             self.redundant = RedundantShadow(e, elastic=world is not None)
-        plan = FailurePlan(e.num_stages, fail_at=self.cf.fail_at, rate_percent_per_hour=self.cf.failure_rate,
-                           step_seconds=self.cf.assumed_step_seconds, seed=self.cf.failure_seed,
-                           schedule_file=self.cf.failure_schedule)
+        plan = FailurePlan.from_config(self.cf, e.num_stages)
         if options.save_failure_schedule and e.global_rank == 0:
             plan.save(options.save_failure_schedule, options.steps)
-        self.failures = LogicalFailures(plan, self.checkpoints, self.redundant)
+        copies = StageCopies(e.num_stages, self.cf.layout, self.cf.mode, self.cf.stage_copy_every)
+        self.failures = LogicalFailures(plan, self.checkpoints, self.redundant, copies if copies.active else None)
         self.tokens_per_step = e.train_batch_size() * self.seq_len
         self._timeline = None  # the last process-loss recovery, until the next step completes
         if self.is_writer and options.output_dir and joined is None:
@@ -84,7 +84,7 @@ class Trainer:
         self._announce()
         step, start = self._first_step(), time.perf_counter()
         while step <= self.options.steps:
-            failures = self.failures.due(step)
+            failures = self.failures.due(step, self.engine)
             if failures:
                 resume = self._handle_logical_failures(step, failures)
                 if resume is not None:
@@ -152,8 +152,7 @@ class Trainer:
     def _handle_logical_failures(self, step: int, failures) -> int | None:
         """Returns the step to resume from after a rollback, else None."""
         for f in failures:
-            one = {} if f.replica is None else {"replica": f.replica}
-            self.metrics.event("failure", step, f.stage, cause=f.cause, **one)
+            self.metrics.event("failure", step, f.stage, **self.failures.event_fields(f))
             self.log(f"step {step}: stage {f.stage}{'' if f.replica is None else f' replica {f.replica}'} lost ({f.cause})")
         try:
             handled = self.failures.handle(self.engine, step, failures, dump=lambda tag: self._dump(step, tag))

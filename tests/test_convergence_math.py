@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,27 +82,74 @@ def _curve(walls, losses):
             for i, (w, y) in enumerate(zip(walls, losses))]
 
 
-def test_summarize_speedups_against_the_fastest_checkpoint_and_redundant():
-    losses = [4.0, 3.0, 2.0, 1.0]
-    curves = {
-        ("checkpoint_5", 10.0): _curve([10, 20, 40, 60], losses),     # reaches 2.0 at 40 s
-        ("checkpoint_20", 10.0): _curve([15, 30, 50, 70], losses),    # 50 s
-        ("redundant", 10.0): _curve([8, 16, 30, 45], losses),         # 30 s
-        ("checkfree", 10.0): _curve([6, 12, 24, 36], losses),         # 24 s
-        ("checkfree_plus", 10.0): _curve([6, 12, 24, 36], [4.0, 3.0, 2.5, 2.4]),  # never
-    }
-    got = {r.strategy: r for r in conv.summarize(curves, target=2.0)}
-    assert got["checkfree"].wall_s == pytest.approx(24.0) and got["checkfree"].steps == pytest.approx(30.0)
-    assert got["checkfree"].best_checkpoint == "checkpoint_5"
-    assert got["checkfree"].vs_checkpoint == pytest.approx(40 / 24)
-    assert got["checkfree"].vs_redundant == pytest.approx(30 / 24)
-    assert got["checkpoint_5"].vs_checkpoint == pytest.approx(1.0)
-    assert got["checkpoint_20"].vs_checkpoint == pytest.approx(40 / 50)
-    assert got["redundant"].vs_checkpoint == pytest.approx(40 / 30)
-    assert got["checkfree_plus"].wall_s is None and got["checkfree_plus"].vs_checkpoint is None
-    assert got["checkfree_plus"].final_loss == 2.4
-    # interpolated target between points: 2.5 lies halfway between 20 s and 40 s for checkpoint_5
-    assert {r.strategy: r.wall_s for r in conv.summarize(curves, 2.5)}["checkpoint_5"] == pytest.approx(30.0)
+def test_outcomes_reached_or_censored_at_the_cut_off():
+    pts = _curve([10, 20, 40, 60], [4.0, 3.0, 2.0, 1.0])
+    steps, wall = conv.run_outcomes(pts, conv.Costs(steps_executed=40, measured_s=60.0), target=2.5)
+    assert (steps.value, steps.reached) == (pytest.approx(25.0), True) and wall.value == pytest.approx(30.0)
+    # never reached: censored at the steps executed and the wall-clock used
+    steps, wall = conv.run_outcomes(pts, conv.Costs(steps_executed=41, measured_s=61.0), target=0.5)
+    assert (steps.value, steps.reached, wall.value, wall.reached) == (41.0, False, 61.0, False)
+
+
+def test_modelled_wall_clock_from_steps_ratio_and_charged_costs():
+    pts = [Point(10, 10, 5.0, 3.0, 4.0, 1.0), Point(20, 20, 9.0, 2.0, 7.0, 2.0), Point(30, 30, 12.0, 1.0, 9.0, 3.0)]
+    assert conv.charged_at_target(pts, 2.5) == 2.0  # the first validation at or below the target
+    assert conv.charged_at_target(pts, 0.5) == 3.0  # never reached: everything charged
+    got = conv.modelled_wall(conv.Outcome(15.0, True), step_s=0.2, step_ratio=1.5, charged_s=2.0)
+    assert got.value == pytest.approx(15 * 0.2 * 1.5 + 2.0) and got.reached
+    assert not conv.modelled_wall(conv.Outcome(30.0, False), 0.2, 1.0, 0.0).reached
+
+
+def test_summary_formats_mean_sd_and_censoring():
+    O = conv.Outcome
+    s = conv.summarize_outcomes([O(100, True), O(120, True), O(110, True)])
+    assert (s.n, s.reached, s.mean, s.sd) == (3, 3, 110.0, pytest.approx(10.0))
+    assert conv.fmt_summary(s) == "110 ± 10"
+    none = conv.summarize_outcomes([O(300, False), O(310, False)])
+    assert conv.fmt_summary(none) == ">300"  # a cut-off, never "never"
+    some = conv.summarize_outcomes([O(100, True), O(300, False)])
+    assert conv.fmt_summary(some) == "≥200 (1/2 reached; rest >300)"
+    assert conv.summarize_outcomes([]) is None and conv.fmt_summary(None) == "n/a"
+    assert conv.fmt_summary(conv.summarize_outcomes([O(80, True)])) == "80 (n=1)"
+
+
+def test_gap_inside_or_outside_the_noise():
+    S = conv.Summary
+    a, b = S(4, 4, 110.0, 10.0, None), S(4, 4, 100.0, 10.0, None)
+    diff, band, inside = conv.gap_vs(a, b)
+    assert diff == 10.0 and band == pytest.approx(2 * (200 / 4) ** 0.5) and inside  # 10 <= 14.1
+    diff, band, inside = conv.gap_vs(S(4, 4, 130.0, 10.0, None), b)
+    assert not inside
+    assert conv.gap_vs(S(2, 1, 200.0, 1.0, 300.0), b) is None  # a censored cell has no measured gap
+    assert conv.gap_vs(S(1, 1, 200.0, 0.0, None), b) is None  # nor has a single run
+    # a systematic error (a measured step-time ratio's CI) widens the band and does not shrink with n
+    _, band, inside = conv.gap_vs(S(4, 4, 130.0, 0.0, None), S(4, 4, 100.0, 0.0, None), sys_a=10.0, sys_b=10.0)
+    assert band == pytest.approx(2 * 200 ** 0.5) and not inside
+
+
+def test_extra_steps_per_failure_is_a_mean_over_runs():
+    # 2 failures -> +20 steps (10 per failure), 4 failures -> +80 steps (20 per failure)
+    mean, sd = conv.extra_steps_per_failure([(120, 2), (180, 4), (90, 0)], 100.0)
+    assert mean == pytest.approx(15.0) and sd == pytest.approx(50 ** 0.5)
+    assert conv.extra_steps_per_failure([(100, 0)], 100.0) is None
+
+
+def test_projection_models():
+    # the paper's 500M pair at 10 %/h: p 0.002 means a step of ~68 s
+    assert conv.implied_step_seconds(0.002, 10.0) == pytest.approx(3600 * math.log(0.998) / math.log(0.9))
+    kw = dict(ref_steps=1000, step_s=10.0, stages=5, p=0.001, save_s=4.0, load_s=4.0)
+    exact = conv.project("exact", step_ratio=1.2, **kw)
+    assert exact["abs"] == pytest.approx(1000 * 10 * 1.2) and exact["failures"] == pytest.approx(5.0)
+    rb = conv.project("rollback", step_ratio=1.0, interval=20, **kw)
+    steps = 1000 / (1 - 0.005 * 10)  # every failure redoes k/2 = 10 steps, redone steps fail too
+    assert rb["steps"] == pytest.approx(steps)
+    assert rb["abs"] == pytest.approx(steps * 10 + steps / 20 * 4 + 0.005 * steps * 4)
+    # Young's interval: sqrt(2 C / lambda) with lambda = 0.005 / 10 s -> 126.5 s -> 13 steps
+    assert conv.young_interval(4.0, 10.0, 0.005) == 13
+    cf = conv.project("convergence", step_ratio=1.0, extra_per_failure=(3.0, 1.0), **kw)
+    assert cf["steps_abs"] == pytest.approx(1000 + 3 * 5) and cf["steps_rel"] == pytest.approx(1000 + 4 * 5)
+    assert cf["abs"] == pytest.approx(1015 * 10)
+    assert conv.project("convergence", step_ratio=1.0, extra_per_failure=None, **kw)["abs"] is None
 
 
 def test_default_target_is_the_reference_loss_at_80_percent():
@@ -111,17 +159,29 @@ def test_default_target_is_the_reference_loss_at_80_percent():
     assert conv.speedup(None, 40.0) is None and conv.speedup(50.0, None) is None
 
 
-def test_every_strategy_config_is_valid(tmp_path):
+def test_every_available_strategy_config_is_valid(tmp_path):
     sched = tmp_path / "f.json"
     sched.write_text(json.dumps({"num_stages": 4, "failures": [{"step": 3, "stage": 1}]}))
-    a = SimpleNamespace(storage_bandwidth_mb_s=100.0, checkfree_fallback_every=20)
-    names = conv.strategy_names(["no_failure", "checkfree", "checkfree_plus", "checkpoint", "redundant"], [5, 20])
-    assert names == ["no_failure", "checkfree", "checkfree_plus", "checkpoint_5", "checkpoint_20", "redundant"]
-    modes = {}
-    for name in names:
-        cfg = conv.strategy_config(name, a, None if name == "no_failure" else str(sched), str(tmp_path / name))
+    a = SimpleNamespace(storage_bandwidth_mb_s=100.0)
+    registry = conv.strategy_registry([5, 20], 20)
+    names = [s.name for s in conv.select_strategies(registry, ["checkfree", "checkpoint", "redundant"])]
+    assert names == ["no_failure", "checkfree", "checkpoint_5", "checkpoint_20", "redundant"]
+    assert [s.name for s in conv.select_strategies(registry, ["all"])] == [s.name for s in registry]
+    with pytest.raises(SystemExit, match="unknown"):
+        conv.select_strategies(registry, ["nope"])
+    got = {}
+    for st in registry:
+        if not st.available():
+            assert st.requires  # only strategies waiting for a config key may be unavailable
+            continue
+        cfg = conv.strategy_config(st, a, None if st.name == "no_failure" else str(sched), str(tmp_path / st.name))
         _, cf = split_deepspeed_config(cfg)
-        modes[name] = (cf.mode, cf.checkpoint_every, cf.failure_schedule is not None)
-    assert modes == {"no_failure": ("off", 0, False), "checkfree": ("checkfree", 20, True),
-                     "checkfree_plus": ("checkfree_plus", 0, True), "checkpoint_5": ("off", 5, True),
-                     "checkpoint_20": ("off", 20, True), "redundant": ("redundant", 0, True)}
+        got[st.name] = (cf.mode, cf.num_stages, cf.checkpoint_every, cf.failure_schedule is not None)
+    assert got["no_failure"] == ("off", 4, 0, False)
+    assert got["checkfree"] == ("checkfree", 4, 20, True)
+    assert got["checkfree_plus"] == ("checkfree_plus", 4, 0, True)
+    assert got["checkfree_plus_6"] == ("checkfree_plus", 6, 0, True)
+    assert got["checkpoint_5"] == ("off", 4, 5, True)
+    assert got["redundant"] == ("redundant", 4, 0, True) and got["redundant_lb"] == ("redundant", 4, 0, True)
+    if "ckpt_stage_5" in got:
+        assert got["ckpt_stage_5"] == ("off", 4, 5, True)

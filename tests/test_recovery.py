@@ -68,6 +68,10 @@ def test_rebuilt_stage_is_the_gradient_weighted_average(tmp_path):
     assert step3["grad_norms"][0] == pytest.approx(prev["recovery_norm"], rel=1e-12)
     assert step3["grad_norms"][2] == pytest.approx(nxt["recovery_norm"], rel=1e-12)
     assert step3["grad_norms"][1] == pytest.approx(old["recovery_norm"], rel=1e-12)
+    # clip_scope "global" (default): DeepSpeed scales every stage by one common factor
+    for rec in steps_of(records):
+        ratios = [q / p for p, q in zip(rec["grad_norms_pre_clip"], rec["grad_norms"])]
+        assert ratios == pytest.approx([ratios[0]] * len(ratios), rel=1e-9) and ratios[0] <= 1.0
 
 
 def test_done_when_run_recovers_and_loss_falls(tmp_path):

@@ -32,13 +32,21 @@ def test_long_checkfree_plus_run_under_a_high_failure_rate(tmp_path):
 
 
 def test_quick_convergence_harness_writes_every_strategy(tmp_path):
-    """The quick convergence benchmark end to end (~10 min on 2 cores)."""
+    """The quick convergence benchmark end to end, shortened (2 schedules, 40-step reference;
+    ~10 min on 2 cores): every strategy gets a row with mean ± sd or a cut-off, and the
+    projection is written with its inputs."""
     prefix = tmp_path / "conv"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/convergence.py"), "--quick", "--rates", "0", "10",
-                           "--out", str(prefix), "--runs_dir", str(tmp_path / "runs")],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/convergence.py"), "--quick", "--steps", "40",
+                           "--strategies", "checkfree", "checkfree_plus", "checkfree_plus_6", "checkpoint",
+                           "redundant", "redundant_lb", "--out", str(prefix), "--runs_dir", str(tmp_path / "runs")],
                           cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "conv.md").read_text()
-    for strategy in ("checkfree", "checkpoint", "redundant"):
-        assert strategy in table
+    for label in ("CheckFree, all stages fail", "CheckFree+, 4 stages", "CheckFree+, 6 stages", "checkpoint/5",
+                  "checkpoint/20", "Bamboo", "lower bound"):
+        assert label in table, label
+    assert "never" not in table.split("## Projection")[0].replace("never fail", "")
+    assert "Projection to the paper's sizes" in table and "T s (implied)" in table
+    runs = (tmp_path / "conv_runs.csv").read_text().splitlines()
+    assert len(runs) == 1 + 1 + 7 * 2  # header, reference, 7 strategies x 2 schedules
     assert (tmp_path / "conv.csv").stat().st_size > 0
