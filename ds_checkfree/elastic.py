@@ -60,14 +60,21 @@ class Agreement:
     generation: int = 0
     evicted: list[int] = field(default_factory=list)
     fresh: bool = False
+    dp: int = 1  # replicas per stage: ``lost_stages`` and ``replacements`` name slots (stage * dp + replica)
+
+    def lost_pairs(self) -> list[tuple[int, int]]:
+        """The lost slots as (stage, replica) pairs, what the recovery planner takes."""
+        return [divmod(slot, self.dp) for slot in self.lost_stages]
 
 
 class ElasticWorld:
     """Roles (stage or spare) of every member, agreement after failures, the data plane."""
 
     def __init__(self, num_stages: int, spares: int, dp_timeout_s: float = 60.0, *, coordinator: str | None = None,
-                 joining: bool = False, cf=None, log_dir: str | None = None):
-        self.num_stages, self.dp_timeout_s = num_stages, dp_timeout_s
+                 joining: bool = False, cf=None, log_dir: str | None = None, dp: int = 1):
+        """``dp`` data-parallel replicas per stage: a role is a slot, ``stage * dp + replica``
+        (DeepSpeed's rank order), and the data plane has ``num_stages * dp`` ranks."""
+        self.num_stages, self.dp_timeout_s, self.dp = num_stages, dp_timeout_s, dp
         self.roles: dict[int, int | None] = {}
         self.generation = 0
         self._lock = threading.Lock()
@@ -81,14 +88,14 @@ class ElasticWorld:
                 raise ValueError("a joining process needs the job's coordinator address (--join HOST:PORT)")
             one_host = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == os.environ.get("OMPI_COMM_WORLD_SIZE")
             if one_host and os.environ.get("PMIX_NAMESPACE"):
-                address, addr = self._coordinator_on_this_host(num_stages + spares, cf, log_dir), "127.0.0.1"
+                address, addr = self._coordinator_on_this_host(num_stages * dp + spares, cf, log_dir, dp), "127.0.0.1"
             else:
-                address, addr = self._coordinator_over_mpi(num_stages, spares, cf, log_dir)
+                address, addr = self._coordinator_over_mpi(num_stages * dp, spares, cf, log_dir, dp)
         else:
             address = parse_address(coordinator)
             addr = self._choose_interface(address[0])
         self.address = address
-        self.client = MemberClient(address, id_hint=id_hint, num_stages=num_stages, addr=addr,
+        self.client = MemberClient(address, id_hint=id_hint, num_stages=num_stages, addr=addr, dp=dp,
                                    connect_timeout_s=max(60.0, dp_timeout_s), on_round=self._on_round)
         self.rank = self.client.id
         print(f"[member {self.rank}] {socket.gethostname()} pid {os.getpid()}: member of the job at "
@@ -112,7 +119,7 @@ class ElasticWorld:
         return choice.addr
 
     @staticmethod
-    def _coordinator_on_this_host(expect: int, cf, log_dir: str | None) -> tuple[str, int]:
+    def _coordinator_on_this_host(expect: int, cf, log_dir: str | None, dp: int) -> tuple[str, int]:
         """No ``--coordinator``, every rank on one host: the first rank to claim the job's lock
         file (named after mpirun's job namespace) starts the coordinator, the others read its
         port from the announce file. No MPI call, so a rank that dies during start-up (even
@@ -123,7 +130,7 @@ class ElasticWorld:
         announce = os.path.join(folder, f"coordinator-{key}.json")
         try:
             os.close(os.open(announce + ".lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            start_coordinator(expect, cf, folder, announce=announce)
+            start_coordinator(expect, cf, folder, announce=announce, dp=dp)
         except FileExistsError:
             pass
         deadline = time.monotonic() + cf.startup_wait_s + 60
@@ -137,22 +144,22 @@ class ElasticWorld:
                               "have died); start it yourself (python -m ds_checkfree.membership.coordinator) and "
                               "pass --coordinator HOST:PORT")
 
-    def _coordinator_over_mpi(self, num_stages: int, spares: int, cf, log_dir: str | None):
+    def _coordinator_over_mpi(self, slots: int, spares: int, cf, log_dir: str | None, dp: int):
         """No ``--coordinator``: rank 0 starts one (a process of its own, outliving rank 0) and
         every rank learns its address over MPI, the only MPI traffic of the job."""
         from mpi4py import MPI
         comm = MPI.COMM_WORLD.Dup()
         comm.Set_errhandler(MPI.ERRORS_RETURN)
         rank, size = comm.Get_rank(), comm.Get_size()
-        if size != num_stages + spares:
-            raise ValueError(f"MPI world has {size} ranks but {num_stages} stages + {spares} spares were "
-                             f"configured; launch with -n {num_stages + spares}")
+        if size != slots + spares:
+            raise ValueError(f"MPI world has {size} ranks but {slots} stage ranks + {spares} spares were "
+                             f"configured; launch with -n {slots + spares}")
         try:
             hosts = comm.allgather(socket.gethostname())
             addrs = self._advertised_addrs(comm, rank, hosts)
             port = None
             if rank == 0:
-                port = start_coordinator(num_stages + spares, cf, log_dir)
+                port = start_coordinator(slots + spares, cf, log_dir, dp=dp)
             port = comm.bcast(port, root=0)
         except MPI.Exception as err:
             raise CoordinatorLost(f"a process died while the job was forming ({err.Get_error_string().strip()}); "
@@ -187,11 +194,14 @@ class ElasticWorld:
 
     # -- roles ---------------------------------------------------------------------------
     @property
-    def stage(self) -> int | None:
+    def slot(self) -> int | None:
+        """This member's data-plane rank (``stage * dp + replica``), None for a spare."""
         return self.roles.get(self.rank)
 
-    def stage_rank(self, stage: int) -> int:
-        return next(r for r, s in self.roles.items() if s == stage)
+    @property
+    def stage(self) -> int | None:
+        slot = self.slot
+        return None if slot is None else slot // self.dp
 
     def stage_ranks(self) -> list[int]:
         return sorted(r for r, s in self.roles.items() if s is not None)
@@ -210,7 +220,7 @@ class ElasticWorld:
                                            f"generation {self.generation}'s data plane formed")
             self._plane_before = set(socket_inodes().values())
         host, port = self.address[0], self.client.store_port
-        os.environ.update({"RANK": str(self.stage), "WORLD_SIZE": str(self.num_stages), "MASTER_ADDR": host,
+        os.environ.update({"RANK": str(self.slot), "WORLD_SIZE": str(self.num_stages * self.dp), "MASTER_ADDR": host,
                            "MASTER_PORT": str(port),
                            "LOCAL_RANK": os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")})
         # backstop: DeepSpeed's subgroups are created without a timeout (30 min by default);
@@ -220,7 +230,7 @@ class ElasticWorld:
         store = tdist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.dp_timeout_s),
                                wait_for_workers=False)
         prefixed = tdist.PrefixStore(f"gen{self.generation}/", store)
-        tdist.init_process_group(backend, store=prefixed, rank=self.stage, world_size=self.num_stages,
+        tdist.init_process_group(backend, store=prefixed, rank=self.slot, world_size=self.num_stages * self.dp,
                                  timeout=timedelta(seconds=self.dp_timeout_s))
 
     @staticmethod
@@ -325,7 +335,7 @@ class ElasticWorld:
             self.roles, self.generation = dict(plan.roles), plan.generation
         return Agreement(plan.dead, plan.lost, plan.replacements, plan.resume_step, revoked_at, time.time(),
                          roles_before=roles_before, generation=plan.generation, evicted=plan.evicted,
-                         fresh=plan.fresh)
+                         fresh=plan.fresh, dp=self.dp)
 
     # -- the end -------------------------------------------------------------------------
     def release_spares(self) -> None:
@@ -362,7 +372,7 @@ class ElasticWorld:
 
 
 def start_coordinator(expect: int, cf, log_dir: str | None, timeout_s: float = 60.0,
-                      announce: str | None = None) -> int:
+                      announce: str | None = None, dp: int = 1) -> int:
     """Start ``membership.coordinator`` as a process of its own session (it outlives this
     one) and return its port."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -373,7 +383,7 @@ def start_coordinator(expect: int, cf, log_dir: str | None, timeout_s: float = 6
     cmd = [sys.executable, "-m", "ds_checkfree.membership.coordinator", "--expect", str(expect),
            "--num_stages", str(cf.num_stages), "--heartbeat_timeout_s", str(cf.heartbeat_timeout_s),
            "--startup_wait_s", str(cf.startup_wait_s), "--join_wait_s", str(cf.join_wait_s),
-           "--port", "0", "--announce", announce]
+           "--dp", str(dp), "--port", "0", "--announce", announce]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for key in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PRTE_"))]:
         del env[key]  # not an MPI process

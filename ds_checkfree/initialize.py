@@ -112,9 +112,6 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
         raise ConfigError(f"checkfree.spares = {cf.spares!r}: spare ranks need the MPI fault-tolerant launch. "
                           "Fix: launch with `mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ...`, "
                           "or set checkfree.spares to 0.")
-    if elastic and dp != 1:
-        raise ConfigError(f"data-parallel size {dp}: the fault-tolerant launch supports one replica per stage. "
-                          f"Fix: launch {cf.num_stages} stage ranks plus the spares.")
     return Setup(ds_config, cf, model_cfg, world, dp, micro)
 
 

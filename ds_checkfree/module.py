@@ -114,10 +114,11 @@ class CheckFreePipelineModule(PipelineModule):
         hooks keep the old engine (and its groups) alive after a failure. With one replica
         the pipe group has the same members as the world, so its collectives run on the
         default group (``group=None``); the tied (de)embedding gradients of CheckFree+ are
-        exchanged point-to-point on the default group as well."""
-        if self._grid.get_data_parallel_world_size() != 1:
-            raise ValueError("the elastic launch needs one data-parallel replica")
-        self._grid.pp_proc_group = None  # deepspeed.comm treats None as the default group
+        exchanged point-to-point on the default group as well. With data-parallel replicas
+        the pipe and data groups stay DeepSpeed's: a member blocked on one is woken by the
+        coordinator's round, which shuts down every data-plane socket (``membership``)."""
+        if self._grid.get_data_parallel_world_size() == 1:
+            self._grid.pp_proc_group = None  # deepspeed.comm treats None as the default group
         self.tied_gradients_point_to_point = True
 
     def allreduce_tied_weight_gradients(self):

@@ -150,7 +150,7 @@ class ProcessLossRecovery:
         t_built = time.time()
         events, resume_step = [], agreement.resume_step
         try:
-            actions = plan_for(engine, agreement.lost_stages)  # same verdict on every rank
+            actions = plan_for(engine, agreement.lost_pairs())  # same verdict on every rank
             if any(a.method == "checkpoint" for a in actions):
                 records = []
                 loaded = self.checkpointer.load_latest(engine, why=f"stages {agreement.lost_stages} lost")

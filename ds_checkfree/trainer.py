@@ -206,12 +206,12 @@ class Trainer:
         step, timeline, agreement = outcome.resume_step, outcome.timeline, outcome.agreement
         self._timeline = timeline
         self._log_heartbeat_events(step)
-        for stage in agreement.lost_stages:
-            rank = agreement.replacements[stage]
+        for slot, (stage, replica) in zip(agreement.lost_stages, agreement.lost_pairs()):
+            rank, one = agreement.replacements[slot], {"replica": replica} if agreement.dp > 1 else {}
             self.metrics.event("failure", step, stage, cause="process_lost", dead_ranks=agreement.dead_ranks,
-                               replaced_by_rank=rank)
-            self.log(f"step {step}: stage {stage} lost (process lost, members {agreement.dead_ranks}); "
-                     f"member {rank} takes its place")
+                               replaced_by_rank=rank, **one)
+            self.log(f"step {step}: stage {stage}{f' replica {replica}' if one else ''} lost (process lost, "
+                     f"members {agreement.dead_ranks}); member {rank} takes its place")
         for name, fields in outcome.events:
             self.metrics.event(name, step, None, **fields, **timeline)
         for r in outcome.records:

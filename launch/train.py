@@ -102,9 +102,8 @@ def main(argv=None) -> int:
         raise ConfigError("--spares / --fault_tolerant: surviving a process death needs Open MPI's fault-tolerant "
                           "launch. Fix: mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ..., or "
                           "--join HOST:PORT to join a running job")
-    cf_section = cfg["checkfree"]
-    world_size = (int(os.environ["OMPI_COMM_WORLD_SIZE"]) if under_mpi else
-                  int(cf_section.get("num_stages", 4)) + int(cf_section.get("spares", 0) or 0)) if elastic else None
+    world_size = (int(os.environ["OMPI_COMM_WORLD_SIZE"]) if under_mpi else _joined_world_size(options, cfg)) \
+        if elastic else None
     # the one parse of the configuration: everything below receives the validated objects
     setup = prepare(cfg, options.model, {"num_layers": options.num_layers}, world_size=world_size, elastic=elastic)
 
@@ -125,6 +124,18 @@ def main(argv=None) -> int:
         from mpi4py import MPI
         MPI.Finalize()
     os._exit(code)
+
+
+def _joined_world_size(options, cfg) -> int:
+    """A process started by hand (``--join``) sizes its launch like the job's: stages x
+    replicas + spares, asked from the coordinator (the config alone may not say the replicas)."""
+    from ds_checkfree.membership.client import CoordinatorLost, MemberClient, parse_address
+    try:
+        info = MemberClient.query_job(parse_address(options.coordinator))
+    except (CoordinatorLost, OSError, ValueError) as err:
+        raise ConfigError(f"--join {options.coordinator}: {err}") from None
+    cfg["checkfree"].setdefault("spares", info["spares"])
+    return info["num_stages"] * info["dp"] + int(cfg["checkfree"].get("spares") or 0)
 
 
 def _ulfm_enabled() -> bool:
@@ -149,7 +160,7 @@ def run_elastic(options, setup) -> int:
     try:
         world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=cf.data_plane_timeout_s,
                              coordinator=options.coordinator, joining="OMPI_COMM_WORLD_SIZE" not in os.environ,
-                             cf=cf, log_dir=options.output_dir)
+                             cf=cf, log_dir=options.output_dir, dp=setup.dp_size)
         who = f"member {world.rank}"
         monitor = None if options.no_heartbeat else start_monitor(cf, world=world,
                                                                   ab_window_s=options.heartbeat_ab_window_s)
@@ -187,7 +198,7 @@ def _prepare_spare(options, setup) -> None:
     from ds_checkfree.data import build_data
     from ds_checkfree.process_loss import freeze_startup_objects
     micro = setup.ds_config.get("train_micro_batch_size_per_gpu")
-    if micro is not None:  # the elastic launch has one replica per stage: data-parallel rank 0 of 1
+    if micro is not None and setup.dp_size == 1:  # with replicas its data-parallel rank is not known yet
         build_data(options.data, options.seq_len or setup.model.max_seq_len, micro, seed=options.seed,
                    dp_rank=0, dp_size=1, max_val_batches=options.eval_batches)
     freeze_startup_objects()

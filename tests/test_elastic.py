@@ -241,3 +241,24 @@ def test_spares_without_the_fault_tolerant_launch_are_refused(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "mpirun --with-ft ulfm" in proc.stderr
+
+
+def test_a_killed_data_parallel_replica_is_copied_from_its_live_replica(tmp_path):
+    """3 stages x 2 replicas + 1 spare: the process of stage 1, replica 1 (rank 3) is SIGKILLed;
+    the spare takes that slot and gets an exact copy of the live replica (method "replica")."""
+    steps = 30
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", num_stages=3, spares=1)
+    job = ElasticJob(tmp_path, 7, cfg, steps, "--num_layers", "6")
+    job.wait_for_step(6)
+    before = job.rank_pids()
+    killed = job.kill(3)
+    rc = job.wait()
+    log = job.log()
+    assert rc == 0, log[-6000:]
+    records = read_metrics(job.out)
+    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+    (failure,) = events_of(records, "failure")
+    assert (failure["stage"], failure["replica"], failure["dead_ranks"], failure["replaced_by_rank"]) == (1, 1, [3], 6)
+    (recovery,) = events_of(records, "recovery")
+    assert recovery["stage"] == 1 and recovery["method"] == "replica"
+    assert exit_pids(log) == {r: p for r, p in before.items() if p != killed}

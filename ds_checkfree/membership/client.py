@@ -38,7 +38,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 class MemberClient:
     def __init__(self, address: tuple[str, int], *, id_hint: int | None, num_stages: int, addr: str,
-                 connect_timeout_s: float = 60.0, on_round=None, on_member_lost=None):
+                 connect_timeout_s: float = 60.0, on_round=None, on_member_lost=None, dp: int = 1):
         self.address = address
         self.on_round = on_round or (lambda msg: None)
         self.on_member_lost = on_member_lost or (lambda msg: None)
@@ -48,7 +48,7 @@ class MemberClient:
         self.sock = self._connect(address, connect_timeout_s)
         self._reader = self.sock.makefile("r", encoding="utf-8")
         self.send({"op": "hello", "id_hint": id_hint, "host": socket.gethostname(), "pid": os.getpid(),
-                   "addr": addr, "num_stages": num_stages})
+                   "addr": addr, "num_stages": num_stages, "dp": dp})
         self.sock.settimeout(connect_timeout_s)
         line = self._reader.readline()
         self.sock.settimeout(None)
@@ -104,6 +104,20 @@ class MemberClient:
         if not self.finished:
             self.on_round({"op": "coordinator_lost"})
         self.inbox.put({"op": "coordinator_lost"})
+
+    @staticmethod
+    def query_job(address: tuple[str, int], timeout_s: float = 60.0) -> dict:
+        """The running job's shape (stages, replicas, spares), asked before joining it."""
+        sock = MemberClient._connect(address, timeout_s)
+        try:
+            sock.sendall(b'{"op": "info"}\n')
+            sock.settimeout(timeout_s)
+            line = sock.makefile("r", encoding="utf-8").readline()
+        finally:
+            sock.close()
+        if not line:
+            raise CoordinatorLost(f"the coordinator at {address[0]}:{address[1]} closed the connection")
+        return json.loads(line)
 
     def next_message(self, timeout: float | None = None) -> dict | None:
         try:

@@ -30,9 +30,9 @@ TICK_S = 0.05
 
 class Coordinator:
     def __init__(self, roster: Roster, num_stages: int, host: str = "0.0.0.0", port: int = 0,
-                 store_port: int = 0, log=None):
+                 store_port: int = 0, log=None, dp: int = 1, spares: int = 0):
         import torch.distributed as tdist
-        self.roster, self.num_stages = roster, num_stages
+        self.roster, self.num_stages, self.dp, self.spares = roster, num_stages, dp, spares
         self.log = log or (lambda msg: print(f"[coordinator] {msg}", flush=True))
         self.lock = threading.Lock()
         self.conns: dict[int, tuple[socket.socket, threading.Lock]] = {}
@@ -81,12 +81,17 @@ class Coordinator:
         mid = None
         try:
             first = json.loads(reader.readline() or "null")
+            if first and first.get("op") == "info":  # a joiner sizing its launch before it joins
+                sock.sendall((json.dumps({"op": "info", "num_stages": self.num_stages, "dp": self.dp,
+                                          "spares": self.spares, "phase": self.roster.phase}) + "\n").encode())
+                return
             if not first or first.get("op") != "hello":
                 return
-            if first.get("num_stages") != self.num_stages:
+            if first.get("num_stages") != self.num_stages or first.get("dp", 1) != self.dp:
                 sock.sendall((json.dumps({"op": "refused", "why": (
-                    f"this job runs {self.num_stages} stages but the process was started with num_stages = "
-                    f"{first.get('num_stages')}: start it with the job's DeepSpeed config")}) + "\n").encode())
+                    f"this job runs {self.num_stages} stages x {self.dp} replicas but the process was started "
+                    f"with {first.get('num_stages')} x {first.get('dp', 1)}: start it with the job's DeepSpeed "
+                    "config")}) + "\n").encode())
                 return
             with self.lock:
                 mid, outs = self.roster.hello(first.get("id_hint"), first.get("host", "?"), int(first.get("pid", 0)),
@@ -174,6 +179,7 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed_config", default=None, help="the job's DeepSpeed JSON (reads its checkfree section)")
     p.add_argument("--expect", type=int, required=True, help="processes launched with the job (stages + spares)")
     p.add_argument("--num_stages", type=int, default=None)
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas per stage")
     p.add_argument("--heartbeat_timeout_s", type=float, default=None)
     p.add_argument("--startup_wait_s", type=float, default=None)
     p.add_argument("--join_wait_s", type=float, default=None)
@@ -200,17 +206,18 @@ def main(argv=None) -> int:
             section[key] = getattr(args, key)
     try:
         cf = CheckFreeConfig.from_dict(section)
-        if args.expect < cf.num_stages:
-            raise ConfigError(f"--expect = {args.expect}: fewer processes than the {cf.num_stages} stages. Fix: "
-                              f"--expect <stages + spares>")
+        if args.dp < 1 or args.expect < cf.num_stages * args.dp:
+            raise ConfigError(f"--expect = {args.expect}, --dp = {args.dp}: fewer processes than the "
+                              f"{cf.num_stages} stages x {args.dp} replicas. Fix: --expect <stages x dp + spares>")
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
     roster = Roster(cf.num_stages, args.expect, cf.heartbeat_timeout_s, cf.startup_wait_s, cf.join_wait_s,
-                    time.monotonic())
-    coord = Coordinator(roster, cf.num_stages, args.host, args.port)
+                    time.monotonic(), dp=args.dp)
+    coord = Coordinator(roster, cf.num_stages, args.host, args.port, dp=args.dp,
+                        spares=args.expect - cf.num_stages * args.dp)
     coord.log(f"listening on {args.host}:{coord.port} (data-plane store on port {coord.store_port}); "
-              f"{cf.num_stages} stages, expecting {args.expect} processes, heartbeat timeout "
+              f"{cf.num_stages} stages x {args.dp} replicas, expecting {args.expect} processes, heartbeat timeout "
               f"{cf.heartbeat_timeout_s:g} s, start-up wait {cf.startup_wait_s:g} s, join wait {cf.join_wait_s:g} s")
     if args.announce:
         tmp = args.announce + ".tmp"

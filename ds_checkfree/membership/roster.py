@@ -89,10 +89,12 @@ class Roster:
     """The coordinator's view: members, roles, rounds, verdicts."""
 
     def __init__(self, num_stages: int, expect: int, dead_after: float, startup_wait_s: float,
-                 join_wait_s: float, now: float):
-        if expect < num_stages:
-            raise ValueError(f"expect = {expect} processes cannot hold {num_stages} stages")
-        self.num_stages, self.expect = num_stages, expect
+                 join_wait_s: float, now: float, dp: int = 1):
+        """``dp`` data-parallel replicas: the roles are ``num_stages * dp`` slots, slot
+        ``s`` = stage ``s // dp``, replica ``s % dp`` (DeepSpeed's rank order)."""
+        if expect < num_stages * dp:
+            raise ValueError(f"expect = {expect} processes cannot hold {num_stages} stages x {dp} replicas")
+        self.num_stages, self.expect, self.dp = num_stages * dp, expect, dp
         self.dead_after, self.join_wait_s = dead_after, join_wait_s
         self.started_at = now
         self.startup_deadline = now + startup_wait_s
@@ -247,7 +249,7 @@ class Roster:
                 rnd.vacancy_since = now
             if now - rnd.vacancy_since < self.join_wait_s:
                 return []  # a joiner may still come
-            return self._stop(STOP_NO_REPLACEMENT, f"stage(s) {vacant} lost and no spare or joining process "
+            return self._stop(STOP_NO_REPLACEMENT, f"{self.name_slots(vacant)} lost and no spare or joining process "
                               f"took them within join_wait_s = {self.join_wait_s:g} s", vacant, now)
         for s, mid in replacements.items():
             new_roles[mid] = s
@@ -263,6 +265,12 @@ class Roster:
         # a joiner that arrived during the round and has not checked in yet is admitted as a
         # spare when its check-in comes (``checkin``)
         return [Out(sorted(new_roles), plan.as_message())]
+
+    def name_slots(self, slots: list[int]) -> str:
+        """``stage(s) [1, 2]``, or with replicas ``stage.replica(s) ['1.0', '2.1']``."""
+        if self.dp == 1:
+            return f"stage(s) {slots}"
+        return f"stage.replica(s) {[f'{s // self.dp}.{s % self.dp}' for s in slots]}"
 
     def vacancy_deadline(self) -> float | None:
         """When the open round gives up waiting for a joiner (the server ticks then)."""
