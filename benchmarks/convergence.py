@@ -591,7 +591,9 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
          + f"; reference {a.steps} steps; validation every {a.eval_every} steps ({a.eval_batches} batches); "
          f"training seeds {a.train_seeds}; failure schedules (seeds) {a.failure_seeds}; "
          f"cap {a.cap_factor:g}x the reference = {a.cap_steps} logical steps. Harness wall time "
-         f"{elapsed_s / 60:.1f} min on this machine (2 shared cores, CPU).", "",
+         f"{elapsed_s / 60:.1f} min this invocation; the runs' own launches took "
+         f"{sum(v['status'].get('launch_s', 0) for v in runs.values()) / 60:.1f} min (finished runs are reused); "
+         "this machine: 2 shared CPU cores, no GPU.", "",
          f"Command: `python benchmarks/convergence.py {' '.join(a.argv)}`; outputs written "
          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
          + (f"; runs started {min(v['started'] for v in runs.values() if v.get('started'))} to "
