@@ -134,7 +134,7 @@ def test_a_stage_killed_before_the_first_step_is_taken_by_the_spare(tmp_path):
     """Killed during its imports (before it ever reached the coordinator): the job starts
     without it once ``startup_wait_s`` is over, the spare builds that stage from the seed."""
     steps = 30
-    cfg = write_config(tmp_path / "ds.json", mode="checkfree", spares=1, startup_wait_s=15.0)
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", spares=1, startup_wait_s=10.0)
     job = ElasticJob(tmp_path, 5, cfg, steps)
     wait_for(lambda: 2 in job.rank_pids(), 60, "rank 2's process", job)
     time.sleep(1.0)

@@ -162,6 +162,7 @@ def test_intermediate_stage_sigkilled_is_replaced_by_the_spare(tmp_path):
     assert "spare: taking the place of stage 2" in job.log()
 
 
+@pytest.mark.slow  # overlaps test_churn's CheckFree+ kills of stages 0-3; kept out of the default suite for time
 def test_first_stage_sigkilled_under_checkfree_plus(tmp_path):
     job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree_plus", victim=0, seed=2)
     records = _check_survived(job, rc, before, killed, killed_at, victim_stage=0, steps=60, method="copy")
@@ -170,14 +171,13 @@ def test_first_stage_sigkilled_under_checkfree_plus(tmp_path):
 
 
 def test_idle_spare_killed_does_not_disturb_training(tmp_path):
-    # nothing talks to an idle spare, so its death may only show as silence: a 3 s timeout and
-    # ~10 s of training after the kill make sure the heartbeat sees it before the end
-    job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=4, steps=120, seed=3,
-                                                            latest_kill=10, heartbeat_timeout_s=3.0)
+    # the coordinator sees the spare's connection close at once and tells the members
+    job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=4, steps=40, seed=3,
+                                                            latest_kill=10)
     log = job.log()
     assert rc == 0, log[-6000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, 121))
+    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, 41))
     assert not events_of(records, "failure") and not events_of(records, "recovery")
     seen = events_of(records, "heartbeat_timeout")
     assert [(e["peer_rank"], e["role"]) for e in seen] == [(4, "spare")]
@@ -206,18 +206,19 @@ def test_heartbeats_raise_no_false_alarm_under_full_load(tmp_path):
     even with a timeout 5x tighter than the default."""
     cfg = write_config(tmp_path / "ds.json", mode="checkfree", spares=1, heartbeat_interval_s=0.1,
                        heartbeat_timeout_s=2.0)
-    job = ElasticJob(tmp_path, 5, cfg, 100)
+    job = ElasticJob(tmp_path, 5, cfg, 60)
     rc = job.wait()
     assert rc == 0, job.log()[-6000:]
     records = read_metrics(job.out)
     assert not events_of(records, "heartbeat_timeout")
     (summary,) = events_of(records, "heartbeat_summary")
     assert summary["peers_declared_dead"] == [] and summary["transport"] == "coordinator"
-    assert summary["beats_sent"] >= 100, summary  # ~15 s of training at 0.1 s intervals
+    assert summary["beats_sent"] >= 50, summary  # ~9 s of training at 0.1 s intervals
     assert summary["transport_error"] is None
     assert "no heartbeat" not in next(job.out.glob("coordinator-*.log")).read_text()
 
 
+@pytest.mark.slow  # overlaps test_churn's killed joiner replaced by a second one; kept out of the default suite for time
 def test_two_deaths_in_a_row_use_both_spares(tmp_path):
     """The replacement itself dies later: the second spare takes over from the new membership."""
     cfg = write_config(tmp_path / "ds.json", mode="checkfree", spares=2)
