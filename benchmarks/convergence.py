@@ -360,7 +360,9 @@ def fmt_summary(s: Summary | None, digits: int = 0) -> str:
     if s.reached == 0:
         return f">{s.cut_off:.{digits}f}"
     body = f"{s.mean:.{digits}f} ± {s.sd:.{digits}f}" if s.n > 1 else f"{s.mean:.{digits}f} (n=1)"
-    return body if not s.censored else f"≥{s.mean:.{digits}f} ({s.reached}/{s.n} reached; rest >{s.cut_off:.{digits}f})"
+    if not s.censored:
+        return body
+    return f"≥{s.mean:.{digits}f} ({s.reached}/{s.n} reached; rest >{s.cut_off:.{digits}f})"
 
 
 def gap_vs(a: Summary | None, b: Summary | None, z: float = 2.0, sys_a: float = 0.0,
@@ -617,7 +619,8 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
          "at the cut-off; '≥mean (k/n reached)': some runs cut off, counted at their cut-off (a lower bound)",
          "- steps = optimizer steps executed to the target (redone steps after a rollback included), interpolated "
          "between validations",
-         f"- measured wall-clock = measured - validation passes + checkpoint bytes at {a.storage_bandwidth_mb_s:g} MB/s "
+         "- measured wall-clock = measured - validation passes + checkpoint bytes at "
+         f"{a.storage_bandwidth_mb_s:g} MB/s "
          f"+ {a.replacement_delay_s:g} s per lost stage; runs execute one after another on a shared machine, so "
          "it carries load noise (other engineers' jobs ran beside these); steps do not",
          f"- modelled wall-clock = steps to target x {t_ref:.4f} s (stock step time: median over runs of each run's "
@@ -764,7 +767,8 @@ def parse_args(argv=None):
     p.add_argument("--rates", type=float, nargs="+", default=None, help="percent per stage per hour")
     p.add_argument("--strategies", nargs="+", default=["all"],
                    help="names or kinds (checkpoint, ckpt_stage, all); see strategy_registry")
-    p.add_argument("--checkpoint_every", type=int, nargs="+", default=None, help="intervals of the checkpoint baselines")
+    p.add_argument("--checkpoint_every", type=int, nargs="+", default=None,
+                   help="intervals of the checkpoint baselines")
     p.add_argument("--checkfree_fallback_every", type=int, default=None,
                    help="plain CheckFree's fallback checkpoint interval for edge-stage losses (0: none)")
     p.add_argument("--model", default="tiny")

@@ -383,7 +383,8 @@ def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_pe
                 print(f"| {v} | {sh['stage']} | {sh['shadow_of']} | {sh['shadow_forwards']} "
                       f"({sh['shadow_forwards'] / n:.0f}/step) | {sh['shadow_forward_s_total'] / n:.4f} | "
                       f"{(sh['shadow_step_s_total'] + sh['comm_s_total']) / n:.4f} | "
-                      f"{sh['memory_bytes']['total'] / 1e6:.2f} MB (own weights {sh['own_weight_bytes'] / 1e6:.2f} MB) |")
+                      f"{sh['memory_bytes']['total'] / 1e6:.2f} MB "
+                      f"(own weights {sh['own_weight_bytes'] / 1e6:.2f} MB) |")
 
     # CheckFree+ memory overhead
     rep = replica_parameters(model_cfg)
