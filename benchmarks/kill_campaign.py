@@ -458,6 +458,9 @@ class Run:
             reason = unrec[-1].get("reason", "")
         elif fatal:
             reason = fatal[0]
+        elif outcome == "unclean" and rc == 0 and done != list(range(1, self.steps + 1)):
+            missing = sorted(set(range(1, self.steps + 1)) - set(done))
+            reason = f"rc 0 but step(s) {missing[:10]} missing from metrics.jsonl"
         elif outcome in ("unclean",) and "Traceback" in log:
             tail = log[log.rfind("Traceback"):].strip().splitlines()
             reason = "Traceback: " + (tail[-1] if tail else "")
