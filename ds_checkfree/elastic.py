@@ -298,6 +298,8 @@ class ElasticWorld:
             msg = self.client.next_message()
             op = msg.get("op")
             if op == "round":
+                if not checkin:  # a waiting spare or joiner: the failure is news now
+                    revoked_at = time.time()
                 if msg["generation"] > max(self.generation, self._checked_in_for):
                     self._checkin(steps_done if not as_spare else 0, has_state and not as_spare)
             elif op == "plan":

@@ -20,6 +20,15 @@ from .recovery import UnrecoverableFailure
 from .recovery_runtime import RecoveryRecord, apply_plan, plan_for
 
 
+#: what a lost peer raises while a data plane forms or an engine is built over it (torch's
+#: DistError and gloo's errors are RuntimeErrors, ``DataPlaneInterrupted`` too); anything
+#: else (an ImportError, a TypeError) is a bug that no new generation fixes: it propagates
+DATA_PLANE_ERRORS = (RuntimeError, OSError)
+#: consecutive re-forms without a completed one before the error propagates: each needs a
+#: new death (or a stalled peer's eviction), so more than this is a fault that repeats
+MAX_REFORMS = 8
+
+
 @dataclass
 class ProcessLossOutcome:
     """Everything a recovery produced; identical on every member but ``engine``."""
@@ -66,16 +75,19 @@ class ProcessLossRecovery:
         #: world rank -> stage before the last agreement (names the dead in heartbeat events)
         self.roles_before: dict = dict(world.roles)
         self._close_s: dict = {}  # the last recovery's snapshot and socket-close times
+        self._without_progress = (-1, 0)  # (steps done, recoveries since a step last completed)
 
     def start(self):
         """The launch-time data plane and engine of a stage holder. A member lost before the
         first step only changes who builds which stage from the seed: agree and form again."""
         freeze_startup_objects()
-        while True:
+        for attempt in range(MAX_REFORMS + 1):
             try:
                 self.world.init_data_plane()
                 return self.build_engine()
-            except Exception as err:  # noqa: BLE001 - a peer lost while the job was forming
+            except DATA_PLANE_ERRORS as err:  # a peer lost while the job was forming
+                if attempt == MAX_REFORMS:
+                    raise
                 self.warn(f"the data plane broke while forming ({_short(err)}); agreeing on the members again")
                 self.world.tear_down_data_plane()
                 self._agree(steps_done=0, has_state=False, kept=None, step=1, stage_before=self.world.stage)
@@ -85,6 +97,11 @@ class ProcessLossRecovery:
         the lost stages' place (after saving this rank's stage, if a directory is configured)."""
         failed_at = time.time()
         self.warn(f"step {step}: data plane error ({reason}); agreeing on the survivors")
+        last, count = self._without_progress
+        self._without_progress = (steps_done, count + 1 if steps_done == last else 1)
+        if self._without_progress[1] > MAX_REFORMS:  # the same step keeps failing: not a lost peer
+            raise RuntimeError(f"step {step} failed {MAX_REFORMS + 1} times in a row on a rebuilt data plane "
+                               f"(last: {reason}); a fault that repeats is not a lost process: stopping")
         kept = engine.training_state()
         t_kept = time.time()
         release_engine(engine)
@@ -121,12 +138,14 @@ class ProcessLossRecovery:
     def _rebuild_until_formed(self, agreement: Agreement, kept, steps_done: int, failed_at: float, reason: str,
                               step: int, stage_before) -> ProcessLossOutcome:
         """``_rebuild``, again with the next plan when another member is lost meanwhile."""
-        while True:
+        for attempt in range(MAX_REFORMS + 1):
             try:
                 return self._rebuild(agreement, kept, failed_at, reason)
             except (StoppedForGood, UnrecoverableFailure):
                 raise
-            except Exception as err:  # noqa: BLE001 - a second failure during the rebuild
+            except DATA_PLANE_ERRORS as err:  # a second failure during the rebuild
+                if attempt == MAX_REFORMS:
+                    raise
                 self.warn(f"generation {agreement.generation}: rebuild interrupted ({_short(err)}); agreeing again")
                 self.world.tear_down_data_plane()
                 agreement = self._agree(steps_done, kept is not None, kept, step, stage_before)

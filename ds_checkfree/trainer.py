@@ -19,7 +19,7 @@ from .failures import FailurePlan
 from .initialize import initialize
 from .logical_failures import LogicalFailures
 from .metrics import MetricsWriter, write_run_json
-from .process_loss import ProcessLossOutcome, ProcessLossRecovery, StoppedForGood
+from .process_loss import DATA_PLANE_ERRORS, ProcessLossOutcome, ProcessLossRecovery, StoppedForGood
 from .recovery import UnrecoverableFailure
 from .run_info import announcement, fmt_eta, run_info
 from .stage_copies import StageCopies
@@ -144,7 +144,7 @@ class Trainer:
         try:
             return fn(), None
         except Exception as err:  # noqa: BLE001 - only the elastic launch can survive it
-            if self.world is None:
+            if self.world is None or not isinstance(err, DATA_PLANE_ERRORS):
                 raise
             return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
 
