@@ -272,12 +272,6 @@ class Roster:
             return f"stage(s) {slots}"
         return f"stage.replica(s) {[f'{s // self.dp}.{s % self.dp}' for s in slots]}"
 
-    def vacancy_deadline(self) -> float | None:
-        """When the open round gives up waiting for a joiner (the server ticks then)."""
-        if self.round is None or self.round.vacancy_since is None:
-            return None
-        return self.round.vacancy_since + self.join_wait_s
-
     def _stop(self, reason: str, why: str, lost: list[int], now: float) -> list[Out]:
         self.phase = "stopped"
         self.round = None
