@@ -263,15 +263,20 @@ def worker(args) -> int:
     tokens_per_step = ref.train_batch_size() * seq_len
 
     # Parameters each rank holds, per engine (distinct tensors; tied replicas count on each holder).
-    held = torch.tensor([[sum(p.numel() for p in engines[v].module.parameters())] for v in VARIANTS],
-                        dtype=torch.float64)
+    from ds_checkfree.comm_device import comm_device, comm_tensor
+    dev = comm_device()  # NCCL wants accelerator tensors, gloo CPU ones
+    held = comm_tensor([[sum(p.numel() for p in engines[v].module.parameters())] for v in VARIANTS],
+                       dtype=torch.float64)
     held_all = [torch.zeros_like(held) for _ in range(world)]
     tdist.all_gather(held_all, held)
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step(v):
         loss = engines[v].train_batch()
         if v in shadows:
             shadows[v].after_step()
+        sync()  # a step ends when its kernels do, not when they are queued
         return loss
 
     losses = {v: [] for v in VARIANTS}
@@ -286,13 +291,16 @@ def worker(args) -> int:
         order = [VARIANTS[(r + k) % len(VARIANTS)] for k in range(len(VARIANTS))]
         for v in order:
             tdist.barrier()
+            sync()
             t0, c0 = time.perf_counter(), time.process_time()
             loss = step(v)
             times[r, VARIANTS.index(v)] = time.perf_counter() - t0
             cpu[r, VARIANTS.index(v)] = time.process_time() - c0
             losses[v].append(float(loss))
+    times, cpu = times.to(dev), cpu.to(dev)
     tdist.all_reduce(times, op=tdist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     tdist.all_reduce(cpu, op=tdist.ReduceOp.SUM)  # the work a step costs, over all ranks
+    times, cpu = times.cpu(), cpu.cpu()
 
     shadow_info = {v: sh.local_summary() for v, sh in shadows.items()}
     gathered = [None] * world

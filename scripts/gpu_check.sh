@@ -13,7 +13,7 @@
 #
 # Environment: PYTHON (default .venv/bin/python), GPU_CHECK_OUT (default out/gpu_check),
 # GPU_CHECK_STEPS (default 20, >= 16), GPU_CHECK_RUN_TIMEOUT (seconds per run, default 600),
-# GPU_CHECK_MODEL (default tiny; e.g. 124m). GPU_CHECK_CPU=1 runs the same recipe on CPU/gloo
+# GPU_CHECK_MODEL (default tiny; e.g. 124m), GPU_CHECK_ONLY (space-separated run names; default all). GPU_CHECK_CPU=1 runs the same recipe on CPU/gloo
 # (DS_ACCELERATOR=cpu): a check of this script itself, which says nothing about the GPU path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -88,6 +88,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SPEC="$OUT/runs.txt"; : > "$SPEC"
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name ranks config expect extra <<< "$run"
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then continue; fi
   echo "gpu_check: $name ($ranks ranks) ..."
   # shellcheck disable=SC2086
   timeout "$RUN_TIMEOUT" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$ranks" --no-python \

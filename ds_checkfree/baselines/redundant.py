@@ -135,6 +135,22 @@ def _from_blob(blob: torch.Tensor):
     return tensor_to_object(blob)
 
 
+def ring_exchange(sends, dst: int, recvs, src: int) -> None:
+    """Send ``sends`` to ``dst`` while receiving ``recvs`` from ``src``, every rank at once.
+
+    Every stage sends to its predecessor and receives from its successor, a cycle. Under NCCL a
+    lone send blocks until its peer posts the matching receive, and unbatched p2p ops on one
+    group run one after another, so "isend then recv" on every rank waits around the ring for
+    ever (seen on an H200: the redundant baseline hung before step 1). One batched call (one NCCL
+    group) posts both directions together; gloo accepts the same call. ``sends`` / ``recvs`` are
+    (tensor, tag) pairs, matched in order.
+    """
+    ops = [tdist.P2POp(tdist.isend, t, dst, tag=tag) for t, tag in sends]
+    ops += [tdist.P2POp(tdist.irecv, t, src, tag=tag) for t, tag in recvs]
+    for req in tdist.batch_isend_irecv(ops):
+        req.wait()
+
+
 def _send_blob(obj, dst: int, tag_offset: int = 0) -> int:
     blob = _to_blob(obj)
     tdist.send(comm_tensor([blob.numel()], torch.int64), dst, tag=_TAG_LEN + 10 * tag_offset)
@@ -321,16 +337,12 @@ class RedundantShadow:
         """Every stage sends its state to its predecessor and builds the shadow of its successor."""
         if self.dp is None:
             raise RuntimeError("no data-parallel id")
-        # ring exchange: non-blocking sends so that the cycle of messages cannot deadlock
         blob = _to_blob(self.own_state())
-        n = comm_tensor([blob.numel()], torch.int64)
-        reqs = [tdist.isend(n, self.pred_rank, tag=_TAG_LEN), tdist.isend(blob, self.pred_rank, tag=_TAG_BLOB)]
         m = comm_empty(1, torch.int64, zeros=True)
-        tdist.recv(m, self.succ_rank, tag=_TAG_LEN)
+        ring_exchange([(comm_tensor([blob.numel()], torch.int64), _TAG_LEN)], self.pred_rank,
+                      [(m, _TAG_LEN)], self.succ_rank)
         other = comm_empty(int(m), torch.uint8)
-        tdist.recv(other, self.succ_rank, tag=_TAG_BLOB)
-        for r in reqs:
-            r.wait()
+        ring_exchange([(blob, _TAG_BLOB)], self.pred_rank, [(other, _TAG_BLOB)], self.succ_rank)
         self._install_shadow(_from_blob(other))
 
     def resync(self) -> None:
@@ -359,12 +371,8 @@ class RedundantShadow:
     def after_step(self) -> dict:
         """Ship this step's gradients to the predecessor; step the shadow with the successor's."""
         t0 = time.perf_counter()
-        reqs = [tdist.isend(self._grad_out, self.pred_rank, tag=_TAG_GRAD),
-                tdist.isend(self._hp_out, self.pred_rank, tag=_TAG_HP)]
-        tdist.recv(self._grad_in, self.succ_rank, tag=_TAG_GRAD)
-        tdist.recv(self._hp_in, self.succ_rank, tag=_TAG_HP)
-        for r in reqs:
-            r.wait()
+        ring_exchange([(self._grad_out, _TAG_GRAD), (self._hp_out, _TAG_HP)], self.pred_rank,
+                      [(self._grad_in, _TAG_GRAD), (self._hp_in, _TAG_HP)], self.succ_rank)
         self._hp_out[0] = 0.0  # a step that the real optimizer skips is skipped on the shadow too
         t1 = time.perf_counter()
         if float(self._hp_in[0]) == 1.0:
