@@ -112,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--memory_rounds", type=int, default=2, help="launches per engine for --memory")
     p.add_argument("--redundant", action="store_true",
                    help="also time the redundant-computation baselines (Bamboo and its lower bound)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="cProfile each engine's timed steps per rank into DIR/<variant>_rank<r>.pstats "
+                        "(to find where a ratio's extra time goes; the timings then include the profiler)")
     p.add_argument("--only", choices=BASE_VARIANTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory_out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
@@ -285,6 +288,10 @@ def worker(args) -> int:
             tdist.barrier()
             losses[v].append(float(step(v)))
 
+    profiles = {}
+    if args.profile:
+        import cProfile
+        profiles = {v: cProfile.Profile() for v in VARIANTS}
     times = torch.zeros(args.steps, len(VARIANTS), dtype=torch.float64)
     cpu = torch.zeros_like(times)
     for r in range(args.steps):
@@ -293,10 +300,18 @@ def worker(args) -> int:
             tdist.barrier()
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
+            if profiles:
+                profiles[v].enable()
             loss = step(v)
+            if profiles:
+                profiles[v].disable()
             times[r, VARIANTS.index(v)] = time.perf_counter() - t0
             cpu[r, VARIANTS.index(v)] = time.process_time() - c0
             losses[v].append(float(loss))
+    if profiles:
+        os.makedirs(args.profile, exist_ok=True)
+        for v, prof in profiles.items():
+            prof.dump_stats(os.path.join(args.profile, f"{v}_rank{rank}.pstats"))
     times, cpu = times.to(dev), cpu.to(dev)
     tdist.all_reduce(times, op=tdist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     tdist.all_reduce(cpu, op=tdist.ReduceOp.SUM)  # the work a step costs, over all ranks
