@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     for s, k, v in rows:
         print(f"| {s} | {k} | {v:.3f} |")
     if args.repeats > 1:
-        print(f"\nCheckFree per kill run: " + "; ".join(
+        print("\nCheckFree per kill run: " + "; ".join(
             f"{k.split(' (')[0]}: " + ", ".join(f"{x:.3f}" for x in v) for (k, _), v in zip(cf, per_run)))
         runs_path = os.path.splitext(args.out)[0] + "_checkfree_runs.csv"
         with open(runs_path, "w", newline="", encoding="utf-8") as f:

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
             ("steps lost", "steps_lost", 1), ("failure -> step K again s", "fail_to_step_K_s", 3),
             ("extra s (vs 1 step)", "extra_s", 3), ("bytes moved MB", "bytes", 2),
             (f"modelled recovery s @{a.bandwidth_mb_s:g}MB/s", "modelled_recovery_s", 3),
-            (f"modelled failure -> step K s", "modelled_fail_to_step_K_s", 3)]
+            ("modelled failure -> step K s", "modelled_fail_to_step_K_s", 3)]
     print("| strategy | " + " | ".join(c[0] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for s in STRATEGIES:
