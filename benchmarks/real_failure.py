@@ -147,6 +147,9 @@ def run_checkfree(args, work: str, name: str = "checkfree") -> tuple[list[tuple[
               ("agreement (coordinator round -> plan)", rec["agreed_at"] - rec["revoked_at"]),
               ("data plane (new gloo group)", rec["data_plane_s"]),
               ("engine rebuild (in-memory state)", rec["engine_rebuild_s"]),
+              ("  of which module + its process groups", rec.get("rebuild_module_s", float("nan"))),
+              ("  of which DeepSpeed engine (config, optimizer)", rec.get("rebuild_engine_s", float("nan"))),
+              ("  of which loading the kept state", rec.get("rebuild_state_load_s", float("nan"))),
               ("re-materialisation (CheckFree)", rec["rematerialise_s"]),
               ("redo the interrupted step", line["next_step_done_at"] - rec["rematerialised_at"]),
               ("total: kill -> next completed step", line["next_step_done_at"] - killed_at)]
@@ -218,7 +221,8 @@ def heartbeat_overhead(args, work: str, step_s: float) -> dict:
     out = os.path.join(work, "hb_ab")
     t0 = time.time()
     proc = start(mpirun(5, True, cfg_path, out, ab, ["--heartbeat_ab_window_s", str(window)]), out + ".log")
-    if proc.wait(timeout=1200) != 0:
+    # the run's own length (+100% and 10 min of start-up slack): long A/Bs must not be cut off
+    if proc.wait(timeout=2 * steps * step_s + 600) != 0:
         raise SystemExit(f"heartbeat A/B run failed; see {out}.log")
     records = read(out)
     steps_rec = split(records)[0]

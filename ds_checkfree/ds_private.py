@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+from contextlib import contextmanager
 
 DEEPSPEED_VERSION = "0.19.8"
 
@@ -29,6 +30,7 @@ PRIVATE_MEMBERS: dict[str, str] = {
     "deepspeed.runtime.pipe:p2p": "its module globals _grid/_groups hold the old groups",
     "deepspeed.runtime.utils:OutputBackwardHookManager.remove_hooks": "hooks that keep a dropped engine alive",
     "deepspeed.ops:__compatible_ops__": "skip the unused shared-memory comm JIT build on CPU",
+    "deepspeed.comm:new_group": "a group of every rank is the default group (elastic rebuilds)",
 }
 #: instance attributes (set in constructors, so not checkable on the class): _grid, _topo,
 #: tied_comms (PipelineModule); _running_engine_backward (DeepSpeedEngine);
@@ -47,6 +49,35 @@ def missing_members() -> list[str]:
         if owner is None or not hasattr(owner, member):
             missing.append(name)
     return missing
+
+
+@contextmanager
+def world_sized_groups_are_default():
+    """While a pipeline module and engine are built, ``deepspeed.comm.new_group`` returns the
+    default group for a group of every rank instead of forming a new one.
+
+    With one replica DeepSpeed's pipeline builds three such groups (the module's world
+    group, the model-parallel group and the pipe group), each a full mesh of connections to
+    form on every rebuild after a death; they have the same members and rank order as the
+    default group, and every rank issues its collectives on them in the same program order,
+    so sharing the default group changes no result. Groups of fewer ranks are formed as usual.
+    """
+    import deepspeed.comm as ds_comm
+    import torch.distributed as tdist
+
+    original = ds_comm.new_group
+
+    def new_group(ranks):
+        ranks = sorted(int(r) for r in ranks)
+        if ranks == list(range(tdist.get_world_size())):
+            return tdist.group.WORLD
+        return original(ranks)
+
+    ds_comm.new_group = new_group
+    try:
+        yield
+    finally:
+        ds_comm.new_group = original
 
 
 # Engine attributes that may hold the interrupted step's tensors (and through their hooks the engine).

@@ -7,11 +7,14 @@ All configuration is validated before any process group starts.
 from __future__ import annotations
 
 import os
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
 from .config import CheckFreeConfig, ConfigError, check_against_deepspeed
 from .deepspeed_config import micro_batches_per_step, split_deepspeed_config, validate_world
+from .ds_private import world_sized_groups_are_default
 from .models import ModelConfig, load_model_config
 
 
@@ -124,6 +127,25 @@ def _skip_shm_comm_build() -> None:
         pass
 
 
+def warm_up_first_build() -> None:
+    """Pay a process's one-time costs of its first engine build now, before any group exists.
+
+    A spare builds its first engine inside a recovery, and the survivors wait for it in the
+    engine's first collective: DeepSpeed's op-compatibility probe (about 0.1 s on CPU, once
+    per process) and the modules its config parser imports lazily would sit on every
+    recovery's critical path. A spare calls this while it waits for a stage."""
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import get_expert_parallel_config
+
+    for name in ("deepspeed.runtime.pipe.engine", "ds_checkfree.engine", "ds_checkfree.module"):
+        importlib.import_module(name)
+    if get_accelerator().device_name() == "cpu":
+        _skip_shm_comm_build()
+    get_expert_parallel_config({})
+
+
 def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict | None = None,
                base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None, elastic: bool = False):
     """Build the CheckFree pipeline engine; returns ``(engine, setup)``.
@@ -160,16 +182,24 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
                               "WORLD_SIZE says.")
         setup = prepare(config, model, model_overrides, world_size=dist.get_world_size() + spares, elastic=elastic)
 
-    module = CheckFreePipelineModule(setup.model, setup.checkfree.num_stages, setup.checkfree.mode,
-                                     base_seed=base_seed, layout=setup.checkfree.layout)
-    if elastic:
-        module.route_collectives_over_world()
-    mpu = module.mpu()
-    config_class = DeepSpeedConfig(setup.ds_config, mpu)
-    if hasattr(deepspeed, "set_optimizer_flags"):
-        deepspeed.set_optimizer_flags(config_class, module)
-    engine_class = engine_class or CheckFreePipelineEngine
-    kwargs = {"checkfree_config": setup.checkfree} if issubclass(engine_class, CheckFreePipelineEngine) else {}
-    engine = engine_class(args=None, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-                          mpu=mpu, config=setup.ds_config, config_class=config_class, **kwargs)
+    t0 = time.perf_counter()
+    # elastic: a group of every rank is the default group, not a new one (fewer connections to
+    # form on each rebuild; the default group is the one a recovery tears down anyway)
+    with (world_sized_groups_are_default() if elastic else nullcontext()):
+        module = CheckFreePipelineModule(setup.model, setup.checkfree.num_stages, setup.checkfree.mode,
+                                         base_seed=base_seed, layout=setup.checkfree.layout)
+        if elastic:
+            module.route_collectives_over_world()
+        t_module = time.perf_counter()
+        mpu = module.mpu()
+        config_class = DeepSpeedConfig(setup.ds_config, mpu)
+        if hasattr(deepspeed, "set_optimizer_flags"):
+            deepspeed.set_optimizer_flags(config_class, module)
+        engine_class = engine_class or CheckFreePipelineEngine
+        kwargs = {"checkfree_config": setup.checkfree} if issubclass(engine_class, CheckFreePipelineEngine) else {}
+        engine = engine_class(args=None, model=module,
+                              model_parameters=[p for p in module.parameters() if p.requires_grad],
+                              mpu=mpu, config=setup.ds_config, config_class=config_class, **kwargs)
+    #: where the build's time went (a recovery's phase table splits its engine rebuild with it)
+    engine.build_seconds = {"module_s": round(t_module - t0, 4), "engine_s": round(time.perf_counter() - t_module, 4)}
     return engine, setup

@@ -164,6 +164,7 @@ class ProcessLossRecovery:
 
     def _rematerialise(self, engine, agreement: Agreement, kept, failed_at: float, reason: str, t0: float,
                        t_plane: float) -> ProcessLossOutcome:
+        t_loaded_from = time.time()
         if kept is not None:
             engine.load_training_state(kept)
         t_built = time.time()
@@ -187,6 +188,8 @@ class ProcessLossRecovery:
                     "rematerialised_at": t_remat,
                     "agreement_s": round(agreement.agreed_at - agreement.revoked_at, 4),
                     "data_plane_s": round(t_plane - t0, 4), "engine_rebuild_s": round(t_built - t_plane, 4),
+                    **{f"rebuild_{k}": v for k, v in getattr(engine, "build_seconds", {}).items()},
+                    "rebuild_state_load_s": round(t_built - t_loaded_from, 4),
                     "rematerialise_s": round(t_remat - t_built, 4), "resume_step": resume_step, **self._close_s}
         return ProcessLossOutcome(engine, agreement, records, timeline, resume_step, events)
 

@@ -193,14 +193,17 @@ def run_elastic(options, setup) -> int:
 
 def _prepare_spare(options, setup) -> None:
     """What a spare can do before it is needed, off a later recovery's critical path: build
-    the data (memoised: the Trainer's identical call returns it) and freeze the start-up
-    objects out of the garbage collector's reach."""
+    the data (memoised: the Trainer's identical call returns it), pay DeepSpeed's one-time
+    first-build costs (the survivors would wait for them) and freeze the start-up objects
+    out of the garbage collector's reach."""
     from ds_checkfree.data import build_data
+    from ds_checkfree.initialize import warm_up_first_build
     from ds_checkfree.process_loss import freeze_startup_objects
     micro = setup.ds_config.get("train_micro_batch_size_per_gpu")
     if micro is not None and setup.dp_size == 1:  # with replicas its data-parallel rank is not known yet
         build_data(options.data, options.seq_len or setup.model.max_seq_len, micro, seed=options.seed,
                    dp_rank=0, dp_size=1, max_val_batches=options.eval_batches)
+    warm_up_first_build()
     freeze_startup_objects()
 
 

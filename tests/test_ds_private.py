@@ -30,3 +30,33 @@ def test_release_engine_does_not_touch_another_engine(tmp_path):
     assert r["dropped_cleared"] is True
     assert r["kept_attrs"] > 50 and r["kept_grid_intact"] and r["kept_tied_comms"] and r["p2p_grid_is_kept"]
     assert len(r["kept_losses"]) == 2 and all(math.isfinite(x) for x in r["kept_losses"])
+
+
+def test_world_sized_groups_are_the_default_group_in_an_elastic_build(tmp_path):
+    """Real 2-rank gloo job: a group of every rank is the default group (no new connections on
+    a rebuild), a smaller group is a group of its own, DeepSpeed's ``new_group`` is restored
+    afterwards, and an engine built that way (``elastic=True``) trains."""
+    cfg = write_config(tmp_path / "ds.json", base="baseline.json", mode="off", num_stages=2)
+    out = tmp_path / "result.json"
+    run_job("torchrun", 2, "tests/workers/world_groups_worker.py", [str(cfg), str(out)], timeout=240)
+    r = json.loads(out.read_text())
+    assert r["everyone_is_world"] and not r["alone_is_world"] and r["alone_size"] == 1
+    assert r["patched_inside"] and r["restored"]
+    assert r["all_reduce"] == 3.0
+    assert r["engine_world_groups"] == [True, True]  # the module's world group, the model-parallel group
+    assert r["engine_dp_group_is_world"] is False  # one rank per stage: a group of one
+    assert set(r["build_seconds"]) == {"module_s", "engine_s"} and all(v >= 0 for v in r["build_seconds"].values())
+    assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+
+
+def test_warm_up_pays_the_op_probe_before_any_group_exists():
+    """A spare's warm-up leaves DeepSpeed's op table probed with the unused shared-memory
+    build marked off (on CPU), so its first engine build inside a recovery skips both."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_checkfree.initialize import warm_up_first_build
+    warm_up_first_build()
+    if get_accelerator().device_name() == "cpu":
+        assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert len(deepspeed.ops.__compatible_ops__) > 1

@@ -1,0 +1,53 @@
+"""Worker for the world-group sharing test (world size 2, gloo): inside
+``world_sized_groups_are_default`` a group of every rank is the default group and other
+groups are formed as usual; an elastic-style engine built that way trains; outside, DeepSpeed's
+``new_group`` is its own again."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+import deepspeed.comm as ds_comm  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
+
+from ds_checkfree.data import build_data  # noqa: E402
+from ds_checkfree.ds_private import world_sized_groups_are_default  # noqa: E402
+from ds_checkfree.initialize import initialize  # noqa: E402
+
+
+def main():
+    cfg = json.load(open(sys.argv[1]))
+    out = sys.argv[2]
+    deepspeed.init_distributed(dist_backend="gloo")
+    me = tdist.get_rank()
+    original = ds_comm.new_group
+    with world_sized_groups_are_default():
+        everyone = ds_comm.new_group([1, 0])
+        alone = ds_comm.new_group([me]) if me == 0 else (ds_comm.new_group([0]), ds_comm.new_group([1]))[1]
+        patched_inside = ds_comm.new_group is not original
+    if me == 0:  # every rank creates every group, in the same order
+        ds_comm.new_group([1])
+    x = torch.tensor([float(me + 1)])
+    tdist.all_reduce(x, group=everyone)
+    engine, _ = initialize(cfg, "tiny", {"num_layers": 4}, elastic=True)
+    data = build_data(None, 32, engine.train_micro_batch_size_per_gpu(), seed=0)
+    losses = [float(engine.train_batch(data.train.iterator(0))) for _ in range(2)]
+    grid = engine.grid
+    result = {"everyone_is_world": everyone is tdist.group.WORLD, "alone_is_world": alone is tdist.group.WORLD,
+              "alone_size": tdist.get_world_size(alone), "patched_inside": patched_inside,
+              "restored": ds_comm.new_group is original, "all_reduce": float(x.item()),
+              "engine_world_groups": [g is tdist.group.WORLD for g in
+                                      (engine.module.world_group, grid.get_model_parallel_group())],
+              "engine_dp_group_is_world": grid.get_data_parallel_group() is tdist.group.WORLD,
+              "build_seconds": engine.build_seconds, "losses": losses}
+    if me == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
