@@ -1,13 +1,20 @@
 """Recovery-method ablation: validation loss after losing an intermediate stage mid-training.
 
-Stage 1 of 4 is lost at the start of step K (``--fail_step``) and rebuilt with each
+Stage 1 of 4 (``--num_stages``) is lost at the start of step K (``--fail_step``) and rebuilt with each
 ``recovery_method`` (weighted_average = the paper's rule, mean, copy_prev = copy the
 previous stage, random = re-initialise), against the same run with no failure. Same seed,
 data order and initial weights for every method, so the runs are identical up to step K-1
-(checked and printed). Default data: the embedded corpus.
+(checked and printed). Default data: the embedded corpus (Shakespeare); ``--data
+python-docs`` is a second, built-in one of another kind: the Python reference documentation
+that ships with the interpreter (``pydoc_data.topics``, ~465k characters of technical prose,
+written once to the runs folder). ``--clip_scope stage`` clips each stage's own gradient at
+``gradient_clipping`` as the paper's reference code does (default: DeepSpeed's global norm);
+the neighbour weights of the weighted average depend on it.
 
     python benchmarks/ablation.py                         # tiny, 1 seed: 5 runs, ~5 min on 2 cores
     python benchmarks/ablation.py --seeds 0 1 2           # mean ± std over seeds
+    python benchmarks/ablation.py --num_stages 6 --num_layers 12 --clip_scope stage --seeds 0 1 2 \
+        --data python-docs --out benchmarks/results/ablation_6st_stage_pydocs
 
 Finished runs are kept under ``--runs_dir`` and reused (``--rerun`` to redo them), so seeds
 can be run in separate invocations and aggregated afterwards. Writes
@@ -28,6 +35,22 @@ from _runs import RESULTS, base_config, read_metrics, run_train, split  # noqa: 
 
 METHODS = ("weighted_average", "mean", "copy_prev", "random")
 NONE = "no_failure"
+#: ``--data`` value of the built-in second corpus
+PYTHON_DOCS = "python-docs"
+
+
+def python_docs_corpus(directory: str) -> str:
+    """Write the interpreter's reference documentation (``pydoc_data.topics``) as one text
+    file under ``directory`` and return its path: a second corpus that needs no download."""
+    import platform
+
+    import pydoc_data.topics as topics
+    path = os.path.join(directory, f"python_docs_{platform.python_version()}.txt")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(topics.topics[k] for k in sorted(topics.topics)))
+    return path
 
 
 def complete(out: str, steps: int) -> bool:
@@ -61,13 +84,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--fail_step", type=int, default=60)
     p.add_argument("--fail_stage", type=int, default=1)
+    p.add_argument("--num_stages", type=int, default=4, help="pipeline stages (= processes)")
+    p.add_argument("--clip_scope", choices=("global", "stage"), default="global",
+                   help="checkfree.clip_scope: DeepSpeed's global norm, or each stage's own (the reference code)")
     p.add_argument("--eval_every", type=int, default=10)
     p.add_argument("--eval_batches", type=int, default=8)
     p.add_argument("--after", type=int, nargs="+", default=[0, 10, 30],
                    help="report val loss at the first validation >= fail_step + each offset")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--data", default=None, help="passed to train.py --data (default: embedded corpus)")
+    p.add_argument("--data", default=None, help="passed to train.py --data (default: embedded corpus); "
+                   f"{PYTHON_DOCS!r}: the built-in second corpus")
     p.add_argument("--runs_dir", default=os.path.join(RESULTS, "ablation_runs"))
     p.add_argument("--rerun", action="store_true", help="ignore finished runs in --runs_dir")
     p.add_argument("--out", default=os.path.join(RESULTS, "ablation"), help="prefix of the .csv and .png")
@@ -75,10 +102,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not 1 < a.fail_step <= a.steps:
         p.error("--fail_step must be in 2..--steps")
+    if not 0 < a.fail_stage < a.num_stages - 1:
+        p.error(f"--fail_stage must be an intermediate stage (1..{a.num_stages - 2}): the methods compared are "
+                "plain CheckFree's, which has no rule for the edges")
+    data_label = a.data
+    if a.data == PYTHON_DOCS:
+        a.data = python_docs_corpus(a.runs_dir)
 
     tag = f"{a.model}{'_L' + str(a.num_layers) if a.num_layers else ''}{'_T' + str(a.seq_len) if a.seq_len else ''}" \
           f"_steps{a.steps}_fail{a.fail_stage}at{a.fail_step}_ev{a.eval_every}x{a.eval_batches}" \
-          f"{'_' + os.path.basename(a.data.rstrip('/')) if a.data else ''}"
+          f"{'_' + os.path.basename(a.data.rstrip('/')) if a.data else ''}" \
+          f"{'_S' + str(a.num_stages) if a.num_stages != 4 else ''}{'_clipstage' if a.clip_scope == 'stage' else ''}"
     methods = [NONE] + [m for m in a.methods if m != NONE]
     t_start, ran = time.time(), 0
     results: dict[tuple[str, int], list[dict]] = {}
@@ -88,7 +122,10 @@ def main(argv=None) -> int:
             if not a.rerun and complete(out, a.steps):
                 results[(method, seed)] = read_metrics(out)
                 continue
-            cfg = base_config("checkfree", recovery_method=method if method != NONE else "weighted_average")
+            cfg = base_config("checkfree", recovery_method=method if method != NONE else "weighted_average",
+                              num_stages=a.num_stages)
+            if a.clip_scope != "global":
+                cfg["checkfree"]["clip_scope"] = a.clip_scope
             extra = ["--seed", seed, "--eval_every", a.eval_every, "--eval_batches", a.eval_batches]
             if method != NONE:
                 extra += ["--fail_at", f"{a.fail_stage}:{a.fail_step}"]
@@ -96,8 +133,8 @@ def main(argv=None) -> int:
                 if getattr(a, flag):
                     extra += [f"--{flag}", getattr(a, flag)]
             print(f"[{method} seed {seed}]", flush=True)
-            results[(method, seed)] = run_train(cfg, out, steps=a.steps, model=a.model, extra_args=extra,
-                                                timeout_s=a.timeout_s)
+            results[(method, seed)] = run_train(cfg, out, steps=a.steps, model=a.model, num_gpus=a.num_stages,
+                                                extra_args=extra, timeout_s=a.timeout_s)
             ran += 1
 
     # ---- analysis
@@ -131,9 +168,9 @@ def main(argv=None) -> int:
                 dev = max(dev, abs(val - ref[s]))
 
     shape = a.model + (f", {a.num_layers} layers" if a.num_layers else "") + (f", seq {a.seq_len}" if a.seq_len else "")
-    print(f"\n## Ablation: stage {a.fail_stage} of 4 lost at step K={a.fail_step} of {a.steps} ({shape}, "
-          f"{a.data or 'embedded corpus'}, seeds {a.seeds}, val every {a.eval_every} steps on {a.eval_batches} "
-          f"micro-batches; mean ± std over seeds)\n")
+    print(f"\n## Ablation: stage {a.fail_stage} of {a.num_stages} lost at step K={a.fail_step} of {a.steps} ({shape}, "
+          f"{data_label or 'embedded corpus'}, {a.clip_scope} clipping, seeds {a.seeds}, val every {a.eval_every} "
+          f"steps on {a.eval_batches} micro-batches; mean ± std over seeds)\n")
     steps_for = {o: by[(NONE, a.seeds[0])][f"step@K+{o}"] for o in a.after}
     cols = [(f"train loss @{a.fail_step}", "loss@K")] + \
            [(f"val @{steps_for[o]}", f"val@K+{o}") for o in a.after] + [(f"val @{a.steps} (end)", "val_end")] + \
@@ -162,12 +199,14 @@ def main(argv=None) -> int:
     fields = ["method", "seed", "loss@K"] + [k for o in a.after for k in (f"step@K+{o}", f"val@K+{o}")] + \
              ["val_end"] + [f"gap_val@K+{o}" for o in a.after] + ["gap_val_end", "weights"]
     with open(a.out + ".csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "steps", "fail_step", "fail_stage"] + fields,
+        w = csv.DictWriter(f, fieldnames=["model", "stages", "data", "clip_scope", "steps", "fail_step",
+                                          "fail_stage"] + fields,
                            extrasaction="ignore")
         w.writeheader()
         for m in methods:
             for s in a.seeds:
-                w.writerow({**by[(m, s)], "model": shape, "steps": a.steps, "fail_step": a.fail_step,
+                w.writerow({**by[(m, s)], "model": shape, "stages": a.num_stages, "data": data_label or "shakespeare",
+                            "clip_scope": a.clip_scope, "steps": a.steps, "fail_step": a.fail_step,
                             "fail_stage": a.fail_stage})
     print(f"CSV: {a.out}.csv")
 
@@ -195,7 +234,8 @@ def main(argv=None) -> int:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax1.legend()
-    fig.suptitle(f"Recovery ablation ({shape}, seeds {a.seeds})")
+    fig.suptitle(f"Recovery ablation ({shape}, {a.num_stages} stages, {data_label or 'shakespeare'}, "
+                 f"{a.clip_scope} clipping, seeds {a.seeds})")
     fig.tight_layout()
     fig.savefig(a.out + ".png", dpi=120)
     print(f"Plot: {a.out}.png")
