@@ -34,7 +34,7 @@ PRIVATE_MEMBERS: dict[str, str] = {
 }
 #: instance attributes (set in constructors, so not checkable on the class): _grid, _topo,
 #: tied_comms (PipelineModule); _running_engine_backward (DeepSpeedEngine);
-#: _backward_hook_managers (tensors, OutputBackwardHookManager); pp_proc_group (grid).
+#: _backward_hook_managers (tensors, OutputBackwardHookManager).
 
 
 def missing_members() -> list[str]:
@@ -61,6 +61,8 @@ def world_sized_groups_are_default():
     form on every rebuild after a death; they have the same members and rank order as the
     default group, and every rank issues its collectives on them in the same program order,
     so sharing the default group changes no result. Groups of fewer ranks are formed as usual.
+    It is also what keeps the elastic launch's blocking pipe collectives on the default group,
+    the one a recovery's teardown closes (``CheckFreePipelineModule.route_collectives_over_world``).
     """
     import deepspeed.comm as ds_comm
     import torch.distributed as tdist
@@ -68,8 +70,7 @@ def world_sized_groups_are_default():
     original = ds_comm.new_group
 
     def new_group(ranks):
-        ranks = sorted(int(r) for r in ranks)
-        if ranks == list(range(tdist.get_world_size())):
+        if sorted(int(r) for r in ranks) == list(range(tdist.get_world_size())):
             return tdist.group.WORLD
         return original(ranks)
 

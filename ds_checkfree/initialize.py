@@ -137,13 +137,13 @@ def warm_up_first_build() -> None:
     import importlib
 
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.config import get_expert_parallel_config
 
-    for name in ("deepspeed.runtime.pipe.engine", "ds_checkfree.engine", "ds_checkfree.module"):
+    # the config parser imports auto_ep_config on its first call
+    for name in ("deepspeed.runtime.pipe.engine", "deepspeed.module_inject.auto_ep_config", "ds_checkfree.engine",
+                 "ds_checkfree.module"):
         importlib.import_module(name)
     if get_accelerator().device_name() == "cpu":
         _skip_shm_comm_build()
-    get_expert_parallel_config({})
 
 
 def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict | None = None,

@@ -107,18 +107,18 @@ class CheckFreePipelineModule(PipelineModule):
     tied_gradients_point_to_point = False
 
     def route_collectives_over_world(self) -> None:
-        """Elastic launch: keep every blocking collective on the default process group.
+        """Elastic launch: the tied (de)embedding gradients of CheckFree+ travel point-to-point
+        on the default group.
 
         A survivor unblocks a peer waiting on it by closing its gloo sockets, but a DeepSpeed
         subgroup stays open as long as anything references it, and the pipeline's autograd
-        hooks keep the old engine (and its groups) alive after a failure. With one replica
-        the pipe group has the same members as the world, so its collectives run on the
-        default group (``group=None``); the tied (de)embedding gradients of CheckFree+ are
-        exchanged point-to-point on the default group as well. With data-parallel replicas
-        the pipe and data groups stay DeepSpeed's: a member blocked on one is woken by the
-        coordinator's round, which shuts down every data-plane socket (``membership``)."""
-        if self._grid.get_data_parallel_world_size() == 1:
-            self._grid.pp_proc_group = None  # deepspeed.comm treats None as the default group
+        hooks keep the old engine (and its groups) alive after a failure. So blocking
+        collectives stay on the default group: with one replica the pipe group already is
+        the default group (``ds_private.world_sized_groups_are_default``, around the whole
+        elastic build), and the tied gradients are exchanged here by send/recv on it. With
+        data-parallel replicas the pipe and data groups stay DeepSpeed's: a member blocked on
+        one is woken by the coordinator's round, which shuts down every data-plane socket
+        (``membership``)."""
         self.tied_gradients_point_to_point = True
 
     def allreduce_tied_weight_gradients(self):

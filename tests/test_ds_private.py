@@ -43,20 +43,36 @@ def test_world_sized_groups_are_the_default_group_in_an_elastic_build(tmp_path):
     assert r["everyone_is_world"] and not r["alone_is_world"] and r["alone_size"] == 1
     assert r["patched_inside"] and r["restored"]
     assert r["all_reduce"] == 3.0
-    assert r["engine_world_groups"] == [True, True]  # the module's world group, the model-parallel group
+    assert r["engine_world_groups"] == [True, True, True]  # the module's world, model-parallel and pipe groups
     assert r["engine_dp_group_is_world"] is False  # one rank per stage: a group of one
     assert set(r["build_seconds"]) == {"module_s", "engine_s"} and all(v >= 0 for v in r["build_seconds"].values())
     assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
 
 
 def test_warm_up_pays_the_op_probe_before_any_group_exists():
-    """A spare's warm-up leaves DeepSpeed's op table probed with the unused shared-memory
-    build marked off (on CPU), so its first engine build inside a recovery skips both."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    from ds_checkfree.initialize import warm_up_first_build
-    warm_up_first_build()
-    if get_accelerator().device_name() == "cpu":
-        assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
-    assert len(deepspeed.ops.__compatible_ops__) > 1
+    """A spare's warm-up (in a fresh process, as a spare is) probes DeepSpeed's op table, marks
+    the unused shared-memory build off on CPU and imports what the first build would, so its
+    first engine build inside a recovery pays none of it."""
+    import subprocess
+    import sys
+    code = """if True:
+        import json, sys
+        import deepspeed.ops
+        before = "__compatible_ops__" in vars(deepspeed.ops), "deepspeed.module_inject.auto_ep_config" in sys.modules
+        from ds_checkfree.initialize import warm_up_first_build
+        warm_up_first_build()
+        ops = vars(deepspeed.ops).get("__compatible_ops__")
+        print(json.dumps({"before": before, "probed": ops is not None,
+                          "shm": None if ops is None else ops.get("deepspeed_shm_comm"),
+                          "imported": [m in sys.modules for m in ("deepspeed.module_inject.auto_ep_config",
+                                                                   "deepspeed.runtime.pipe.engine",
+                                                                   "ds_checkfree.engine")]}))
+    """
+    env = dict(__import__("os").environ, DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["before"] == [False, False]  # nothing paid at import time: the warm-up does it
+    assert r["probed"] and r["shm"] is False
+    assert r["imported"] == [True, True, True]

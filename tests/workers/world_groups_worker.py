@@ -41,7 +41,8 @@ def main():
               "alone_size": tdist.get_world_size(alone), "patched_inside": patched_inside,
               "restored": ds_comm.new_group is original, "all_reduce": float(x.item()),
               "engine_world_groups": [g is tdist.group.WORLD for g in
-                                      (engine.module.world_group, grid.get_model_parallel_group())],
+                                      (engine.module.world_group, grid.get_model_parallel_group(),
+                                                    grid.get_pipe_parallel_group())],
               "engine_dp_group_is_world": grid.get_data_parallel_group() is tdist.group.WORLD,
               "build_seconds": engine.build_seconds, "losses": losses}
     if me == 0:
