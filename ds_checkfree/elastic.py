@@ -8,10 +8,10 @@ MPI only starts the processes (``--with-ft ulfm`` keeps ``mpirun`` from killing 
 one dies) and, when no ``--coordinator`` is given, lets rank 0 start one and tell the others
 where it is.
 
-The training data plane is a torch.distributed gloo group of the S stage holders (data-plane
-rank = stage), formed per generation under the coordinator's store. When a stage's process
-dies or stalls, the coordinator opens a round: each member tears its group down (a member
-blocked on the stalled peer has its data-plane sockets shut down so it wakes at once),
+The training data plane is a torch.distributed group of the S stage holders (data-plane
+rank = stage; gloo on CPU, NCCL on CUDA: ``data_plane``), formed per generation under the
+coordinator's store. When a stage's process dies or stalls, the coordinator opens a round:
+each member tears its group down (a member blocked on the stalled peer is woken at once),
 checks in, and receives one plan: who holds which stage, which stages lost their state, the
 step to resume from. The caller rebuilds the DeepSpeed engine around the kept state and
 lets the CheckFree rules re-materialise the lost stages.
@@ -29,7 +29,6 @@ from datetime import timedelta
 
 from .membership.client import CoordinatorLost, MemberClient
 from .membership.discovery import locate
-from .membership.plane_sockets import shutdown_new_sockets, socket_inodes
 from .membership.roster import Plan
 
 
@@ -76,7 +75,8 @@ class ElasticWorld:
         self.roles: dict[int, int | None] = {}
         self.generation = 0
         self._lock = threading.Lock()
-        self._plane_before: set[str] | None = None  # socket inodes from before the data plane formed
+        self.plane = self._plane()  # refuses an accelerator without a safe teardown, before joining
+        self._plane_formed = False  # a data plane formed or forming that a round must wake
         self._round_announced = 0  # the highest generation a round was announced for
         self._checked_in_for = 0   # the generation this member last checked in for
         mpi_rank = os.environ.get("OMPI_COMM_WORLD_RANK")
@@ -108,14 +108,14 @@ class ElasticWorld:
 
     # -- data plane ----------------------------------------------------------------------
     def init_data_plane(self) -> None:
-        """Form this generation's gloo group of the stage holders (data-plane rank = stage)."""
+        """Form this generation's group of the stage holders (data-plane rank = slot)."""
         import torch.distributed as tdist
-        backend = self.data_plane_backend()  # refuses an accelerator before anything is formed
         with self._lock:
             if self._round_announced > self.generation:
                 raise DataPlaneInterrupted(f"the round for generation {self._round_announced} opened before "
                                            f"generation {self.generation}'s data plane formed")
-            self._plane_before = set(socket_inodes().values())
+            self.plane.prepare()
+            self._plane_formed = True
         host, port = self.address[0], self.client.store_port
         os.environ.update({"RANK": str(self.slot), "WORLD_SIZE": str(self.num_stages * self.dp), "MASTER_ADDR": host,
                            "MASTER_PORT": str(port),
@@ -127,39 +127,22 @@ class ElasticWorld:
         store = tdist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.dp_timeout_s),
                                wait_for_workers=False)
         prefixed = tdist.PrefixStore(f"gen{self.generation}/", store)
-        tdist.init_process_group(backend, store=prefixed, rank=self.slot, world_size=self.num_stages * self.dp,
-                                 timeout=timedelta(seconds=self.dp_timeout_s))
+        tdist.init_process_group(self.plane.backend, store=prefixed, rank=self.slot,
+                                 world_size=self.num_stages * self.dp, timeout=timedelta(seconds=self.dp_timeout_s))
 
-    @staticmethod
-    def data_plane_backend() -> str:
-        """gloo on CPU. On an accelerator the backend would be NCCL (``comm_device``), but
-        surviving a death there needs a teardown that never blocks on the dead peer (measured:
-        ``destroy_process_group`` after NCCL's abort hangs for over 40 s; DESIGN.md section 6),
-        which is not implemented: refused before any group is formed."""
+    def _plane(self):
         from deepspeed.accelerator import get_accelerator
 
-        from .comm_device import data_plane_backend
-        accel = get_accelerator().device_name()
-        backend = data_plane_backend(accel)
-        if backend != "gloo":
-            raise NotImplementedError(
-                f"the fault-tolerant launch (real process deaths) runs its data plane on gloo only; on "
-                f"accelerator {accel!r} it would need {backend}, whose rebuild after a death is not implemented "
-                "in this release (NCCL's destroy_process_group hangs on a dead peer). Fix: run the elastic launch "
-                "with DS_ACCELERATOR=cpu, or use logical failures (deepspeed/torchrun launch) on the GPU.")
-        return backend
+        from .data_plane import plane_for
+        return plane_for(get_accelerator().device_name(), log=lambda msg: print(f"[member] {msg}", flush=True))
 
     def tear_down_data_plane(self) -> None:
-        """Close this member's gloo connections so peers blocked on it fail now, not at the
-        timeout (the caller must have dropped its engine, which holds the subgroups)."""
-        import torch.distributed as tdist
+        """Leave this generation's groups so that peers blocked on this member fail now, not at
+        the timeout, and the next generation can form (the caller must have dropped its engine,
+        which holds the subgroups)."""
         with self._lock:
-            self._plane_before = None
-        if tdist.is_initialized():
-            try:
-                tdist.destroy_process_group()
-            except Exception:
-                pass
+            self._plane_formed = False
+        self.plane.leave()
 
     def _on_round(self, msg: dict) -> None:
         """(reader thread) A membership change is coming: wake a main thread blocked on the data plane."""
@@ -168,8 +151,8 @@ class ElasticWorld:
             if generation <= self.generation:
                 return  # a round this member already took part in
             self._round_announced = max(self._round_announced, generation)
-            if self._plane_before is not None:
-                shutdown_new_sockets(self._plane_before)
+            if self._plane_formed:
+                self.plane.wake()
 
     # -- agreement -----------------------------------------------------------------------
     def join_job(self) -> Agreement | None:

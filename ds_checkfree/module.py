@@ -110,15 +110,15 @@ class CheckFreePipelineModule(PipelineModule):
         """Elastic launch: the tied (de)embedding gradients of CheckFree+ travel point-to-point
         on the default group.
 
-        A survivor unblocks a peer waiting on it by closing its gloo sockets, but a DeepSpeed
-        subgroup stays open as long as anything references it, and the pipeline's autograd
+        A survivor unblocks a peer waiting on it by leaving its data plane (gloo: closing its
+        sockets), but a DeepSpeed subgroup stays open as long as anything references it, and the pipeline's autograd
         hooks keep the old engine (and its groups) alive after a failure. So blocking
         collectives stay on the default group: with one replica the pipe group already is
         the default group (``ds_private.world_sized_groups_are_default``, around the whole
         elastic build), and the tied gradients are exchanged here by send/recv on it. With
         data-parallel replicas the pipe and data groups stay DeepSpeed's: a member blocked on
-        one is woken by the coordinator's round, which shuts down every data-plane socket
-        (``membership``)."""
+        one is woken by the coordinator's round, which wakes the whole data plane (gloo: every
+        socket shut down; NCCL: every group aborted; ``data_plane``)."""
         self.tied_gradients_point_to_point = True
 
     def allreduce_tied_weight_gradients(self):

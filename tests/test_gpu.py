@@ -27,8 +27,8 @@ def test_gpu_check_passes_on_one_gpu(tmp_path):
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-6000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 7 and all(line.rstrip().endswith("| ok |") for line in table[1:]), "\n".join(table)
-    assert "all 7 runs passed" in proc.stdout
+    assert len(table) == 1 + 8 and all(line.rstrip().endswith("| ok |") for line in table[1:]), "\n".join(table)
+    assert "all 8 runs passed" in proc.stdout
 
 
 def test_gpu_check_says_so_when_no_gpu_is_visible(tmp_path):
@@ -40,8 +40,9 @@ def test_gpu_check_says_so_when_no_gpu_is_visible(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_recipe_runs_on_cpu(tmp_path):
-    """The same seven runs on CPU/gloo (about 3 min on 2 cores): the script, configs and table."""
+    """The same eight runs on CPU/gloo (about 4 min on 2 cores): the script, configs and table,
+    and the real SIGKILL without MPI (``scripts/kill_check.py``) on gloo."""
     proc = _run(tmp_path, timeout=1800, GPU_CHECK_CPU="1", GPU_CHECK_STEPS="16")
     assert proc.returncode == 0, proc.stdout[-6000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 8 and all(line.rstrip().endswith("| ok |") for line in table[1:]), "\n".join(table)
+    assert len(table) == 9 and all(line.rstrip().endswith("| ok |") for line in table[1:]), "\n".join(table)

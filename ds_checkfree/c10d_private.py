@@ -1,0 +1,70 @@
+"""The private torch.distributed (c10d) surface the elastic data plane relies on, in one place.
+
+Leaving a generation's process groups behind after a peer died must not block on that peer.
+Under gloo ``destroy_process_group`` does not; under NCCL it does (measured on an H200 with
+torch 2.11 / NCCL 2.28: ``destroy_process_group`` after the backend's ``abort`` hung for over
+40 s, DESIGN.md section 6), because it shuts every group down gracefully. ``forget_groups``
+does the same bookkeeping as ``destroy_process_group`` (so ``init_process_group`` can form the
+next generation) but shuts nothing down: the caller aborts the groups first and keeps the
+objects alive, so no destructor ever waits on the dead peer either (torchft's approach).
+``tests/test_c10d_private.py`` fails when a member used here disappears.
+"""
+from __future__ import annotations
+
+#: c10d module-level members used here (``torch.distributed.distributed_c10d``) -> why
+PRIVATE_MEMBERS: dict[str, str] = {
+    "_world": "the registry of every process group (default group, names, ranks, tags)",
+    "_update_default_pg": "unset the default group without shutting it down",
+    "_unregister_all_process_groups": "free the group names for the next generation",
+}
+#: attributes of ``_world`` cleared, as ``destroy_process_group`` clears them (each optional:
+#: a torch that lacks one has nothing to clear)
+_WORLD_MAPS = ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "pg_to_tag", "tags_to_pg",
+               "pg_coalesce_state")
+
+
+def missing_members() -> list[str]:
+    """Names from ``PRIVATE_MEMBERS`` that the installed torch no longer has."""
+    from torch.distributed import distributed_c10d as c10d
+    return [name for name in PRIVATE_MEMBERS if not hasattr(c10d, name)]
+
+
+def registered_groups() -> list:
+    """Every process group this process is a member of, the default group first."""
+    from torch.distributed import distributed_c10d as c10d
+    groups = list(c10d._world.pg_map)
+    default = c10d._world.default_pg
+    return sorted(groups, key=lambda pg: pg is not default)
+
+
+def abort_groups(groups) -> list[str]:
+    """``abort()`` each group (its operations in flight fail, pending ones are dropped); returns
+    one line per group whose abort raised (an abort must not stop the others). Safe from a
+    thread other than the one blocked in the group's operation."""
+    errors = []
+    for pg in groups:
+        try:
+            pg.abort()
+        except Exception as err:  # noqa: BLE001 - best effort, reported by the caller
+            errors.append(f"{getattr(pg, 'group_name', '?')}: {type(err).__name__}: {err}")
+    return errors
+
+
+def forget_groups(keep_alive: list) -> int:
+    """Unregister every process group without shutting any down and append them to
+    ``keep_alive`` (their destructors must not run: under NCCL they would wait on the dead
+    peer). Afterwards ``torch.distributed.is_initialized()`` is False and the next generation
+    can call ``init_process_group`` (under a fresh store prefix: the old groups' keys remain).
+    Returns how many groups were forgotten."""
+    from torch.distributed import distributed_c10d as c10d
+    world = c10d._world
+    groups = registered_groups()
+    keep_alive.extend(groups)
+    c10d._update_default_pg(None)
+    for name in _WORLD_MAPS:
+        table = getattr(world, name, None)
+        if table is not None:
+            table.clear()
+    c10d._unregister_all_process_groups()
+    world.group_count = 0  # group names restart at 0, as after destroy_process_group
+    return len(groups)

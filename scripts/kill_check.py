@@ -1,0 +1,182 @@
+"""A real SIGKILL without MPI: a coordinator, S stage processes and one spare started by hand
+(``--join``), the process holding stage ``--victim`` killed once step ``--kill_step`` completed.
+
+This is how ``scripts/gpu_check.sh`` checks the NCCL data plane on one GPU (every member made
+its own "host" to NCCL: ``NCCL_HOSTID=host<i>``, ``CUDA_VISIBLE_DEVICES=0``, ``LOCAL_RANK=0``,
+``NCCL_SOCKET_IFNAME=lo``); with ``--accelerator cpu`` the same recipe runs on gloo, which
+checks this script, not the GPU path. Passes when the survivors and the spare finish every
+step with finite losses and exactly one recovery; prints kill -> next completed step.
+
+    python scripts/kill_check.py --accelerator cuda --out out/kill_check --steps 24 --kill_step 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    try:
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def wait_for(what: str, cond, timeout: float, procs) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        dead = [p.args[-1] if isinstance(p.args, list) else "?" for p in procs if p.poll() not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"waiting for {what}: a process failed ({dead})")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+
+
+def member_pids(logs: list[Path]) -> dict[int, int]:
+    """member id -> pid, from each member's first line ("[member X] host pid P: member of ...")."""
+    found = {}
+    for log in logs:
+        m = re.search(r"\[member (\d+)\] \S+ pid (\d+): member of the job", log.read_text(errors="replace"))
+        if m:
+            found[int(m.group(1))] = int(m.group(2))
+    return found
+
+
+def start_up_roles(coordinator_log: Path) -> dict[int, int | None]:
+    """member id -> stage slot of the first generation, from the coordinator's plan line."""
+    m = re.search(r"generation 1: roles (\{[^}]*\})", coordinator_log.read_text(errors="replace"))
+    if not m:
+        return {}
+    return {int(k): (None if v == "None" else int(v)) for k, v in re.findall(r"(\d+): (\d+|None)", m.group(1))}
+
+
+def member_env(i: int, accelerator: str) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR=accelerator, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if accelerator == "cuda":  # every member on GPU 0, each its own host to NCCL
+        env.update(NCCL_HOSTID=f"host{i}", CUDA_VISIBLE_DEVICES="0", LOCAL_RANK="0", NCCL_SOCKET_IFNAME="lo")
+    return env
+
+
+def run(a) -> dict:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((ROOT / "ds_configs" / "checkfree.json").read_text())
+    cfg["checkfree"].update(num_stages=a.stages, heartbeat_timeout_s=a.heartbeat_timeout_s)
+    cfg_path = out / "ds_config.json"
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    announce = out / "coordinator.json"
+    announce.unlink(missing_ok=True)
+    procs, logs = [], []
+    coord_log = out / "coordinator.log"
+    coord = subprocess.Popen([a.python, "-m", "ds_checkfree.membership.coordinator", "--deepspeed_config",
+                              str(cfg_path), "--expect", str(a.stages + 1), "--host", "127.0.0.1", "--port", "0",
+                              "--announce", str(announce)], cwd=ROOT, env=member_env(0, "cpu"),
+                             stdout=open(coord_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    procs.append(coord)
+    try:
+        wait_for("the coordinator's announcement", announce.exists, 60, procs)
+        address = f"127.0.0.1:{json.loads(announce.read_text())['port']}"
+        for i in range(a.stages + 1):
+            log = out / f"member{i}.log"
+            logs.append(log)
+            cmd = [a.python, str(ROOT / "launch" / "train.py"), "--deepspeed_config", str(cfg_path), "--model",
+                   a.model, "--steps", str(a.steps), "--eval_every", "0", "--output_dir", str(out), "--join", address]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=member_env(i, a.accelerator), stdout=open(log, "w"),
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for("every member to join", lambda: len(member_pids(logs)) == a.stages + 1, a.timeout, procs)
+        wait_for(f"step {a.kill_step}", lambda: any(r.get("step", 0) >= a.kill_step and "loss" in r
+                                                     for r in read_metrics(out)), a.timeout, procs)
+        roles, pids = start_up_roles(coord_log), member_pids(logs)
+        victim = next((m for m, slot in roles.items() if slot == a.victim), None)
+        if victim is None or victim not in pids:
+            raise RuntimeError(f"no member holds stage {a.victim} (roles {roles}, pids {pids})")
+        os.kill(pids[victim], signal.SIGKILL)
+        killed_at = time.time()
+        members = procs[1:]
+        deadline = time.time() + a.timeout
+        while time.time() < deadline and any(p.poll() is None for p in members):
+            time.sleep(0.2)
+        by_pid = {p.pid: p for p in members}
+        codes = {mid: by_pid[pid].poll() if pid in by_pid else "?" for mid, pid in pids.items()}
+    finally:
+        stuck = [p for p in procs[1:] if p.poll() is None]
+        for p in stuck:  # a member still running here is stuck: its threads' stacks go to its log
+            os.kill(p.pid, signal.SIGUSR1)
+        if stuck:
+            time.sleep(2.0)
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    records = read_metrics(out)
+    steps = [r for r in records if "loss" in r and "event" not in r]
+    recoveries = [r for r in records if r.get("event") == "recovery"]
+    timeline = next((r for r in records if r.get("event") == "recovery_timeline"), {})
+    losses = [r["loss"] for r in steps]
+    result = {"accelerator": a.accelerator, "stages": a.stages, "victim_stage": a.victim, "victim_member": victim,
+              "exit_codes": codes, "steps_done": len({r["step"] for r in steps}), "steps": a.steps,
+              "recoveries": len(recoveries), "loss_first": losses[0] if losses else None,
+              "loss_last": losses[-1] if losses else None,
+              "kill_to_next_step_s": (timeline["next_step_done_at"] - killed_at) if "next_step_done_at" in timeline
+              else None}
+    why = []
+    if any(code != 0 for i, code in codes.items() if i != victim):
+        why.append(f"exit codes {codes} (member {victim} was killed)")
+    if result["steps_done"] != a.steps:
+        why.append(f"{result['steps_done']}/{a.steps} steps")
+    if result["recoveries"] != 1:
+        why.append(f"{result['recoveries']} recoveries, expected 1")
+    if not losses or not all(math.isfinite(x) for x in losses):
+        why.append("non-finite or no loss")
+    result["failed"] = why
+    (out / "kill_check.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--out", default="out/kill_check")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--kill_step", type=int, default=10)
+    p.add_argument("--victim", type=int, default=1, help="stage whose process is killed (an intermediate one)")
+    p.add_argument("--heartbeat_timeout_s", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for each phase (start-up, training)")
+    p.add_argument("--python", default=sys.executable)
+    a = p.parse_args(argv)
+    if not 0 < a.victim < a.stages - 1 or a.kill_step >= a.steps:
+        p.error("--victim must be an intermediate stage and --kill_step < --steps")
+    try:
+        r = run(a)
+    except RuntimeError as err:
+        print(f"kill_check: FAILED: {err} (logs in {a.out})")
+        return 1
+    took = "-" if r["kill_to_next_step_s"] is None else f"{r['kill_to_next_step_s']:.2f} s"
+    print(f"kill_check ({a.accelerator}): SIGKILL of stage {a.victim} after step {a.kill_step}: "
+          f"{r['steps_done']}/{a.steps} steps, {r['recoveries']} recovery, loss {r['loss_first']} -> "
+          f"{r['loss_last']}, kill -> next completed step {took}")
+    if r["failed"]:
+        print(f"kill_check: FAILED: {'; '.join(r['failed'])} (logs in {a.out})")
+        return 1
+    print("kill_check: passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The elastic data plane per backend: which plane an accelerator gets, the NCCL plane's
+settings, and its way out of a generation (abort + forget, nothing shut down) on a real
+2-rank gloo job that forms a second generation in the same processes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_job
+
+from ds_checkfree import c10d_private
+from ds_checkfree.data_plane import NCCL_ENV, GlooPlane, NcclPlane, plane_for
+
+
+def test_each_accelerator_gets_its_plane():
+    assert isinstance(plane_for("cpu"), GlooPlane) and plane_for("cpu").backend == "gloo"
+    assert isinstance(plane_for("cuda"), NcclPlane) and plane_for("cuda").backend == "nccl"
+    with pytest.raises(NotImplementedError, match="Fix: run the elastic launch with DS_ACCELERATOR=cpu or cuda"):
+        plane_for("hpu")
+    with pytest.raises(ValueError, match="no data-plane backend known"):
+        plane_for("tpu")
+
+
+def test_nccl_plane_sets_what_survival_needs_and_says_so(monkeypatch):
+    for key in NCCL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # torch's default: tear the process down
+    lines = []
+    NcclPlane(log=lines.append).prepare()
+    import os
+    assert {k: os.environ[k] for k in NCCL_ENV} == NCCL_ENV
+    assert len(lines) == 1 and "TORCH_NCCL_ASYNC_ERROR_HANDLING=0" in lines[0]
+    NcclPlane(log=lines.append).prepare()  # already set: nothing to say
+    assert len(lines) == 1
+
+
+def test_abort_errors_are_collected_not_raised():
+    class Broken:
+        group_name = "7"
+
+        def abort(self):
+            raise RuntimeError("peer gone")
+
+    class Fine:
+        aborted = False
+
+        def abort(self):
+            Fine.aborted = True
+
+    assert c10d_private.abort_groups([Broken(), Fine()]) == ["7: RuntimeError: peer gone"]
+    assert Fine.aborted
+
+
+def test_private_c10d_members_exist():
+    assert c10d_private.missing_members() == []
+
+
+def test_forgotten_groups_are_not_shut_down_and_the_next_generation_forms(tmp_path):
+    out = tmp_path / "result.json"
+    run_job("torchrun", 2, "tests/workers/forget_groups_worker.py", [str(out)], timeout=180)
+    r = json.loads(out.read_text())
+    assert r["before"] == 2 and r["default_first"] and r["sub_registered"] and r["abort_errors"] == []
+    assert r["forgotten"] == 2 and r["kept_are_old"]
+    assert r["after_forget"] == {"initialized": False, "registered": 0}
+    assert r["old_default_sum"] == 3.0  # the forgotten group was not shut down
+    assert r["gen1_sum"] == 3.0 and r["gen1_subgroup_sum"] == 30.0
+    assert r["gen1_registered"] == 2 and r["gen1_default_is_new"]

@@ -1,0 +1,39 @@
+"""``scripts/kill_check.py`` finds the victim from what the coordinator and the members print
+(the real run is in the slow CPU dry run of ``gpu_check.sh`` and on a GPU)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import ROOT
+
+_spec = importlib.util.spec_from_file_location("kill_check", ROOT / "scripts" / "kill_check.py")
+kill_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kill_check)
+
+
+def test_roles_of_the_first_generation_are_read_from_the_coordinator_log(tmp_path):
+    log = tmp_path / "coordinator.log"
+    log.write_text("[coordinator] member 5 (vm pid 8315, joining) connected\n"
+                   "[coordinator] generation 1: roles {5: 0, 6: 1, 7: 2, 8: 3, 9: None}, dead [], evicted [], "
+                   "lost stages [], replacements {0: 5}, resume at step 1 (fresh start) [start-up]\n"
+                   "[coordinator] generation 2: roles {9: 1, 5: 0, 7: 2, 8: 3}, dead [6]\n")
+    assert kill_check.start_up_roles(log) == {5: 0, 6: 1, 7: 2, 8: 3, 9: None}
+    log.write_text("[coordinator] listening\n")
+    assert kill_check.start_up_roles(log) == {}
+
+
+def test_member_pids_come_from_each_members_first_line(tmp_path):
+    logs = []
+    for i, (mid, pid) in enumerate([(5, 8315), (6, 8320)]):
+        logs.append(tmp_path / f"member{i}.log")
+        logs[-1].write_text(f"noise\n[member {mid}] vm pid {pid}: member of the job at 127.0.0.1:1 (advertising x)\n")
+    logs.append(tmp_path / "member2.log")
+    logs[-1].write_text("still importing\n")
+    assert kill_check.member_pids(logs) == {5: 8315, 6: 8320}
+
+
+def test_edge_victims_are_refused():
+    with pytest.raises(SystemExit):
+        kill_check.main(["--accelerator", "cpu", "--victim", "0"])
