@@ -44,7 +44,11 @@ def abort_groups(groups) -> list[str]:
     errors = []
     for pg in groups:
         try:
-            pg.abort()
+            if hasattr(pg, "abort"):
+                pg.abort()
+            else:  # an older torch: abort each device's backend
+                for device in pg._device_types:
+                    pg._get_backend(device).abort()
         except Exception as err:  # noqa: BLE001 - best effort, reported by the caller
             errors.append(f"{getattr(pg, 'group_name', '?')}: {type(err).__name__}: {err}")
     return errors

@@ -9,7 +9,8 @@ the next generation can form:
 * NCCL (CUDA): measured on an H200 (DESIGN.md section 6): after a SIGKILL, torch's watchdog
   tears the survivors down unless told not to, and ``destroy_process_group`` (with or after
   ``abort``) hangs on the dead peer. So, torchft's way: communicators are non-blocking
-  (``abort`` never waits for a peer), the watchdog only reports errors, wake = ``abort`` every
+  (``abort`` never waits for a peer; their own waits bounded by the data-plane timeout), the
+  watchdog only reports errors, wake = ``abort`` every
   group, leave = abort + forget every group without shutting it down (``c10d_private``), the
   objects kept alive so no destructor waits either; the next generation forms under a fresh
   store prefix (``elastic``). Each generation's communicators stay allocated (GPU memory grows
@@ -17,10 +18,32 @@ the next generation can form:
 """
 from __future__ import annotations
 
+import math
 import os
+import threading
 
 from .comm_device import data_plane_backend
 from .membership.plane_sockets import shutdown_new_sockets, socket_inodes
+
+
+class DataPlaneAborted(RuntimeError):
+    """This generation's NCCL groups were aborted while the step ran: what it received may be
+    incomplete, so the step must not reach the optimizer (it is redone after the recovery)."""
+
+
+#: set (before the abort) when a round aborts this generation's NCCL groups, cleared when the
+#: next generation forms. An aborted receive does not raise: its kernel just ends, and the CPU
+#: finds out only from this flag (torchft checks its own the same way).
+_aborted = threading.Event()
+
+
+def check_not_aborted() -> None:
+    """Raise ``DataPlaneAborted`` when the data plane was aborted. Call it after a host sync
+    that follows the step's last receive (the engine does, before the optimizer step): a flag
+    set before that sync returned covers every kernel the abort cut short."""
+    if _aborted.is_set():
+        raise DataPlaneAborted("the data plane was aborted during this step (a membership round opened): "
+                               "not stepping on what it received")
 
 
 class DataPlane:
@@ -78,12 +101,18 @@ NCCL_ENV = {
 class NcclPlane(DataPlane):
     backend = "nccl"
 
-    def __init__(self, log=print):
-        self.log = log
+    def __init__(self, log=print, timeout_s: float = 60.0):
+        self.log, self.timeout_s = log, timeout_s
         self.left_behind: list = []  # every former generation's groups, never destroyed
 
+    def settings(self) -> dict[str, str]:
+        """``NCCL_ENV`` plus the bound on a non-blocking communicator's own waits (init, abort;
+        torch's default is 30 min): the data-plane timeout."""
+        return dict(NCCL_ENV, TORCH_NCCL_NONBLOCKING_TIMEOUT=str(int(math.ceil(self.timeout_s))))
+
     def prepare(self) -> None:
-        changed = {k: v for k, v in NCCL_ENV.items() if os.environ.get(k) != v}
+        _aborted.clear()
+        changed = {k: v for k, v in self.settings().items() if os.environ.get(k) != v}
         if changed:
             os.environ.update(changed)
             self.log(f"NCCL data plane: set {', '.join(f'{k}={v}' for k, v in changed.items())} "
@@ -91,6 +120,7 @@ class NcclPlane(DataPlane):
 
     def wake(self) -> None:
         from .c10d_private import abort_groups, registered_groups
+        _aborted.set()  # first: a receive the abort cuts short must find it set
         for line in abort_groups(registered_groups()):
             self.log(f"NCCL data plane: abort while waking: {line}")
 
@@ -98,6 +128,7 @@ class NcclPlane(DataPlane):
         import torch.distributed as tdist
 
         from .c10d_private import abort_groups, forget_groups, registered_groups
+        _aborted.set()
         if not tdist.is_initialized():
             return
         for line in abort_groups(registered_groups()):
@@ -105,14 +136,14 @@ class NcclPlane(DataPlane):
         forget_groups(self.left_behind)
 
 
-def plane_for(accelerator: str, log=print) -> DataPlane:
+def plane_for(accelerator: str, log=print, timeout_s: float = 60.0) -> DataPlane:
     """The data plane for DeepSpeed's accelerator name ("cpu", "cuda"); a backend without a
     teardown that survives a dead peer is refused with the fix."""
     backend = data_plane_backend(accelerator)
     if backend == "gloo":
         return GlooPlane()
     if backend == "nccl":
-        return NcclPlane(log)
+        return NcclPlane(log, timeout_s)
     raise NotImplementedError(
         f"the fault-tolerant launch (real process deaths) has no data plane for accelerator {accelerator!r} "
         f"({backend}): leaving a {backend} group behind without blocking on a dead peer is not implemented. "

@@ -134,7 +134,8 @@ class ElasticWorld:
         from deepspeed.accelerator import get_accelerator
 
         from .data_plane import plane_for
-        return plane_for(get_accelerator().device_name(), log=lambda msg: print(f"[member] {msg}", flush=True))
+        return plane_for(get_accelerator().device_name(), log=lambda msg: print(f"[member] {msg}", flush=True),
+                         timeout_s=self.dp_timeout_s)
 
     def tear_down_data_plane(self) -> None:
         """Leave this generation's groups so that peers blocked on this member fail now, not at

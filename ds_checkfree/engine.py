@@ -28,6 +28,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from . import schedule as cf_schedule
 from .comm_device import comm_device, comm_empty, comm_tensor
 from .config import CheckFreeConfig
+from .data_plane import check_not_aborted
 from .stage_state import StageRecoveryState
 
 _META_LEN = 10  # dtype id, ndim, up to 8 dims
@@ -190,6 +191,8 @@ class CheckFreePipelineEngine(PipelineEngine):
     # ------------------------------------------------------------------ optimizer step
     def _exec_optimizer_step(self, lr_kwargs=None):
         decoder_sq, stage_sq = _squared_grad_norms(*self._norm_params())
+        # after that host sync: an NCCL receive cut short by a round's abort raised nothing
+        check_not_aborted()
         self.stage_state.record_pre_clip(stage_sq, decoder_sq)  # clipping scales them later
         groups = self.optimizer.param_groups
         if self.lr_scale != 1.0:

@@ -9,7 +9,8 @@ import pytest
 from conftest import run_job
 
 from ds_checkfree import c10d_private
-from ds_checkfree.data_plane import NCCL_ENV, GlooPlane, NcclPlane, plane_for
+from ds_checkfree.data_plane import (NCCL_ENV, DataPlaneAborted, GlooPlane, NcclPlane, check_not_aborted,
+                                     plane_for)
 
 
 def test_each_accelerator_gets_its_plane():
@@ -25,13 +26,33 @@ def test_nccl_plane_sets_what_survival_needs_and_says_so(monkeypatch):
     for key in NCCL_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # torch's default: tear the process down
+    monkeypatch.delenv("TORCH_NCCL_NONBLOCKING_TIMEOUT", raising=False)
     lines = []
-    NcclPlane(log=lines.append).prepare()
+    NcclPlane(log=lines.append, timeout_s=29.5).prepare()
     import os
     assert {k: os.environ[k] for k in NCCL_ENV} == NCCL_ENV
+    assert os.environ["TORCH_NCCL_NONBLOCKING_TIMEOUT"] == "30"  # not torch's 30 min
     assert len(lines) == 1 and "TORCH_NCCL_ASYNC_ERROR_HANDLING=0" in lines[0]
-    NcclPlane(log=lines.append).prepare()  # already set: nothing to say
+    NcclPlane(log=lines.append, timeout_s=29.5).prepare()  # already set: nothing to say
     assert len(lines) == 1
+
+
+def test_a_step_after_an_nccl_abort_does_not_reach_the_optimizer(monkeypatch):
+    """An aborted NCCL receive raises nothing: the abort's flag stops the step (the engine
+    checks it before the optimizer step); gloo never sets it; the next generation clears it."""
+    for key in (*NCCL_ENV, "TORCH_NCCL_NONBLOCKING_TIMEOUT"):
+        monkeypatch.setenv(key, "x")
+    plane = NcclPlane(log=lambda _: None)
+    plane.prepare()
+    check_not_aborted()
+    GlooPlane().wake()
+    check_not_aborted()
+    plane.wake()  # no group registered here: only the flag
+    with pytest.raises(DataPlaneAborted, match="not stepping"):
+        check_not_aborted()
+    assert isinstance(DataPlaneAborted("x"), RuntimeError)  # the elastic launch's data-plane errors
+    plane.prepare()
+    check_not_aborted()
 
 
 def test_abort_errors_are_collected_not_raised():
