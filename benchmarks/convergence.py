@@ -465,8 +465,26 @@ def load_step_ratios(path: str) -> dict[str, tuple[float, float, float]]:
 
 
 # ============================================================================ runs
+class Progress:
+    """``[k/N]`` before each run and, once runs were launched, a rough time left (the mean
+    launched run's seconds x the runs left; runs under failures last longer than early ones)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.launched_s = total, 0, []
+
+    def tick(self, launched_s: float | None) -> str:
+        self.done += 1
+        if launched_s is not None:
+            self.launched_s.append(launched_s)
+        left = self.total - self.done
+        eta = ""
+        if self.launched_s and left:
+            eta = f", ~{left * statistics.mean(self.launched_s) / 60:.0f} min left if the rest run"
+        return f"[{self.done}/{self.total}{eta}]"
+
+
 def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str | None, steps: int,
-            target: float | None) -> tuple[list[dict], dict]:
+            target: float | None, progress: Progress | None = None) -> tuple[list[dict], dict]:
     """Run (or reuse) one training run; returns its records and a status dict."""
     run_dir = os.path.join(a.runs_dir, f"{st.name}_rate{rate:g}_f{fseed}_s{tseed}")
     cfg = strategy_config(st, a, schedule, run_dir)
@@ -485,7 +503,7 @@ def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str 
         if same:
             with open(status_path) as f:
                 status = json.load(f)
-            print(f"  reuse {run_dir} ({status['state']})", flush=True)
+            print(f"  {progress.tick(None) if progress else ''} reuse {run_dir} ({status['state']})", flush=True)
             return read_metrics(run_dir), status
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
@@ -516,7 +534,8 @@ def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str 
         json.dump(status, f)
     done = [r["step"] for r in records if _is_step(r)]
     print(f"  {st.name:>18} rate {rate:>4g} sched {fseed} seed {tseed}: {status['state']}, {len(done)} steps run "
-          f"(last {done[-1] if done else '-'}), {status['launch_s']:.0f} s", flush=True)
+          f"(last {done[-1] if done else '-'}), {status['launch_s']:.0f} s "
+          f"{progress.tick(status['launch_s']) if progress else ''}", flush=True)
     return records, status
 
 
@@ -868,8 +887,10 @@ def main(argv=None) -> int:
 
     ref = strategies[0]
     ref_targets = {}
+    progress = Progress(len(a.train_seeds) * (1 + sum(len(a.failure_seeds if rate > 0 else [0]) for rate in a.rates)
+                                              * len(strategies[1:])))
     for ts in a.train_seeds:
-        records, status = run_one(ref, 0.0, 0, ts, a, None, a.steps, None)
+        records, status = run_one(ref, 0.0, 0, ts, a, None, a.steps, None, progress)
         record(ref, 0.0, 0, ts, records, status)
         pts = runs[(ref.name, 0.0, 0, ts)]["points"]
         if pts:
@@ -889,7 +910,7 @@ def main(argv=None) -> int:
                     sched = schedule_files.get((rate, st.num_stages, tuple(st.never_fail()), fs))
                     if sched and a.failure_draws == "executed_step":
                         sched = (rate, fs)
-                    records, status = run_one(st, rate, fs, ts, a, sched, a.cap_steps, target)
+                    records, status = run_one(st, rate, fs, ts, a, sched, a.cap_steps, target, progress)
                     record(st, rate, fs, ts, records, status)
 
     ratios = load_step_ratios(a.step_time_csv)

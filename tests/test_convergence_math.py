@@ -185,3 +185,11 @@ def test_every_available_strategy_config_is_valid(tmp_path):
     assert got["redundant"] == ("redundant", 4, 0, True) and got["redundant_lb"] == ("redundant", 4, 0, True)
     if "ckpt_stage_5" in got:
         assert got["ckpt_stage_5"] == ("off", 4, 5, True)
+
+
+def test_progress_counts_every_run_and_estimates_from_launched_ones_only():
+    p = conv.Progress(4)
+    assert p.tick(None) == "[1/4]"  # a reused run: no estimate yet
+    assert p.tick(120.0) == "[2/4, ~4 min left if the rest run]"  # 2 left x 120 s
+    assert p.tick(60.0) == "[3/4, ~2 min left if the rest run]"  # 1 left x mean 90 s
+    assert p.tick(None) == "[4/4]"
