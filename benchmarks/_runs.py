@@ -3,7 +3,9 @@
 ``run_train(config, output_dir, ...)`` writes ``config`` (a full DeepSpeed JSON dict with a
 ``checkfree`` section) to ``output_dir/ds_config.json``, runs
 ``deepspeed --num_gpus N --master_port <free port> launch/train.py ...`` with
-``DS_ACCELERATOR=cpu OMP_NUM_THREADS=1``, captures the log to ``output_dir/train.log``,
+``DS_ACCELERATOR=cpu OMP_NUM_THREADS=1`` (``accelerator="cuda"``: the N ranks share GPU 0,
+``torchrun --standalone --no-python scripts/one_gpu_rank.sh python launch/train.py ...``
+with ``DS_ACCELERATOR=cuda``), captures the log to ``output_dir/train.log``,
 raises ``RunFailed`` (with the log tail) on a non-zero exit, and returns the parsed
 ``metrics.jsonl`` records.
 
@@ -91,9 +93,20 @@ def _stop(proc) -> None:
         proc.wait()
 
 
+def launch_cmd(num_ranks: int, accelerator: str = "cpu") -> list[str]:
+    """The launcher prefix for ``num_ranks`` ranks of ``launch/train.py`` (then its arguments)."""
+    train = os.path.join(ROOT, "launch", "train.py")
+    if accelerator == "cpu":
+        return _deepspeed_cmd() + ["--num_gpus", str(num_ranks), "--master_port", str(free_port()), train]
+    if accelerator == "cuda":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_ranks),
+                "--no-python", os.path.join(ROOT, "scripts", "one_gpu_rank.sh"), sys.executable, train]
+    raise ValueError(f"accelerator {accelerator!r}: choose cpu or cuda")
+
+
 def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny", num_gpus: int = 4,
               extra_args: list[str] | tuple = (), timeout_s: float | None = None, quiet: bool = False,
-              stop_when=None, poll_s: float = 0.5) -> list[dict]:
+              stop_when=None, poll_s: float = 0.5, accelerator: str = "cpu") -> list[dict]:
     os.makedirs(output_dir, exist_ok=True)
     cfg_path = os.path.join(output_dir, "ds_config.json")
     with open(cfg_path, "w", encoding="utf-8") as f:
@@ -101,11 +114,9 @@ def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny",
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
-    cmd = _deepspeed_cmd() + ["--num_gpus", str(num_gpus), "--master_port", str(free_port()),
-                              os.path.join(ROOT, "launch", "train.py"), "--deepspeed_config", cfg_path,
-                              "--model", model, "--steps", str(steps), "--output_dir", output_dir,
-                              *map(str, extra_args)]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = launch_cmd(num_gpus, accelerator) + ["--deepspeed_config", cfg_path, "--model", model, "--steps",
+                                               str(steps), "--output_dir", output_dir, *map(str, extra_args)]
+    env = dict(os.environ, DS_ACCELERATOR=accelerator, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log_path = os.path.join(output_dir, "train.log")
     t0 = time.time()
     if not quiet:

@@ -495,6 +495,8 @@ def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str 
         extra += ["--data", a.data]
     spec = {"config": cfg, "extra": list(map(str, extra)), "model": a.model, "steps": steps, "target": target,
             "schedule": json.load(open(schedule)) if isinstance(schedule, str) else schedule}
+    if a.accelerator != "cpu":  # (CPU runs' specs predate the key: absent means cpu)
+        spec["accelerator"] = a.accelerator
     spec_path = os.path.join(run_dir, "spec.json")
     status_path = os.path.join(run_dir, "status.json")
     if not a.rerun and os.path.exists(spec_path) and os.path.exists(status_path):
@@ -520,7 +522,8 @@ def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str 
 
     try:
         records = run_train(cfg, run_dir, steps=steps, model=a.model, num_gpus=st.num_stages, extra_args=extra,
-                            timeout_s=a.timeout_s, quiet=True, stop_when=reached if target is not None else None)
+                            timeout_s=a.timeout_s, quiet=True, stop_when=reached if target is not None else None,
+                            accelerator=a.accelerator)
         if last_run_stopped_early():
             status = {"state": "reached target"}
     except RunFailed as err:
@@ -790,7 +793,9 @@ def parse_args(argv=None):
                    help="intervals of the checkpoint baselines")
     p.add_argument("--checkfree_fallback_every", type=int, default=None,
                    help="plain CheckFree's fallback checkpoint interval for edge-stage losses (0: none)")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="tiny", help="preset or YAML; on a GPU e.g. small (12M parameters)")
+    p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: every run's ranks share GPU 0 (scripts/one_gpu_rank.sh); outputs get a _cuda suffix")
     p.add_argument("--num_layers", type=int, default=None,
                    help="decoder layers (default 12 when a 6-stage strategy runs, so 4 and 6 stages divide it)")
     p.add_argument("--steps", type=int, default=None, help="the reference's steps")
@@ -848,7 +853,7 @@ def main(argv=None) -> int:
     unavailable = [s for s in chosen if not s.available()]
     if a.num_layers is None and any(s.num_stages == 6 for s in strategies):
         a.num_layers = 12
-    tag = "convergence_quick" if a.quick else "convergence"
+    tag = ("convergence_quick" if a.quick else "convergence") + ("" if a.accelerator == "cpu" else "_" + a.accelerator)
     a.runs_dir = a.runs_dir or os.path.join(RESULTS, tag + "_runs")
     prefix = a.out or os.path.join(RESULTS, tag)
     os.makedirs(a.runs_dir, exist_ok=True)

@@ -39,14 +39,7 @@ if [ "$STEPS" -lt 16 ]; then
 fi
 
 rm -rf "$OUT" && mkdir -p "$OUT/configs"
-WRAP="$OUT/rank_wrapper.sh"
-cat > "$WRAP" <<'EOF'
-#!/usr/bin/env bash
-# Every rank on GPU 0, each its own "host" to NCCL (else: "Duplicate GPU detected").
-export NCCL_HOSTID="host${RANK}" LOCAL_RANK=0 CUDA_VISIBLE_DEVICES=0 NCCL_SOCKET_IFNAME=lo
-exec "$@"
-EOF
-chmod +x "$WRAP"
+WRAP="$PWD/scripts/one_gpu_rank.sh"  # every rank on GPU 0, each its own "host" to NCCL
 
 # configs: the shipped ones plus the variations this check needs
 "$PY" - "$OUT/configs" <<'EOF'

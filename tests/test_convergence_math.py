@@ -193,3 +193,16 @@ def test_progress_counts_every_run_and_estimates_from_launched_ones_only():
     assert p.tick(120.0) == "[2/4, ~4 min left if the rest run]"  # 2 left x 120 s
     assert p.tick(60.0) == "[3/4, ~2 min left if the rest run]"  # 1 left x mean 90 s
     assert p.tick(None) == "[4/4]"
+
+
+def test_cuda_runs_share_gpu_0_through_the_rank_wrapper():
+    import _runs
+    cuda = _runs.launch_cmd(6, "cuda")
+    assert cuda[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "6"]
+    assert cuda[6] == "--no-python" and cuda[7].endswith("scripts/one_gpu_rank.sh") and cuda[-1].endswith("train.py")
+    assert Path(cuda[7]).exists()
+    cpu = _runs.launch_cmd(4, "cpu")
+    assert "--num_gpus" in cpu and cpu[cpu.index("--num_gpus") + 1] == "4" and cpu[-1].endswith("train.py")
+    with pytest.raises(ValueError, match="choose cpu or cuda"):
+        _runs.launch_cmd(4, "tpu")
+    assert conv.parse_args(["--accelerator", "cuda"]).accelerator == "cuda"

@@ -46,3 +46,17 @@ def test_gpu_check_recipe_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 9 and all(line.rstrip().endswith("| ok |") for line in table[1:]), "\n".join(table)
+
+
+def test_rank_wrapper_makes_each_rank_its_own_host_on_gpu_0():
+    env = dict(job_env(), RANK="3", LOCAL_RANK="3", CUDA_VISIBLE_DEVICES="1,2")
+    out = subprocess.run([str(ROOT / "scripts" / "one_gpu_rank.sh"), "env"], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    seen = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    assert (seen["NCCL_HOSTID"], seen["LOCAL_RANK"], seen["CUDA_VISIBLE_DEVICES"], seen["NCCL_SOCKET_IFNAME"]) == \
+        ("host3", "0", "0", "lo")
+    env.pop("RANK")
+    missing = subprocess.run([str(ROOT / "scripts" / "one_gpu_rank.sh"), "true"], capture_output=True, text=True,
+                             env=env, timeout=30)
+    assert missing.returncode != 0 and "torchrun sets RANK" in missing.stderr

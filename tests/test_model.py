@@ -35,10 +35,10 @@ def _seq(cfg, seed=0):
 
 
 def test_presets_listed():
-    assert {"tiny", "124m", "500m", "1.5b"} <= set(list_presets())
+    assert {"tiny", "small", "124m", "500m", "1.5b"} <= set(list_presets())
 
 
-@pytest.mark.parametrize("name", ["tiny", "124m", "500m", "1.5b"])
+@pytest.mark.parametrize("name", ["tiny", "small", "124m", "500m", "1.5b"])
 def test_every_preset_loads_and_validates(name):
     cfg = load_model_config(name)
     assert cfg.name == name
@@ -49,6 +49,12 @@ def test_every_preset_loads_and_validates(name):
     assert hf._attn_implementation == "sdpa"
     assert hf.tie_word_embeddings is False
     assert hf.attention_dropout == 0.0
+
+
+def test_small_is_the_harness_gpu_model_10m_plus_whole_layers_at_4_and_6_stages():
+    cfg = load_model_config("small")
+    assert 10e6 < cfg.num_parameters() < 15e6
+    assert cfg.num_layers % 4 == 0 and cfg.num_layers % 6 == 0
 
 
 @pytest.mark.parametrize("name", sorted(NOMINAL))
