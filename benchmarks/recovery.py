@@ -1,11 +1,16 @@
 """Recovery time: CheckFree against a DeepSpeed checkpoint reload, same model, same failure.
 
-Both strategies lose pipeline stage 1 at the start of step K (``--fail_step``):
+Every strategy loses pipeline stage 1 at the start of step K (``--fail_step``):
 
 - ``checkfree``: mode "checkfree"; stage 1 is rebuilt from its neighbours (no checkpoints).
 - ``checkpoint``: mode "off" with ``checkpoint_every`` N and ``checkpoint_dir``; DeepSpeed
   saves at step 0 and every N steps, and on the failure every rank reloads the last
   checkpoint and redoes the steps since it.
+- ``checkfree_bf16``: as ``checkfree`` with DeepSpeed's ``bf16`` on (fp32 masters averaged,
+  bf16 weights their cast).
+- ``replica_dp2`` / ``column_dp2``: 4 stages x 2 data-parallel replicas (8 ranks); one replica
+  of stage 1 lost (restored by an exact copy of its twin, method "replica") / both replicas
+  lost (the whole column rebuilt by the CheckFree rule).
 
 Everything is read from metrics.jsonl (``time`` fields are wall-clock of the last stage):
 
@@ -18,7 +23,8 @@ Everything is read from metrics.jsonl (``time`` fields are wall-clock of the las
   by bytes / bandwidth (a remote store; the local disk here is far faster), plus the
   modelled cost of every checkpoint save.
 
-    python benchmarks/recovery.py                      # tiny, ~2-3 min on 2 CPU cores
+    python benchmarks/recovery.py                      # tiny, ~5 min on 2 CPU cores
+    python benchmarks/recovery.py --strategies checkfree checkpoint   # the two original rows
     python benchmarks/recovery.py --model 124m --num_layers 4 --seq_len 128 --steps 14 \
         --fail_step 8 --checkpoint_every 5
 """
@@ -37,7 +43,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _runs import RESULTS, base_config, run_train, split  # noqa: E402
 
-STRATEGIES = ("checkfree", "checkpoint")
+#: name -> (checkfree mode, data-parallel replicas, replica lost (None: every replica), top-level config)
+STRATEGIES = {
+    "checkfree": ("checkfree", 1, None, {}),
+    "checkpoint": ("off", 1, None, {}),
+    "checkfree_bf16": ("checkfree", 1, None, {"bf16": {"enabled": True}}),
+    "replica_dp2": ("checkfree", 2, 1, {}),
+    "column_dp2": ("checkfree", 2, None, {}),
+}
 
 
 def storage_info(path: str) -> str:
@@ -70,10 +83,13 @@ def analyse(records: list[dict], strategy: str, fail_step: int, bw_mb_s: float) 
            "fail_to_step_K_s": back_at_k["time"] - t_fail, "saves": len(saves),
            "save_s_mean": statistics.mean([e["seconds"] for e in saves]) if saves else 0.0,
            "save_bytes": saves[-1]["bytes"] if saves else 0}
-    if strategy == "checkfree":
-        rec = next(e for e in events if e["event"] == "recovery" and e["step"] == fail_step)
-        row.update(recovery_s=rec["seconds"], steps_lost=0, bytes=rec["bytes_received"],
-                   detail=f"{rec['method']} from {rec['sources']}")
+    if strategy != "checkpoint":
+        recs = [e for e in events if e["event"] == "recovery" and e["step"] == fail_step]
+        how = "; ".join(f"{r['method']} from {r['sources']}" + (f" replica {r['source_replica']}"
+                                                                if r.get("source_replica") is not None else "")
+                        for r in recs)
+        row.update(recovery_s=max(r["seconds"] for r in recs), steps_lost=0,
+                   bytes=sum(r["bytes_received"] for r in recs), detail=how)
     else:
         load = next(e for e in events if e["event"] == "checkpoint_load" and e["step"] == fail_step)
         size = next((e["bytes"] for e in saves if e["step"] == load["resumed_from"]), 0)
@@ -113,6 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--work_dir", default=None, help="run outputs (default: a temp dir, deleted afterwards)")
     p.add_argument("--csv", default=os.path.join(RESULTS, "recovery.csv"))
     p.add_argument("--timeout_s", type=float, default=900)
+    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the ranks share GPU 0 (scripts/one_gpu_rank.sh)")
     a = p.parse_args(argv)
     if a.fail_step > a.steps:
         p.error("--fail_step must be <= --steps")
@@ -121,7 +140,7 @@ def main(argv=None) -> int:
     ckpt_root = a.checkpoint_dir or tempfile.mkdtemp(prefix="cf_ckpt_")
     os.makedirs(ckpt_root, exist_ok=True)
     storage = storage_info(os.path.abspath(ckpt_root))
-    extra = ["--eval_every", "0", "--fail_at", f"{a.fail_stage}:{a.fail_step}"]
+    extra = ["--eval_every", "0"]
     if a.num_layers:
         extra += ["--num_layers", str(a.num_layers)]
     if a.seq_len:
@@ -129,16 +148,21 @@ def main(argv=None) -> int:
     rows, t_start = [], time.time()
     try:
         for rep in range(a.repeats):
-            for strategy in STRATEGIES:
+            for strategy in a.strategies:
+                mode, dp, replica, top = STRATEGIES[strategy]
                 out = os.path.join(work, f"{strategy}_r{rep}")
-                if strategy == "checkfree":
-                    cfg = base_config("checkfree")
-                else:
+                if strategy == "checkpoint":
                     ck = os.path.join(ckpt_root, f"r{rep}")
                     shutil.rmtree(ck, ignore_errors=True)
                     cfg = base_config("off", checkpoint_every=a.checkpoint_every, checkpoint_dir=ck)
+                else:
+                    cfg = base_config(mode)
+                cfg.update(top)
+                lost = f"{a.fail_stage}" + (f".{replica}" if replica is not None else "")
                 print(f"[{strategy} repeat {rep}]", flush=True)
-                recs = run_train(cfg, out, steps=a.steps, model=a.model, extra_args=extra, timeout_s=a.timeout_s)
+                recs = run_train(cfg, out, steps=a.steps, model=a.model, num_gpus=4 * dp,
+                                 extra_args=extra + ["--fail_at", f"{lost}:{a.fail_step}"], timeout_s=a.timeout_s,
+                                 accelerator=a.accelerator)
                 row = analyse(recs, strategy, a.fail_step, a.bandwidth_mb_s)
                 row["repeat"] = rep
                 rows.append(row)
@@ -152,33 +176,36 @@ def main(argv=None) -> int:
 
     shape = a.model + (f", {a.num_layers} layers" if a.num_layers else "") + (f", seq {a.seq_len}" if a.seq_len else "")
     print(f"\n## Recovery after losing stage {a.fail_stage} of 4 at step {a.fail_step} ({shape}, {a.steps} steps, "
-          f"{a.repeats} repeat(s), checkpoint every {a.checkpoint_every})\n")
+          f"{a.repeats} repeat(s), checkpoint every {a.checkpoint_every}, {a.accelerator})\n")
     print(f"Checkpoint storage (measured): {storage}")
     print(f"Modelled: bytes charged at {a.bandwidth_mb_s:g} MB/s (remote storage; for CheckFree the same rate "
           "is charged for the neighbour weights sent to the new node)\n")
-    cols = [("recovery s", "recovery_s", 4), ("failure -> next step s", "fail_to_next_step_s", 3),
+    cols = [("step s (median before)", "step_s", 3), ("recovery s", "recovery_s", 4),
+            ("failure -> next step s", "fail_to_next_step_s", 3),
             ("steps lost", "steps_lost", 1), ("failure -> step K again s", "fail_to_step_K_s", 3),
             ("extra s (vs 1 step)", "extra_s", 3), ("bytes moved MB", "bytes", 2),
             (f"modelled recovery s @{a.bandwidth_mb_s:g}MB/s", "modelled_recovery_s", 3),
             ("modelled failure -> step K s", "modelled_fail_to_step_K_s", 3)]
     print("| strategy | " + " | ".join(c[0] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
-    for s in STRATEGIES:
+    for s in a.strategies:
         rs = [r for r in rows if r["strategy"] == s]
         cells = [fmt([r[k] / (1e6 if k == "bytes" else 1) for r in rs], d) for _, k, d in cols]
         print(f"| {s} ({rs[0]['detail']}) | " + " | ".join(cells) + " |")
-    step_s = [r["step_s"] for r in rows]
     ck = [r for r in rows if r["strategy"] == "checkpoint"]
-    print(f"\nNormal step time (median before the failure): {fmt(step_s)} s")
-    print(f"Checkpoint saves (baseline, paid even without failures): {ck[0]['saves']} per run, "
-          f"{ck[0]['save_bytes'] / 1e6:.2f} MB each, measured {fmt([r['save_s_mean'] for r in ck])} s each "
-          f"(modelled {ck[0]['modelled_save_s']:.3f} s at {a.bandwidth_mb_s:g} MB/s), i.e. "
-          f"{fmt([r['save_s_mean'] / a.checkpoint_every for r in ck])} s/step amortised measured, "
-          f"{ck[0]['modelled_save_s'] / a.checkpoint_every:.3f} s/step modelled")
+    print("\ndp2 rows: 8 ranks (4 stages x 2 replicas) on the same cores as the others' 4; bytes are what the "
+          "rank that logs the event received (a whole-column rebuild moves that much to each replica).")
+    if ck:
+        print(f"Checkpoint saves (baseline, paid even without failures): {ck[0]['saves']} per run, "
+              f"{ck[0]['save_bytes'] / 1e6:.2f} MB each, measured {fmt([r['save_s_mean'] for r in ck])} s each "
+              f"(modelled {ck[0]['modelled_save_s']:.3f} s at {a.bandwidth_mb_s:g} MB/s), i.e. "
+              f"{fmt([r['save_s_mean'] / a.checkpoint_every for r in ck])} s/step amortised measured, "
+              f"{ck[0]['modelled_save_s'] / a.checkpoint_every:.3f} s/step modelled")
     print(f"Wall time of the benchmark: {time.time() - t_start:.0f} s")
 
     os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
-    fields = ["strategy", "repeat", "model", "num_layers", "seq_len", "steps", "fail_step", "checkpoint_every",
+    fields = ["strategy", "accelerator", "repeat", "model", "num_layers", "seq_len", "steps", "fail_step",
+              "checkpoint_every",
               "step_s", "recovery_s", "fail_to_next_step_s", "steps_lost", "fail_to_step_K_s", "extra_s", "bytes",
               "bandwidth_mb_s", "modelled_recovery_s", "modelled_fail_to_step_K_s", "saves", "save_s_mean",
               "save_bytes", "modelled_save_s", "detail", "storage"]
@@ -186,7 +213,8 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "model": a.model, "num_layers": a.num_layers, "seq_len": a.seq_len, "steps": a.steps,
+            w.writerow({**r, "accelerator": a.accelerator, "model": a.model, "num_layers": a.num_layers,
+                        "seq_len": a.seq_len, "steps": a.steps,
                         "fail_step": a.fail_step, "checkpoint_every": a.checkpoint_every,
                         "bandwidth_mb_s": a.bandwidth_mb_s, "storage": storage})
     print(f"CSV: {a.csv}")
