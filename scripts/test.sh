@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-exec .venv/bin/python -m pytest tests "$@"
+# the 20 slowest tests are listed at the end: the suite must stay under 20 minutes on 2 cores
+exec .venv/bin/python -m pytest tests --durations=20 "$@"
