@@ -37,3 +37,28 @@ def test_member_pids_come_from_each_members_first_line(tmp_path):
 def test_edge_victims_are_refused():
     with pytest.raises(SystemExit):
         kill_check.main(["--accelerator", "cpu", "--victim", "0"])
+
+
+def test_a_job_started_by_hand_without_mpi_survives_a_sigkill(tmp_path):
+    """The launch with no MPI at all: the coordinator's own CLI, 4 stage processes and a spare
+    joined by hand (``--join``), stage 1's process SIGKILLed after step 5: the spare takes
+    stage 1, the survivors (same processes) finish every step. The GPU check runs this recipe
+    on NCCL."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import job_env
+    out = tmp_path / "kc"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kill_check.py"), "--accelerator", "cpu",
+                           "--out", str(out), "--steps", "12", "--kill_step", "5", "--timeout", "180"],
+                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "kill_check.json").read_text())
+    victim = str(r["victim_member"])
+    assert r["exit_codes"].pop(victim) == -9 and set(r["exit_codes"].values()) == {0}
+    assert r["steps_done"] == 12 and r["recoveries"] == 1 and r["failed"] == []
+    coord = (out / "coordinator.log").read_text()
+    assert "generation 2:" in coord and "lost stages [1]" in coord
+    logs = "".join(p.read_text() for p in out.glob("member*.log"))
+    assert "spare: taking the place of stage 1" in logs
