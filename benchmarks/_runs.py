@@ -159,3 +159,25 @@ def split(records: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     vals = [r for r in records if "event" not in r and "val_loss" in r]
     events = [r for r in records if "event" in r]
     return steps, vals, events
+
+
+def recovery_phases(records: list[dict], killed_at: float, backend: str = "gloo") -> list[tuple[str, float]]:
+    """Where the time from a real kill to the next completed step went, from the survivors'
+    first ``recovery`` and ``recovery_timeline`` events (``killed_at``: when the kill was sent)."""
+    rec = next(r for r in records if r.get("event") == "recovery")
+    line = next(r for r in records if r.get("event") == "recovery_timeline")
+    nan = float("nan")
+    leave = "close sockets" if backend == "gloo" else "abort + forget groups"
+    return [("detection (kill -> error seen by the last stage)", rec["failed_at"] - killed_at),
+            (f"snapshot + {leave}", rec["revoked_at"] - rec["failed_at"]),
+            ("  of which the in-memory snapshot", rec.get("snapshot_s", nan)),
+            (f"  of which engine release + {backend} teardown", rec.get("close_s", nan)),
+            ("agreement (coordinator round -> plan)", rec["agreed_at"] - rec["revoked_at"]),
+            (f"data plane (new {backend} group)", rec["data_plane_s"]),
+            ("engine rebuild (in-memory state)", rec["engine_rebuild_s"]),
+            ("  of which module + its process groups", rec.get("rebuild_module_s", nan)),
+            ("  of which DeepSpeed engine (config, optimizer)", rec.get("rebuild_engine_s", nan)),
+            ("  of which loading the kept state", rec.get("rebuild_state_load_s", nan)),
+            ("re-materialisation (CheckFree)", rec["rematerialise_s"]),
+            ("redo the interrupted step", line["next_step_done_at"] - rec["rematerialised_at"]),
+            ("total: kill -> next completed step", line["next_step_done_at"] - killed_at)]

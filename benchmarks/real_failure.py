@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runs import RESULTS, ROOT, base_config, split  # noqa: E402
+from _runs import RESULTS, ROOT, base_config, recovery_phases, split  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
@@ -138,21 +138,7 @@ def run_checkfree(args, work: str, name: str = "checkfree") -> tuple[list[tuple[
     if proc.wait(timeout=600) != 0:
         raise SystemExit(f"the CheckFree job did not survive; see {work}/checkfree.log")
     records = read(out)
-    rec = next(r for r in records if r.get("event") == "recovery")
-    line = next(r for r in records if r.get("event") == "recovery_timeline")
-    phases = [("detection (kill -> error seen by the last stage)", rec["failed_at"] - killed_at),
-              ("snapshot + close sockets", rec["revoked_at"] - rec["failed_at"]),
-              ("  of which the in-memory snapshot", rec.get("snapshot_s", float("nan"))),
-              ("  of which engine release + gloo teardown", rec.get("close_s", float("nan"))),
-              ("agreement (coordinator round -> plan)", rec["agreed_at"] - rec["revoked_at"]),
-              ("data plane (new gloo group)", rec["data_plane_s"]),
-              ("engine rebuild (in-memory state)", rec["engine_rebuild_s"]),
-              ("  of which module + its process groups", rec.get("rebuild_module_s", float("nan"))),
-              ("  of which DeepSpeed engine (config, optimizer)", rec.get("rebuild_engine_s", float("nan"))),
-              ("  of which loading the kept state", rec.get("rebuild_state_load_s", float("nan"))),
-              ("re-materialisation (CheckFree)", rec["rematerialise_s"]),
-              ("redo the interrupted step", line["next_step_done_at"] - rec["rematerialised_at"]),
-              ("total: kill -> next completed step", line["next_step_done_at"] - killed_at)]
+    phases = recovery_phases(records, killed_at)
     step_s = median_step(records)
     phases.append(("steps lost", 0.0))
     phases.append(("median step time", step_s))

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _runs import recovery_phases  # noqa: E402
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -143,6 +145,10 @@ def run(a) -> dict:
     if not losses or not all(math.isfinite(x) for x in losses):
         why.append("non-finite or no loss")
     result["failed"] = why
+    try:
+        result["phases"] = recovery_phases(records, killed_at, "gloo" if a.accelerator == "cpu" else "nccl")
+    except (StopIteration, KeyError):
+        result["phases"] = []  # no recovery event: already a failure above
     (out / "kill_check.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -171,6 +177,8 @@ def main(argv=None) -> int:
     print(f"kill_check ({a.accelerator}): SIGKILL of stage {a.victim} after step {a.kill_step}: "
           f"{r['steps_done']}/{a.steps} steps, {r['recoveries']} recovery, loss {r['loss_first']} -> "
           f"{r['loss_last']}, kill -> next completed step {took}")
+    for name, seconds in r.get("phases", []):
+        print(f"  {name:<50} {seconds:8.3f} s")
     if r["failed"]:
         print(f"kill_check: FAILED: {'; '.join(r['failed'])} (logs in {a.out})")
         return 1

@@ -58,6 +58,9 @@ def test_a_job_started_by_hand_without_mpi_survives_a_sigkill(tmp_path):
     victim = str(r["victim_member"])
     assert r["exit_codes"].pop(victim) == -9 and set(r["exit_codes"].values()) == {0}
     assert r["steps_done"] == 12 and r["recoveries"] == 1 and r["failed"] == []
+    phases = dict(r["phases"])  # where kill -> next step went, as real_failure.py reports it
+    assert phases["total: kill -> next completed step"] == pytest.approx(r["kill_to_next_step_s"])
+    assert 0 < phases["detection (kill -> error seen by the last stage)"] < phases["total: kill -> next completed step"]
     coord = (out / "coordinator.log").read_text()
     assert "generation 2:" in coord and "lost stages [1]" in coord
     logs = "".join(p.read_text() for p in out.glob("member*.log"))
