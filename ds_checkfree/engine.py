@@ -35,10 +35,11 @@ _META_LEN = 10  # dtype id, ndim, up to 8 dims
 
 
 def _squared_grad_norms(decoder, rest) -> tuple[float, float]:
-    """Squared gradient norms (decoder layers, whole stage): one fused per-tensor norm pass
-    (``torch._foreach_norm``) on the gradients' device, and one host sync for both."""
-    dec = [p.grad.detach() for p in decoder if p.grad is not None]
-    grads = dec + [p.grad.detach() for p in rest if p.grad is not None]
+    """Squared gradient norms (decoder layers, whole stage) of two lists of gradients (None:
+    no gradient): one fused per-tensor norm pass (``torch._foreach_norm``) on the gradients'
+    device, and one host sync for both."""
+    dec = [g.detach() for g in decoder if g is not None]
+    grads = dec + [g.detach() for g in rest if g is not None]
     if not grads:
         return 0.0, 0.0
     sq = torch.stack(torch._foreach_norm(grads)).double().pow(2)
@@ -101,6 +102,22 @@ class CheckFreePipelineEngine(PipelineEngine):
         """bf16 training: the optimizer steps fp32 masters and copies them into bf16 parameters."""
         return bool(self.bfloat16_enabled())
 
+    @property
+    def masters_partitioned(self) -> bool:
+        """bf16 with data-parallel replicas: each replica's BF16_Optimizer holds only its share of
+        the fp32 masters (and of the moments); reading a whole master is a collective of the
+        stage's data-parallel group, and a lost replica's share exists nowhere else."""
+        return self.has_fp32_masters and self.grid.get_data_parallel_world_size() > 1
+
+    def replica_weights(self) -> "OrderedDict[str, torch.Tensor]":
+        """What a live replica sends a lost twin: ``recovery_weights``, except with partitioned
+        masters, where the whole masters cannot be read without the lost twin: then the bf16
+        weights (identical on every replica) in fp32, from which the twin rebuilds its share."""
+        if not self.masters_partitioned:
+            return self.recovery_weights(include_replicated=True)
+        state = self.module.recovery_state(include_replicated=True)
+        return OrderedDict((k, p.detach().float()) for k, p in state.items())
+
     def recovery_weights(self, include_replicated: bool) -> "OrderedDict[str, torch.Tensor]":
         """What recovery sends from this stage: the fp32 masters under bf16 (a bf16 copy would
         lose their low bits), else the fp32 parameters themselves."""
@@ -148,15 +165,22 @@ class CheckFreePipelineEngine(PipelineEngine):
         return self.optimizer.optimizer if self.has_fp32_masters else self.optimizer
 
     def replica_state(self) -> dict:
-        """What a lost data-parallel replica copies from its live twin besides the weights."""
-        return {"optimizer": self._base_optimizer().state_dict(), "stage_state": self.stage_state.snapshot()}
+        """What a lost data-parallel replica copies from its live twin besides the weights (not
+        the moments when the masters are partitioned: the twin's are for its own share)."""
+        optimizer = None if self.masters_partitioned else self._base_optimizer().state_dict()
+        return {"optimizer": optimizer, "stage_state": self.stage_state.snapshot()}
 
     def install_replica(self, weights: dict, state: dict) -> None:
-        """Become an exact copy of a live replica of this stage (weights as ``recovery_weights``
-        gives them, optimizer and recovery state as ``replica_state`` does); no lr change."""
+        """Become an exact copy of a live replica of this stage (weights as ``replica_weights``
+        gives them, optimizer and recovery state as ``replica_state`` does); no lr change.
+        With partitioned masters the twin's moments are for its own share, not this one's: this
+        replica's share of the masters is its bf16 weights in fp32 and its moments start fresh."""
         template = self.module.recovery_state(include_replicated=True)
         self._write_weights([(param, weights[key]) for key, param in template.items()])
-        self._base_optimizer().load_state_dict(state["optimizer"])
+        if self.masters_partitioned:
+            self.reset_optimizer_state()
+        else:
+            self._base_optimizer().load_state_dict(state["optimizer"])
         self.stage_state.load(state["stage_state"])
 
     def training_state(self) -> dict:
@@ -188,9 +212,23 @@ class CheckFreePipelineEngine(PipelineEngine):
             self._norm_split = (decoder, [p for p in self.module.parameters() if id(p) not in ids])
         return self._norm_split
 
+    def _norm_grads(self) -> tuple[list, list]:
+        """The gradients the step applies, split as ``_norm_params``. Under bf16 these are the
+        optimizer's fp32 gradients: DeepSpeed's pipeline clears the bf16 parameters' own ones
+        before every micro-batch (they end holding the last micro-batch's alone) and averages
+        only the fp32 ones over data-parallel replicas, so every replica computes the same
+        norms and a rebuilt stage's replicas the same average."""
+        decoder, rest = self._norm_params()
+        if not self.has_fp32_masters:
+            return [p.grad for p in decoder], [p.grad for p in rest]
+        fp32 = {}
+        for group, grads in zip(self.optimizer.bf16_groups, self.optimizer.fp32_groups_gradients):
+            fp32.update((id(p), g) for p, g in zip(group, grads))
+        return [fp32.get(id(p)) for p in decoder], [fp32.get(id(p)) for p in rest]
+
     # ------------------------------------------------------------------ optimizer step
     def _exec_optimizer_step(self, lr_kwargs=None):
-        decoder_sq, stage_sq = _squared_grad_norms(*self._norm_params())
+        decoder_sq, stage_sq = _squared_grad_norms(*self._norm_grads())
         # after that host sync: an NCCL receive cut short by a round's abort raised nothing
         check_not_aborted()
         self.stage_state.record_pre_clip(stage_sq, decoder_sq)  # clipping scales them later

@@ -43,8 +43,11 @@ def _check_failure_schedule(cf: CheckFreeConfig) -> None:
         raise ConfigError(f"checkfree.failure_schedule = {cf.failure_schedule!r}: {err}.") from None
 
 
-def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int) -> None:
-    """bf16 is recovered (fp32 masters averaged/copied, bf16 parameters their cast); fp16 is not."""
+def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int, elastic: bool = False) -> None:
+    """bf16 is recovered (fp32 masters averaged/copied, bf16 parameters their cast); fp16 is not.
+    With data-parallel replicas DeepSpeed's BF16_Optimizer splits the fp32 masters over the
+    replicas: a lost replica gets the bf16 weights exactly and its share of the masters from
+    them (``engine.masters_partitioned``)."""
     if cf.mode == "off":
         return
     if ds_config.get("fp16", {}).get("enabled"):
@@ -59,11 +62,16 @@ def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int) -> None:
     if cf.mode == "redundant":
         raise ConfigError(f"{bf16}.enabled = True: mode 'redundant' ships fp32 gradients to its shadow copies. "
                           f"Fix: disable {bf16} or use mode 'checkfree'/'checkfree_plus'.")
-    if dp != 1:
-        raise ConfigError(f"{bf16}.enabled = True with {dp} data-parallel replicas: DeepSpeed's BF16_Optimizer "
-                          "splits the fp32 master weights over the replicas (each holds only its shard), so a lost "
-                          "replica's shard has no live copy to restore it from. Fix: one replica per stage "
-                          f"(world size = num_stages), disable {bf16}, or set checkfree.mode to \"off\".")
+    if dp != 1 and elastic:
+        raise ConfigError(f"{bf16}.enabled = True with {dp} data-parallel replicas in the fault-tolerant launch: "
+                          "DeepSpeed's BF16_Optimizer splits the fp32 masters over the replicas, and gathering them "
+                          "(what a survivor keeps across a rebuild) is a collective that would wait on the dead "
+                          "replica; not implemented. Fix: one replica per stage (world size = num_stages + "
+                          f"spares), disable {bf16}, or use logical failures (deepspeed/torchrun launch).")
+    if dp != 1 and cf.layout == "paper":
+        raise ConfigError(f"{bf16}.enabled = True with {dp} data-parallel replicas and layout \"paper\": the "
+                          "in-memory stage copies are not refreshed from masters split over replicas; not "
+                          f"implemented. Fix: layout \"all_stages_fail\", one replica per stage, or disable {bf16}.")
     if cf.mode == "checkfree_plus" and not cf.swap:
         raise ConfigError(f"checkfree.swap = False with {bf16}: a replicated (de)embedding that runs no micro-batch "
                           "has no fp32 gradient for DeepSpeed's tied-gradient all-reduce under BF16_Optimizer. "
@@ -105,7 +113,7 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
     provisional_dp = max(1, (world - cf.spares) // cf.num_stages)
     micro = micro_batches_per_step(ds_config, provisional_dp)
     dp = validate_world(cf, world, model_cfg.num_layers, micro)
-    _check_precision(ds_config, cf, dp)
+    _check_precision(ds_config, cf, dp, elastic)
     check_against_deepspeed(cf, ds_config)
     act_ckpt = ds_config.get("pipeline", {}).get("activation_checkpoint_interval", 0)
     if cf.mode == "checkfree_plus" and act_ckpt:

@@ -68,8 +68,10 @@ def stable_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-def _send_state(engine, action: RecoveryAction, target_rank: int) -> None:
-    state = engine.recovery_weights(include_replicated=action.method == "copy")
+def _send_state(engine, action: RecoveryAction, target_rank: int, state=None) -> None:
+    """``state``: this stage's weights when already read (partitioned masters: see ``apply_plan``)."""
+    if state is None:
+        state = engine.recovery_weights(include_replicated=action.method == "copy")
     dist.send(comm_tensor([engine.last_grad_norm()], torch.float64), target_rank)
     dist.send(_flatten(state, comm_device()), target_rank)
 
@@ -108,7 +110,7 @@ def _copy_replica(engine, action: RecoveryAction, source: int, target: int) -> R
     Weights travel as one flat tensor on the communication device; the optimizer state and
     the stage's recovery state as one serialised blob (one host copy each way)."""
     if engine.global_rank == source:
-        dist.send(_flatten(engine.recovery_weights(include_replicated=True), comm_device()), target)
+        dist.send(_flatten(engine.replica_weights(), comm_device()), target)
         blob = object_to_tensor(engine.replica_state(), comm_device())
         dist.send(comm_tensor([blob.numel()], torch.int64), target)
         dist.send(blob, target)
@@ -122,10 +124,13 @@ def _copy_replica(engine, action: RecoveryAction, source: int, target: int) -> R
     blob = comm_empty(int(n), torch.uint8)
     dist.recv(blob, source)
     state = tensor_to_object(blob, map_location=flat.device)
+    partitioned = engine.masters_partitioned
     engine.install_replica(_unflatten(flat, template), state)
+    extra = {"masters_from": "bf16 weights", "fresh_moments": True} if partitioned else None
     return RecoveryRecord(stage=action.stage, method="replica", sources=[action.stage], weights=[1.0],
                           seconds=time.perf_counter() - start, bytes_received=flat.numel() * 4 + 8 + int(n),
-                          lr_scale=engine.lr_scale, replica=action.replica, source_replica=action.source_replica)
+                          lr_scale=engine.lr_scale, replica=action.replica, source_replica=action.source_replica,
+                          extra=extra)
 
 
 def _restore_from_copy(engine, action: RecoveryAction, step: int, copies, holder: int, target: int):
@@ -194,11 +199,16 @@ def apply_plan(engine, actions: list[RecoveryAction], step: int, copies=None,
                 record = _copy_replica(engine, action, source, target)
             records.append(_share(record, target))
             continue
+        mine = None
+        if engine.masters_partitioned and engine.stage_id in action.sources:
+            # reading whole masters is a collective of this stage's replicas: every replica reads
+            # here, before any of them sends, or one blocked in a send would starve the others
+            mine = engine.recovery_weights(include_replicated=action.method == "copy")
         for dp in range(grid.get_data_parallel_world_size()):
             target = grid.stage_to_global(stage_id=action.stage, data=dp)
             sources = [grid.stage_to_global(stage_id=s, data=dp) for s in action.sources]
             if dp == my_dp and engine.global_rank in sources:
-                _send_state(engine, action, target)
+                _send_state(engine, action, target, mine)
             record = None
             if engine.global_rank == target:
                 # the same seed for every replica: a "random" rebuild keeps the replicas identical

@@ -26,8 +26,13 @@ def test_bf16_is_accepted_and_fp16_refused_with_the_reason():
     assert prepare(_ds("checkfree_plus.json", bf16={"enabled": True}), world_size=4).dp_size == 1
     with pytest.raises(ConfigError, match=r"fp16.enabled = True: .*loss scale.*Fix: use \"bf16\""):
         prepare(_ds(fp16={"enabled": True}), world_size=4)
-    with pytest.raises(ConfigError, match=r"2 data-parallel replicas: .*shard"):
-        prepare(_ds(bf16={"enabled": True}), world_size=8)
+    assert prepare(_ds(bf16={"enabled": True}), world_size=8).dp_size == 2  # logical failures: recovered
+    with pytest.raises(ConfigError, match=r"2 data-parallel replicas in the fault-tolerant launch: .*dead"):
+        prepare(_ds(bf16={"enabled": True}), world_size=8, elastic=True)
+    paper = _ds(bf16={"enabled": True})
+    paper["checkfree"].update(layout="paper", num_stages=6)
+    with pytest.raises(ConfigError, match=r"2 data-parallel replicas and layout \"paper\""):
+        prepare(paper, world_size=12)
     plus = _ds("checkfree_plus.json", bf16={"enabled": True})
     plus["checkfree"]["swap"] = False
     with pytest.raises(ConfigError, match="checkfree.swap = False with bf16"):
@@ -41,15 +46,15 @@ def test_bf16_is_accepted_and_fp16_refused_with_the_reason():
     assert prepare(off, world_size=8).dp_size == 2  # stock DeepSpeed: no recovery, nothing refused
 
 
-def _dump(d, step, stage, tag):
-    return torch.load(d / f"step{step}_stage{stage}_dp0_{tag}.pt", weights_only=False)
+def _dump(d, step, stage, tag, dp=0):
+    return torch.load(d / f"step{step}_stage{stage}_dp{dp}_{tag}.pt", weights_only=False)
 
 
-def _train(tmp_path, base, fails, steps=5):
+def _train(tmp_path, base, fails, steps=5, ranks=4):
     cfg = write_config(tmp_path / "ds.json", base, ds_bf16={"enabled": True})
     dumps, out = tmp_path / "dumps", tmp_path / "out"
     extra = [x for f in fails for x in ("--fail_at", f)]
-    run_job("deepspeed", 4, "launch/train.py",
+    run_job("deepspeed", ranks, "launch/train.py",
             ["--deepspeed_config", str(cfg), "--model", "tiny", "--output_dir", str(out), "--eval_every", "0",
              "--steps", str(steps), *extra, "--dump_recovery_dir", str(dumps)])
     return dumps, read_metrics(out)
@@ -119,3 +124,50 @@ def test_bf16_sigkilled_stage_is_rebuilt_on_the_spare(tmp_path):
     assert recovery["sources"] == [1, 3] and recovery["lr_scale"] == pytest.approx(1.1)
     losses = [r["loss"] for r in steps_of(records)]
     assert sum(losses[-5:]) / 5 < losses[0]
+
+
+def test_bf16_with_two_replicas_a_lost_replica_and_a_lost_column(tmp_path):
+    """8 ranks = 4 stages x 2 replicas under bf16, where DeepSpeed splits the fp32 masters and
+    their moments over the replicas. Step 3 loses replica 1 of stage 1: its bf16 weights are an
+    exact copy of its twin's, its half of the masters their fp32 value (the lost low bits and
+    moments existed nowhere else), the twin's half untouched. Step 4 loses both replicas of
+    stage 2: both get the weighted average of the neighbours' whole fp32 masters, with the
+    same weights (norms of the replica-averaged fp32 gradients)."""
+    dumps, records = _train(tmp_path, "checkfree.json", ["1.1:3", "2:4"], ranks=8)
+    twin, lost_after, twin_after = _dump(dumps, 3, 1, "before"), _dump(dumps, 3, 1, "after", 1), \
+        _dump(dumps, 3, 1, "after")
+    from_twin = total = 0
+    for k, master in twin["fp32_state"].items():
+        assert torch.equal(lost_after["state"][k], twin["state"][k]), k  # bf16 weights: exact
+        new = lost_after["fp32_state"][k]
+        assert torch.equal(new, twin_after["fp32_state"][k]), k  # one set of masters across replicas
+        assert bool(((new == master) | (new == twin["state"][k].float())).all()), k
+        from_twin += int((new == master).sum())
+        total += new.numel()
+    assert 0.3 < from_twin / total < 0.7  # the twin's half kept its low bits
+    assert lost_after["optimizer_state_entries"] == 0 < twin_after["optimizer_state_entries"]
+    _consistent(lost_after)
+
+    prev = [_dump(dumps, 4, 1, "before", dp) for dp in (0, 1)]
+    nxt = [_dump(dumps, 4, 3, "before", dp) for dp in (0, 1)]
+    assert prev[0]["recovery_norm"] == prev[1]["recovery_norm"] and nxt[0]["recovery_norm"] == nxt[1]["recovery_norm"]
+    b, a = prev[0]["recovery_norm"] + 1e-4, nxt[0]["recovery_norm"] + 1e-4
+    rebuilt = [_dump(dumps, 4, 2, "after", dp) for dp in (0, 1)]
+    keys = [k for k in rebuilt[0]["fp32_state"] if k.startswith("decoder.")]
+    assert keys
+    for k in keys:
+        expected = (a * nxt[0]["fp32_state"][k].double() + b * prev[0]["fp32_state"][k].double()) / (a + b)
+        for r in rebuilt:
+            assert torch.allclose(r["fp32_state"][k].double(), expected, atol=1e-6), k
+        assert torch.equal(rebuilt[0]["state"][k], rebuilt[1]["state"][k]), k
+    for r in rebuilt:
+        _consistent(r)
+        assert r["optimizer_state_entries"] == 0 and r["lr_scale"] == pytest.approx(1.1)
+
+    rec = events_of(records, "recovery")
+    assert [(r["step"], r["stage"], r["method"], r.get("replica")) for r in rec] == \
+        [(3, 1, "replica", 1), (4, 2, "weighted_average", None)]
+    assert rec[0]["masters_from"] == "bf16 weights" and rec[0]["fresh_moments"] is True
+    assert rec[1]["weights"] == pytest.approx([b, a], rel=1e-9)
+    losses = [r["loss"] for r in steps_of(records)]
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
