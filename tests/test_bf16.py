@@ -171,3 +171,23 @@ def test_bf16_with_two_replicas_a_lost_replica_and_a_lost_column(tmp_path):
     assert rec[1]["weights"] == pytest.approx([b, a], rel=1e-9)
     losses = [r["loss"] for r in steps_of(records)]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.slow  # the dp=2 test above covers the split masters; this adds CheckFree+'s edge copies
+def test_bf16_with_two_replicas_checkfree_plus_edge_copies(tmp_path):
+    """CheckFree+ under bf16 with 4 stages x 2 replicas: a lost replica of stage 0, then all of
+    stage 3 and all of stage 1: every rebuilt replica's masters are its partner's exactly."""
+    dumps, records = _train(tmp_path, "checkfree_plus.json", ["0.1:3", "3:4", "1:5"], steps=6, ranks=8)
+    for step, lost, partner in ((4, 3, 2), (5, 1, 0)):
+        source = _dump(dumps, step, partner, "before")
+        for dp in (0, 1):
+            new = _dump(dumps, step, lost, "after", dp)
+            assert set(new["fp32_state"]) <= set(source["fp32_state"])  # the partner holds all of it
+            for k in new["fp32_state"]:
+                assert torch.equal(new["fp32_state"][k], source["fp32_state"][k]), (step, dp, k)
+            _consistent(new)
+            assert new["optimizer_state_entries"] == 0 and new["lr_scale"] == pytest.approx(1.1)
+    rec = events_of(records, "recovery")
+    assert [(r["step"], r["stage"], r["method"]) for r in rec] == [(3, 0, "replica"), (4, 3, "copy"), (5, 1, "copy")]
+    losses = [r["loss"] for r in steps_of(records)]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
