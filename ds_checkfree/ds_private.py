@@ -34,7 +34,8 @@ PRIVATE_MEMBERS: dict[str, str] = {
 }
 #: instance attributes (set in constructors, so not checkable on the class): _grid, _topo,
 #: tied_comms (PipelineModule); _running_engine_backward (DeepSpeedEngine);
-#: _backward_hook_managers (tensors, OutputBackwardHookManager).
+#: _backward_hook_managers (tensors, OutputBackwardHookManager); _hp_mapping (a parameter's
+#: fp32 master share under BF16_Optimizer); bf16_groups, fp32_groups_gradients (BF16_Optimizer).
 
 
 def missing_members() -> list[str]:

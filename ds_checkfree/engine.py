@@ -47,6 +47,13 @@ def _squared_grad_norms(decoder, rest) -> tuple[float, float]:
     return decoder_sq, stage_sq
 
 
+def _master_share(param):
+    """This replica's share of ``param``'s fp32 master under DeepSpeed's BF16_Optimizer (None:
+    the whole master lives on other replicas). Private: ``ds_private`` lists ``_hp_mapping``."""
+    mapping = getattr(param, "_hp_mapping", None)
+    return None if mapping is None else mapping.get_hp_fragment()
+
+
 class CheckFreePipelineEngine(PipelineEngine):
     """PipelineEngine with the CheckFree schedule, gradient-norm record and recovery hooks."""
 
@@ -186,11 +193,16 @@ class CheckFreePipelineEngine(PipelineEngine):
     def training_state(self) -> dict:
         """A copy of this rank's whole stage in memory, to carry into a rebuilt engine
         (under bf16 with the fp32 masters and the wrapped optimizer's moments)."""
-        masters = None
-        if self.has_fp32_masters:
+        masters = shares = None
+        if self.masters_partitioned:  # only this replica's share: reading the rest is a collective,
+            # which would wait on a dead replica; the rebuilt engine splits the masters the same way
+            shares = {k: _master_share(p).clone() for k, p in self.module.named_parameters()
+                      if _master_share(p) is not None}
+        elif self.has_fp32_masters:
             masters = {k: safe_get_full_fp32_param(p).detach().clone() for k, p in self.module.named_parameters()}
         return {"module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": copy.deepcopy(self._base_optimizer().state_dict()), "fp32_masters": masters,
+                "fp32_master_shares": shares,
                 "stage_state": self.stage_state.snapshot(),
                 "global_steps": self.global_steps, "global_samples": self.global_samples}
 
@@ -199,6 +211,11 @@ class CheckFreePipelineEngine(PipelineEngine):
         if snap.get("fp32_masters") is not None:
             named = dict(self.module.named_parameters())
             self._write_weights([(named[k], v) for k, v in snap["fp32_masters"].items()])
+        if snap.get("fp32_master_shares") is not None:
+            named = dict(self.module.named_parameters())
+            with torch.no_grad():
+                for k, share in snap["fp32_master_shares"].items():
+                    _master_share(named[k]).copy_(share)
         self._base_optimizer().load_state_dict(snap["optimizer"])
         self.stage_state.load(snap["stage_state"])
         self.global_steps, self.global_samples = snap["global_steps"], snap["global_samples"]

@@ -43,7 +43,7 @@ def _check_failure_schedule(cf: CheckFreeConfig) -> None:
         raise ConfigError(f"checkfree.failure_schedule = {cf.failure_schedule!r}: {err}.") from None
 
 
-def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int, elastic: bool = False) -> None:
+def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int) -> None:
     """bf16 is recovered (fp32 masters averaged/copied, bf16 parameters their cast); fp16 is not.
     With data-parallel replicas DeepSpeed's BF16_Optimizer splits the fp32 masters over the
     replicas: a lost replica gets the bf16 weights exactly and its share of the masters from
@@ -62,12 +62,6 @@ def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int, elastic: boo
     if cf.mode == "redundant":
         raise ConfigError(f"{bf16}.enabled = True: mode 'redundant' ships fp32 gradients to its shadow copies. "
                           f"Fix: disable {bf16} or use mode 'checkfree'/'checkfree_plus'.")
-    if dp != 1 and elastic:
-        raise ConfigError(f"{bf16}.enabled = True with {dp} data-parallel replicas in the fault-tolerant launch: "
-                          "DeepSpeed's BF16_Optimizer splits the fp32 masters over the replicas, and gathering them "
-                          "(what a survivor keeps across a rebuild) is a collective that would wait on the dead "
-                          "replica; not implemented. Fix: one replica per stage (world size = num_stages + "
-                          f"spares), disable {bf16}, or use logical failures (deepspeed/torchrun launch).")
     if dp != 1 and cf.layout == "paper":
         raise ConfigError(f"{bf16}.enabled = True with {dp} data-parallel replicas and layout \"paper\": the "
                           "in-memory stage copies are not refreshed from masters split over replicas; not "
@@ -113,7 +107,7 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
     provisional_dp = max(1, (world - cf.spares) // cf.num_stages)
     micro = micro_batches_per_step(ds_config, provisional_dp)
     dp = validate_world(cf, world, model_cfg.num_layers, micro)
-    _check_precision(ds_config, cf, dp, elastic)
+    _check_precision(ds_config, cf, dp)
     check_against_deepspeed(cf, ds_config)
     act_ckpt = ds_config.get("pipeline", {}).get("activation_checkpoint_interval", 0)
     if cf.mode == "checkfree_plus" and act_ckpt:

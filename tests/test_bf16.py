@@ -26,9 +26,8 @@ def test_bf16_is_accepted_and_fp16_refused_with_the_reason():
     assert prepare(_ds("checkfree_plus.json", bf16={"enabled": True}), world_size=4).dp_size == 1
     with pytest.raises(ConfigError, match=r"fp16.enabled = True: .*loss scale.*Fix: use \"bf16\""):
         prepare(_ds(fp16={"enabled": True}), world_size=4)
-    assert prepare(_ds(bf16={"enabled": True}), world_size=8).dp_size == 2  # logical failures: recovered
-    with pytest.raises(ConfigError, match=r"2 data-parallel replicas in the fault-tolerant launch: .*dead"):
-        prepare(_ds(bf16={"enabled": True}), world_size=8, elastic=True)
+    assert prepare(_ds(bf16={"enabled": True}), world_size=8).dp_size == 2
+    assert prepare(_ds(bf16={"enabled": True}), world_size=8, elastic=True).dp_size == 2
     paper = _ds(bf16={"enabled": True})
     paper["checkfree"].update(layout="paper", num_stages=6)
     with pytest.raises(ConfigError, match=r"2 data-parallel replicas and layout \"paper\""):
@@ -110,6 +109,34 @@ def test_bf16_checkfree_plus_edge_stage_copies_the_partners_fp32_masters(tmp_pat
     assert [(r["step"], r["stage"], r["method"], r["sources"]) for r in rec] == [(3, 0, "copy", [1])]
     losses = [r["loss"] for r in steps_of(records)]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_bf16_with_two_replicas_a_sigkilled_replica_is_replaced_by_the_spare(tmp_path):
+    """``mpirun --with-ft ulfm``, 3 stages x 2 replicas + 1 spare under bf16: the process of
+    stage 1 replica 1 (rank 3) is SIGKILLed. The survivors keep their own share of the split
+    masters (no collective with the dead replica), the spare copies the twin's bf16 weights."""
+    from test_elastic import ElasticJob, exit_pids
+    steps = 24
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", num_stages=3, spares=1, ds_bf16={"enabled": True})
+    job = ElasticJob(tmp_path, 7, cfg, steps, "--num_layers", "6")
+    job.wait_for_step(6)
+    before = job.rank_pids()
+    killed = job.kill(3)
+    rc = job.wait()
+    log = job.log()
+    assert rc == 0, log[-6000:]
+    records = read_metrics(job.out)
+    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+    (failure,) = events_of(records, "failure")
+    assert (failure["stage"], failure["replica"], failure["dead_ranks"], failure["replaced_by_rank"]) == (1, 1, [3], 6)
+    (recovery,) = events_of(records, "recovery")
+    assert (recovery["stage"], recovery["method"], recovery["masters_from"]) == (1, "replica", "bf16 weights")
+    assert exit_pids(log) == {r: p for r, p in before.items() if p != killed}
+    losses = {r["step"]: r["loss"] for r in steps_of(records)}
+    assert all(math.isfinite(x) for x in losses.values())
+    # the survivors kept their masters: no step after the recovery falls back toward the start
+    kept = losses[recovery["step"] - 1]
+    assert max(v for s, v in losses.items() if s > recovery["step"]) < (losses[1] + kept) / 2, losses
 
 
 def test_bf16_sigkilled_stage_is_rebuilt_on_the_spare(tmp_path):
