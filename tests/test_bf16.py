@@ -115,23 +115,9 @@ def test_bf16_with_two_replicas_a_sigkilled_replica_is_replaced_by_the_spare(tmp
     """``mpirun --with-ft ulfm``, 3 stages x 2 replicas + 1 spare under bf16: the process of
     stage 1 replica 1 (rank 3) is SIGKILLed. The survivors keep their own share of the split
     masters (no collective with the dead replica), the spare copies the twin's bf16 weights."""
-    from test_elastic import ElasticJob, exit_pids
-    steps = 24
-    cfg = write_config(tmp_path / "ds.json", mode="checkfree", num_stages=3, spares=1, ds_bf16={"enabled": True})
-    job = ElasticJob(tmp_path, 7, cfg, steps, "--num_layers", "6")
-    job.wait_for_step(6)
-    before = job.rank_pids()
-    killed = job.kill(3)
-    rc = job.wait()
-    log = job.log()
-    assert rc == 0, log[-6000:]
-    records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
-    (failure,) = events_of(records, "failure")
-    assert (failure["stage"], failure["replica"], failure["dead_ranks"], failure["replaced_by_rank"]) == (1, 1, [3], 6)
-    (recovery,) = events_of(records, "recovery")
+    from test_elastic import kill_a_replica_and_finish
+    records, recovery = kill_a_replica_and_finish(tmp_path, steps=24, ds_bf16={"enabled": True})
     assert (recovery["stage"], recovery["method"], recovery["masters_from"]) == (1, "replica", "bf16 weights")
-    assert exit_pids(log) == {r: p for r, p in before.items() if p != killed}
     losses = {r["step"]: r["loss"] for r in steps_of(records)}
     assert all(math.isfinite(x) for x in losses.values())
     # the survivors kept their masters: no step after the recovery falls back toward the start

@@ -248,11 +248,11 @@ def test_spares_without_the_fault_tolerant_launch_are_refused(tmp_path):
     assert "mpirun --with-ft ulfm" in proc.stderr
 
 
-def test_a_killed_data_parallel_replica_is_copied_from_its_live_replica(tmp_path):
-    """3 stages x 2 replicas + 1 spare: the process of stage 1, replica 1 (rank 3) is SIGKILLed;
-    the spare takes that slot and gets an exact copy of the live replica (method "replica")."""
-    steps = 30
-    cfg = write_config(tmp_path / "ds.json", mode="checkfree", num_stages=3, spares=1)
+def kill_a_replica_and_finish(tmp_path, steps: int, **checkfree) -> tuple[list[dict], dict]:
+    """3 stages x 2 replicas + 1 spare: SIGKILL the process of stage 1, replica 1 (rank 3) after
+    step 6; checks the job finished every step with the same survivors and the spare in that
+    slot; returns (records, the recovery event)."""
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", num_stages=3, spares=1, **checkfree)
     job = ElasticJob(tmp_path, 7, cfg, steps, "--num_layers", "6")
     job.wait_for_step(6)
     before = job.rank_pids()
@@ -265,5 +265,12 @@ def test_a_killed_data_parallel_replica_is_copied_from_its_live_replica(tmp_path
     (failure,) = events_of(records, "failure")
     assert (failure["stage"], failure["replica"], failure["dead_ranks"], failure["replaced_by_rank"]) == (1, 1, [3], 6)
     (recovery,) = events_of(records, "recovery")
-    assert recovery["stage"] == 1 and recovery["method"] == "replica"
     assert exit_pids(log) == {r: p for r, p in before.items() if p != killed}
+    return records, recovery
+
+
+def test_a_killed_data_parallel_replica_is_copied_from_its_live_replica(tmp_path):
+    """3 stages x 2 replicas + 1 spare: the process of stage 1, replica 1 (rank 3) is SIGKILLed;
+    the spare takes that slot and gets an exact copy of the live replica (method "replica")."""
+    _, recovery = kill_a_replica_and_finish(tmp_path, steps=30)
+    assert recovery["stage"] == 1 and recovery["method"] == "replica"
