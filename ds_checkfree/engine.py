@@ -5,17 +5,13 @@ Kept thin on purpose. It adds
     schedule (``ds_checkfree.schedule``) for CheckFree+, executed by routed instructions
     that talk to any stage, not only stage +- 1;
   * the stage's recovery state (``StageRecoveryState``: the last step's gradient norms
-    before and after clipping, the learning-rate multiplier a rebuilt stage keeps), and the
-    operations that change it: wipe the stage, install recovered weights, copy a live
-    data-parallel replica, carry the stage into a rebuilt engine. Under bf16 each of them
-    reads and writes DeepSpeed's fp32 master weights too, not only the bf16 parameters.
-    Recovery plans are applied by ``ds_checkfree.recovery_runtime``.
+    before and after clipping, the learning-rate multiplier a rebuilt stage keeps), measured
+    at the optimizer step; the operations that read and write a stage's weights (wipe,
+    install recovered weights, copy a replica, carry into a rebuilt engine) come from
+    ``ds_checkfree.stage_weights``. Recovery plans are applied by ``ds_checkfree.recovery_runtime``.
 Everything else is DeepSpeed's own code path.
 """
 from __future__ import annotations
-
-import copy
-from collections import OrderedDict
 
 import torch
 from deepspeed import comm as dist
@@ -23,13 +19,13 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
-from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from . import schedule as cf_schedule
 from .comm_device import comm_device, comm_empty, comm_tensor
 from .config import CheckFreeConfig
 from .data_plane import check_not_aborted
 from .stage_state import StageRecoveryState
+from .stage_weights import StageWeightsMixin
 
 _META_LEN = 10  # dtype id, ndim, up to 8 dims
 
@@ -47,14 +43,7 @@ def _squared_grad_norms(decoder, rest) -> tuple[float, float]:
     return decoder_sq, stage_sq
 
 
-def _master_share(param):
-    """This replica's share of ``param``'s fp32 master under DeepSpeed's BF16_Optimizer (None:
-    the whole master lives on other replicas). Private: ``ds_private`` lists ``_hp_mapping``."""
-    mapping = getattr(param, "_hp_mapping", None)
-    return None if mapping is None else mapping.get_hp_fragment()
-
-
-class CheckFreePipelineEngine(PipelineEngine):
+class CheckFreePipelineEngine(StageWeightsMixin, PipelineEngine):
     """PipelineEngine with the CheckFree schedule, gradient-norm record and recovery hooks."""
 
     def __init__(self, *args, checkfree_config: CheckFreeConfig, **kwargs):
@@ -71,6 +60,7 @@ class CheckFreePipelineEngine(PipelineEngine):
         self._recv_templates: dict[tuple[str, int], tuple[torch.dtype, list[int]]] = {}
         self._passing_grad_through = False
         self._norm_split: tuple[list, list] | None = None
+        self._norm_fp32_grads: tuple[list, list] | None = None
 
     # ------------------------------------------------------------------ schedule hook
     @property
@@ -93,133 +83,6 @@ class CheckFreePipelineEngine(PipelineEngine):
         over the decoder layers or the whole stage)."""
         return self.stage_state.norm(self.checkfree.grad_norm, self.checkfree.norm_scope)
 
-    # ------------------------------------------------------------------ stage state changes
-    def reset_optimizer_state(self) -> None:
-        """Drop Adam moments and step counts of this rank: a fresh node starts from nothing."""
-        opt = self.optimizer
-        while opt is not None:
-            state = getattr(opt, "state", None)
-            if isinstance(state, dict):
-                state.clear()
-            opt = getattr(opt, "optimizer", None)
-
-    # -- fp32 master weights: DeepSpeed's BF16_Optimizer keeps them beside the bf16 parameters
-    @property
-    def has_fp32_masters(self) -> bool:
-        """bf16 training: the optimizer steps fp32 masters and copies them into bf16 parameters."""
-        return bool(self.bfloat16_enabled())
-
-    @property
-    def masters_partitioned(self) -> bool:
-        """bf16 with data-parallel replicas: each replica's BF16_Optimizer holds only its share of
-        the fp32 masters (and of the moments); reading a whole master is a collective of the
-        stage's data-parallel group, and a lost replica's share exists nowhere else."""
-        return self.has_fp32_masters and self.grid.get_data_parallel_world_size() > 1
-
-    def replica_weights(self) -> "OrderedDict[str, torch.Tensor]":
-        """What a live replica sends a lost twin: ``recovery_weights``, except with partitioned
-        masters, where the whole masters cannot be read without the lost twin: then the bf16
-        weights (identical on every replica) in fp32, from which the twin rebuilds its share."""
-        if not self.masters_partitioned:
-            return self.recovery_weights(include_replicated=True)
-        state = self.module.recovery_state(include_replicated=True)
-        return OrderedDict((k, p.detach().float()) for k, p in state.items())
-
-    def recovery_weights(self, include_replicated: bool) -> "OrderedDict[str, torch.Tensor]":
-        """What recovery sends from this stage: the fp32 masters under bf16 (a bf16 copy would
-        lose their low bits), else the fp32 parameters themselves."""
-        state = self.module.recovery_state(include_replicated=include_replicated)
-        if not self.has_fp32_masters:
-            return state
-        return OrderedDict((k, safe_get_full_fp32_param(p)) for k, p in state.items())
-
-    def _write_weights(self, pairs) -> None:
-        """Set parameters (and, under bf16, their fp32 masters) from fp32 ``(param, value)`` pairs:
-        the master gets the fp32 value, the parameter its cast, so the two stay consistent."""
-        with torch.no_grad():
-            for param, value in pairs:
-                param.copy_(value.to(device=param.device, dtype=param.dtype))
-                param.grad = None
-                if self.has_fp32_masters:
-                    safe_set_full_fp32_param(param, value.to(device=param.device, dtype=torch.float32))
-
-    def wipe_stage(self, seed: int) -> None:
-        """Logical failure: destroy everything this rank held for its stage.
-
-        Parameters (and fp32 masters) are overwritten with fresh random values (a replacement
-        node has not seen the old weights), gradients and optimizer state are dropped, and the
-        learning-rate multiplier returns to 1 until recovery sets it."""
-        gen = torch.Generator().manual_seed(seed)
-        self._write_weights([(p, torch.randn(p.shape, generator=gen, dtype=torch.float32))
-                             for p in self.module.parameters()])
-        self.reset_optimizer_state()
-        self.stage_state.reset()
-
-    def install_recovered(self, weights: dict, lr_scale: float, include_replicated: bool) -> None:
-        """A rebuilt stage: these (fp32) weights, fresh optimizer state, the learning-rate factor
-        (set, not multiplied: a second failure does not compound)."""
-        template = self.module.recovery_state(include_replicated=include_replicated)
-        self._write_weights([(param, weights[key]) for key, param in template.items()])
-        self.reset_optimizer_state()
-        self.stage_state.rebuilt(lr_scale)
-
-    def reset_lr_scale(self) -> None:
-        """After a rollback or an exact restore nothing needs compensating."""
-        self.stage_state.clear_lr_scale()
-
-    def _base_optimizer(self):
-        """The optimizer that holds the moments (under bf16, the one BF16_Optimizer wraps)."""
-        return self.optimizer.optimizer if self.has_fp32_masters else self.optimizer
-
-    def replica_state(self) -> dict:
-        """What a lost data-parallel replica copies from its live twin besides the weights (not
-        the moments when the masters are partitioned: the twin's are for its own share)."""
-        optimizer = None if self.masters_partitioned else self._base_optimizer().state_dict()
-        return {"optimizer": optimizer, "stage_state": self.stage_state.snapshot()}
-
-    def install_replica(self, weights: dict, state: dict) -> None:
-        """Become an exact copy of a live replica of this stage (weights as ``replica_weights``
-        gives them, optimizer and recovery state as ``replica_state`` does); no lr change.
-        With partitioned masters the twin's moments are for its own share, not this one's: this
-        replica's share of the masters is its bf16 weights in fp32 and its moments start fresh."""
-        template = self.module.recovery_state(include_replicated=True)
-        self._write_weights([(param, weights[key]) for key, param in template.items()])
-        if self.masters_partitioned:
-            self.reset_optimizer_state()
-        else:
-            self._base_optimizer().load_state_dict(state["optimizer"])
-        self.stage_state.load(state["stage_state"])
-
-    def training_state(self) -> dict:
-        """A copy of this rank's whole stage in memory, to carry into a rebuilt engine
-        (under bf16 with the fp32 masters and the wrapped optimizer's moments)."""
-        masters = shares = None
-        if self.masters_partitioned:  # only this replica's share: reading the rest is a collective,
-            # which would wait on a dead replica; the rebuilt engine splits the masters the same way
-            shares = {k: _master_share(p).clone() for k, p in self.module.named_parameters()
-                      if _master_share(p) is not None}
-        elif self.has_fp32_masters:
-            masters = {k: safe_get_full_fp32_param(p).detach().clone() for k, p in self.module.named_parameters()}
-        return {"module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
-                "optimizer": copy.deepcopy(self._base_optimizer().state_dict()), "fp32_masters": masters,
-                "fp32_master_shares": shares,
-                "stage_state": self.stage_state.snapshot(),
-                "global_steps": self.global_steps, "global_samples": self.global_samples}
-
-    def load_training_state(self, snap: dict) -> None:
-        self.module.load_state_dict(snap["module"])
-        if snap.get("fp32_masters") is not None:
-            named = dict(self.module.named_parameters())
-            self._write_weights([(named[k], v) for k, v in snap["fp32_masters"].items()])
-        if snap.get("fp32_master_shares") is not None:
-            named = dict(self.module.named_parameters())
-            with torch.no_grad():
-                for k, share in snap["fp32_master_shares"].items():
-                    _master_share(named[k]).copy_(share)
-        self._base_optimizer().load_state_dict(snap["optimizer"])
-        self.stage_state.load(snap["stage_state"])
-        self.global_steps, self.global_samples = snap["global_steps"], snap["global_samples"]
-
     def _norm_params(self) -> tuple[list, list]:
         """(decoder parameters, the stage's other parameters); recovery and wipes copy into
         parameters in place, so the split holds for the module's lifetime."""
@@ -238,10 +101,13 @@ class CheckFreePipelineEngine(PipelineEngine):
         decoder, rest = self._norm_params()
         if not self.has_fp32_masters:
             return [p.grad for p in decoder], [p.grad for p in rest]
-        fp32 = {}
-        for group, grads in zip(self.optimizer.bf16_groups, self.optimizer.fp32_groups_gradients):
-            fp32.update((id(p), g) for p, g in zip(group, grads))
-        return [fp32.get(id(p)) for p in decoder], [fp32.get(id(p)) for p in rest]
+        if self._norm_fp32_grads is None:  # views into the optimizer's flat fp32 gradient buffer,
+            # allocated once with the optimizer and only zeroed or written in place afterwards
+            fp32 = {}
+            for group, grads in zip(self.optimizer.bf16_groups, self.optimizer.fp32_groups_gradients):
+                fp32.update((id(p), g) for p, g in zip(group, grads))
+            self._norm_fp32_grads = ([fp32.get(id(p)) for p in decoder], [fp32.get(id(p)) for p in rest])
+        return self._norm_fp32_grads
 
     # ------------------------------------------------------------------ optimizer step
     def _exec_optimizer_step(self, lr_kwargs=None):
