@@ -7,7 +7,7 @@ torch 2.11 / NCCL 2.28: ``destroy_process_group`` after the backend's ``abort`` 
 does the same bookkeeping as ``destroy_process_group`` (so ``init_process_group`` can form the
 next generation) but shuts nothing down: the caller aborts the groups first and keeps the
 objects alive, so no destructor ever waits on the dead peer either (torchft's approach).
-``tests/test_c10d_private.py`` fails when a member used here disappears.
+``tests/test_data_plane.py`` fails when a member used here disappears.
 """
 from __future__ import annotations
 
@@ -25,8 +25,12 @@ _WORLD_MAPS = ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "pg_
 
 def missing_members() -> list[str]:
     """Names from ``PRIVATE_MEMBERS`` that the installed torch no longer has."""
+    import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
-    return [name for name in PRIVATE_MEMBERS if not hasattr(c10d, name)]
+    missing = [name for name in PRIVATE_MEMBERS if not hasattr(c10d, name)]
+    if not hasattr(dist.ProcessGroup, "abort"):  # public since torch 2.6; ``abort_groups`` calls it
+        missing.append("ProcessGroup.abort")
+    return missing
 
 
 def registered_groups() -> list:
@@ -44,11 +48,7 @@ def abort_groups(groups) -> list[str]:
     errors = []
     for pg in groups:
         try:
-            if hasattr(pg, "abort"):
-                pg.abort()
-            else:  # an older torch: abort each device's backend
-                for device in pg._device_types:
-                    pg._get_backend(device).abort()
+            pg.abort()
         except Exception as err:  # noqa: BLE001 - best effort, reported by the caller
             errors.append(f"{getattr(pg, 'group_name', '?')}: {type(err).__name__}: {err}")
     return errors

@@ -86,3 +86,8 @@ def test_forgotten_groups_are_not_shut_down_and_the_next_generation_forms(tmp_pa
     assert r["old_default_sum"] == 3.0  # the forgotten group was not shut down
     assert r["gen1_sum"] == 3.0 and r["gen1_subgroup_sum"] == 30.0
     assert r["gen1_registered"] == 2 and r["gen1_default_is_new"]
+
+
+def test_a_missing_private_member_is_named(monkeypatch):
+    monkeypatch.setattr(c10d_private, "PRIVATE_MEMBERS", {"_no_such_member": "test"})
+    assert c10d_private.missing_members() == ["_no_such_member"]

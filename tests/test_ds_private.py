@@ -35,7 +35,8 @@ def test_release_engine_does_not_touch_another_engine(tmp_path):
 def test_world_sized_groups_are_the_default_group_in_an_elastic_build(tmp_path):
     """Real 2-rank gloo job: a group of every rank is the default group (no new connections on
     a rebuild), a smaller group is a group of its own, DeepSpeed's ``new_group`` is restored
-    afterwards, and an engine built that way (``elastic=True``) trains."""
+    afterwards, and an engine built that way (``elastic=True``) trains; with the data plane's
+    abort flag set its next step raises before the optimizer step and changes no weight."""
     cfg = write_config(tmp_path / "ds.json", base="baseline.json", mode="off", num_stages=2)
     out = tmp_path / "result.json"
     run_job("torchrun", 2, "tests/workers/world_groups_worker.py", [str(cfg), str(out)], timeout=240)
@@ -47,6 +48,9 @@ def test_world_sized_groups_are_the_default_group_in_an_elastic_build(tmp_path):
     assert r["engine_dp_group_is_world"] is False  # one rank per stage: a group of one
     assert set(r["build_seconds"]) == {"module_s", "engine_s"} and all(v >= 0 for v in r["build_seconds"].values())
     assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+    abort = r["abort_check"]
+    assert abort["raised"] and "aborted" in abort["raised"]
+    assert abort["weights_unchanged"] is True and abort["steps_advanced"] == 0
 
 
 def test_warm_up_pays_the_op_probe_before_any_group_exists():

@@ -1,7 +1,8 @@
 """Worker for the world-group sharing test (world size 2, gloo): inside
 ``world_sized_groups_are_default`` a group of every rank is the default group and other
 groups are formed as usual; an elastic-style engine built that way trains; outside, DeepSpeed's
-``new_group`` is its own again."""
+``new_group`` is its own again. Then the engine's guard against an aborted data plane: with
+the abort flag set (as a membership round sets it) a step stops before the optimizer step."""
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as ds_comm  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
+from ds_checkfree import data_plane  # noqa: E402
 from ds_checkfree.data import build_data  # noqa: E402
 from ds_checkfree.ds_private import world_sized_groups_are_default  # noqa: E402
 from ds_checkfree.initialize import initialize  # noqa: E402
@@ -37,6 +39,18 @@ def main():
     data = build_data(None, 32, engine.train_micro_batch_size_per_gpu(), seed=0)
     losses = [float(engine.train_batch(data.train.iterator(0))) for _ in range(2)]
     grid = engine.grid
+    before = {k: p.detach().clone() for k, p in engine.module.named_parameters()}
+    steps_before = engine.global_steps
+    data_plane._aborted.set()  # what NcclPlane.wake sets before aborting the groups
+    try:
+        engine.train_batch(data.train.iterator(32))
+        aborted = None
+    except data_plane.DataPlaneAborted as err:
+        aborted = str(err)
+    finally:
+        data_plane._aborted.clear()
+    abort_check = {"raised": aborted, "steps_advanced": engine.global_steps - steps_before,
+                   "weights_unchanged": all(torch.equal(before[k], p) for k, p in engine.module.named_parameters())}
     result = {"everyone_is_world": everyone is tdist.group.WORLD, "alone_is_world": alone is tdist.group.WORLD,
               "alone_size": tdist.get_world_size(alone), "patched_inside": patched_inside,
               "restored": ds_comm.new_group is original, "all_reduce": float(x.item()),
@@ -44,7 +58,8 @@ def main():
                                       (engine.module.world_group, grid.get_model_parallel_group(),
                                                     grid.get_pipe_parallel_group())],
               "engine_dp_group_is_world": grid.get_data_parallel_group() is tdist.group.WORLD,
-              "build_seconds": engine.build_seconds, "losses": losses}
+              "build_seconds": engine.build_seconds, "losses": losses,
+              "abort_check": abort_check}
     if me == 0:
         with open(out, "w") as f:
             json.dump(result, f)
