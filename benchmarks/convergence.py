@@ -32,7 +32,8 @@ Protocol (every choice printed in the ``.md``):
 
 Outputs (``--out`` prefix, default ``benchmarks/results/convergence`` or ``..._quick``): ``.csv``
 (every validation point of every run), ``_runs.csv`` (one row per run), ``.png`` and ``.md``.
-Finished runs are kept in ``--runs_dir`` and reused when their spec matches (``--rerun`` redoes them).
+Finished runs are kept in ``--runs_dir`` (default: the ``--out`` prefix + ``_runs``) and reused when
+their spec matches (``--rerun`` redoes them; a mismatch is printed with the keys that differ).
 """
 from __future__ import annotations
 
@@ -501,12 +502,15 @@ def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str 
     status_path = os.path.join(run_dir, "status.json")
     if not a.rerun and os.path.exists(spec_path) and os.path.exists(status_path):
         with open(spec_path) as f:
-            same = json.load(f) == json.loads(json.dumps(spec))
-        if same:
+            cached = json.load(f)
+        wanted = json.loads(json.dumps(spec))
+        if cached == wanted:
             with open(status_path) as f:
                 status = json.load(f)
             print(f"  {progress.tick(None) if progress else ''} reuse {run_dir} ({status['state']})", flush=True)
             return read_metrics(run_dir), status
+        changed = sorted(k for k in set(cached) | set(wanted) if cached.get(k) != wanted.get(k))
+        print(f"  rerun {run_dir}: its cached spec differs in {', '.join(changed)}", flush=True)
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
@@ -822,7 +826,8 @@ def parse_args(argv=None):
                         "fails again; executed_step: seeded draws on every executed step (needs "
                         "checkfree.failure_draws)")
     p.add_argument("--data", default=None)
-    p.add_argument("--runs_dir", default=None)
+    p.add_argument("--runs_dir", default=None, help="where finished runs are kept and reused (default: the "
+                   "--out prefix + _runs)")
     p.add_argument("--out", default=None, help="prefix of the outputs")
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--timeout_s", type=float, default=None)
@@ -845,6 +850,14 @@ def parse_args(argv=None):
     return a
 
 
+def output_paths(quick: bool, accelerator: str, out: str | None, runs_dir: str | None) -> tuple[str, str]:
+    """(outputs prefix, run cache). The cache sits beside the outputs by default: two invocations
+    with different seeds (so different targets) sharing one cache would overwrite each other's runs."""
+    tag = ("convergence_quick" if quick else "convergence") + ("" if accelerator == "cpu" else "_" + accelerator)
+    prefix = out or os.path.join(RESULTS, tag)
+    return prefix, runs_dir or prefix + "_runs"
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     registry = strategy_registry(a.checkpoint_every, a.checkfree_fallback_every)
@@ -853,9 +866,7 @@ def main(argv=None) -> int:
     unavailable = [s for s in chosen if not s.available()]
     if a.num_layers is None and any(s.num_stages == 6 for s in strategies):
         a.num_layers = 12
-    tag = ("convergence_quick" if a.quick else "convergence") + ("" if a.accelerator == "cpu" else "_" + a.accelerator)
-    a.runs_dir = a.runs_dir or os.path.join(RESULTS, tag + "_runs")
-    prefix = a.out or os.path.join(RESULTS, tag)
+    prefix, a.runs_dir = output_paths(a.quick, a.accelerator, a.out, a.runs_dir)
     os.makedirs(a.runs_dir, exist_ok=True)
     t_start = time.time()
     print(f"strategies: {[s.name for s in strategies]}; not available: {[s.name for s in unavailable]}", flush=True)

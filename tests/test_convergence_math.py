@@ -206,3 +206,12 @@ def test_cuda_runs_share_gpu_0_through_the_rank_wrapper():
     with pytest.raises(ValueError, match="choose cpu or cuda"):
         _runs.launch_cmd(4, "tpu")
     assert conv.parse_args(["--accelerator", "cuda"]).accelerator == "cuda"
+
+
+def test_the_run_cache_sits_beside_the_outputs():
+    results = conv.RESULTS
+    assert conv.output_paths(False, "cpu", None, None) == (f"{results}/convergence", f"{results}/convergence_runs")
+    assert conv.output_paths(True, "cuda", None, None) == (f"{results}/convergence_quick_cuda",
+                                                           f"{results}/convergence_quick_cuda_runs")
+    assert conv.output_paths(True, "cpu", "/x/noise", None) == ("/x/noise", "/x/noise_runs")
+    assert conv.output_paths(True, "cpu", "/x/noise", "/y/cache") == ("/x/noise", "/y/cache")
