@@ -18,17 +18,21 @@ _spec = importlib.util.spec_from_file_location("convergence", ROOT / "benchmarks
 conv = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("convergence", conv)  # dataclasses look their module up by name
 _spec.loader.exec_module(conv)
-Point = conv.Point
+import convergence_projection as proj  # noqa: E402  (benchmarks/ is on the path now)
+import convergence_stats as stats  # noqa: E402
+import convergence_strategies as strategies  # noqa: E402
+
+Point = stats.Point
 
 
 def test_time_to_target_interpolates_the_first_crossing():
     xs, ys = [0, 10, 20, 30], [5.0, 4.0, 3.0, 2.0]
-    assert conv.time_to_target(xs, ys, 3.5) == pytest.approx(15.0)
-    assert conv.time_to_target(xs, ys, 3.0) == pytest.approx(20.0)
-    assert conv.time_to_target(xs, ys, 5.5) == 0.0  # already there at the first point
-    assert conv.time_to_target(xs, ys, 1.0) is None  # never reached
+    assert stats.time_to_target(xs, ys, 3.5) == pytest.approx(15.0)
+    assert stats.time_to_target(xs, ys, 3.0) == pytest.approx(20.0)
+    assert stats.time_to_target(xs, ys, 5.5) == 0.0  # already there at the first point
+    assert stats.time_to_target(xs, ys, 1.0) is None  # never reached
     # a later rise above the target does not matter: the first crossing counts
-    assert conv.time_to_target([0, 10, 20, 30], [4.0, 2.0, 5.0, 1.0], 3.0) == pytest.approx(5.0)
+    assert stats.time_to_target([0, 10, 20, 30], [4.0, 2.0, 5.0, 1.0], 3.0) == pytest.approx(5.0)
 
 
 def _synthetic_run():
@@ -58,7 +62,7 @@ def _synthetic_run():
 
 
 def test_wall_clock_curve_charges_storage_and_replacement_and_drops_validation():
-    pts, costs = conv.wall_clock_curve(_synthetic_run(), storage_bandwidth_mb_s=1.0, replacement_delay_s=10.0)
+    pts, costs = stats.wall_clock_curve(_synthetic_run(), storage_bandwidth_mb_s=1.0, replacement_delay_s=10.0)
     # measured: save 0.5 + 3 steps + load 0.5 + 4 steps = 8.0 s; validation (3 x 0.25 s) excluded
     assert costs.measured_s == pytest.approx(8.0)
     assert costs.eval_excluded_s == pytest.approx(0.75)
@@ -73,7 +77,7 @@ def test_wall_clock_curve_charges_storage_and_replacement_and_drops_validation()
     assert pts[1].measured_s == pytest.approx(6.0) and pts[1].wall_s == pytest.approx(20.0)
     assert pts[2].wall_s == pytest.approx(22.0) and pts[2].val_loss == 2.0
     # without a bandwidth nothing is charged for storage
-    _, free = conv.wall_clock_curve(_synthetic_run())
+    _, free = stats.wall_clock_curve(_synthetic_run())
     assert free.charged_storage_s == 0.0 and free.charged_replacement_s == 0.0
 
 
@@ -84,97 +88,97 @@ def _curve(walls, losses):
 
 def test_outcomes_reached_or_censored_at_the_cut_off():
     pts = _curve([10, 20, 40, 60], [4.0, 3.0, 2.0, 1.0])
-    steps, wall = conv.run_outcomes(pts, conv.Costs(steps_executed=40, measured_s=60.0), target=2.5)
+    steps, wall = stats.run_outcomes(pts, stats.Costs(steps_executed=40, measured_s=60.0), target=2.5)
     assert (steps.value, steps.reached) == (pytest.approx(25.0), True) and wall.value == pytest.approx(30.0)
     # never reached: censored at the steps executed and the wall-clock used
-    steps, wall = conv.run_outcomes(pts, conv.Costs(steps_executed=41, measured_s=61.0), target=0.5)
+    steps, wall = stats.run_outcomes(pts, stats.Costs(steps_executed=41, measured_s=61.0), target=0.5)
     assert (steps.value, steps.reached, wall.value, wall.reached) == (41.0, False, 61.0, False)
 
 
 def test_modelled_wall_clock_from_steps_ratio_and_charged_costs():
     pts = [Point(10, 10, 5.0, 3.0, 4.0, 1.0), Point(20, 20, 9.0, 2.0, 7.0, 2.0), Point(30, 30, 12.0, 1.0, 9.0, 3.0)]
-    assert conv.charged_at_target(pts, 2.5) == 2.0  # the first validation at or below the target
-    assert conv.charged_at_target(pts, 0.5) == 3.0  # never reached: everything charged
-    got = conv.modelled_wall(conv.Outcome(15.0, True), step_s=0.2, step_ratio=1.5, charged_s=2.0)
+    assert stats.charged_at_target(pts, 2.5) == 2.0  # the first validation at or below the target
+    assert stats.charged_at_target(pts, 0.5) == 3.0  # never reached: everything charged
+    got = stats.modelled_wall(stats.Outcome(15.0, True), step_s=0.2, step_ratio=1.5, charged_s=2.0)
     assert got.value == pytest.approx(15 * 0.2 * 1.5 + 2.0) and got.reached
-    assert not conv.modelled_wall(conv.Outcome(30.0, False), 0.2, 1.0, 0.0).reached
+    assert not stats.modelled_wall(stats.Outcome(30.0, False), 0.2, 1.0, 0.0).reached
 
 
 def test_summary_formats_mean_sd_and_censoring():
-    O = conv.Outcome
-    s = conv.summarize_outcomes([O(100, True), O(120, True), O(110, True)])
+    O = stats.Outcome
+    s = stats.summarize_outcomes([O(100, True), O(120, True), O(110, True)])
     assert (s.n, s.reached, s.mean, s.sd) == (3, 3, 110.0, pytest.approx(10.0))
-    assert conv.fmt_summary(s) == "110 ± 10"
-    none = conv.summarize_outcomes([O(300, False), O(310, False)])
-    assert conv.fmt_summary(none) == ">300"  # a cut-off, never "never"
-    some = conv.summarize_outcomes([O(100, True), O(300, False)])
-    assert conv.fmt_summary(some) == "≥200 (1/2 reached; rest >300)"
-    assert conv.summarize_outcomes([]) is None and conv.fmt_summary(None) == "n/a"
-    assert conv.fmt_summary(conv.summarize_outcomes([O(80, True)])) == "80 (n=1)"
+    assert stats.fmt_summary(s) == "110 ± 10"
+    none = stats.summarize_outcomes([O(300, False), O(310, False)])
+    assert stats.fmt_summary(none) == ">300"  # a cut-off, never "never"
+    some = stats.summarize_outcomes([O(100, True), O(300, False)])
+    assert stats.fmt_summary(some) == "≥200 (1/2 reached; rest >300)"
+    assert stats.summarize_outcomes([]) is None and stats.fmt_summary(None) == "n/a"
+    assert stats.fmt_summary(stats.summarize_outcomes([O(80, True)])) == "80 (n=1)"
 
 
 def test_gap_inside_or_outside_the_noise():
-    S = conv.Summary
+    S = stats.Summary
     a, b = S(4, 4, 110.0, 10.0, None), S(4, 4, 100.0, 10.0, None)
-    diff, band, inside = conv.gap_vs(a, b)
+    diff, band, inside = stats.gap_vs(a, b)
     assert diff == 10.0 and band == pytest.approx(2 * (200 / 4) ** 0.5) and inside  # 10 <= 14.1
-    diff, band, inside = conv.gap_vs(S(4, 4, 130.0, 10.0, None), b)
+    diff, band, inside = stats.gap_vs(S(4, 4, 130.0, 10.0, None), b)
     assert not inside
-    assert conv.gap_vs(S(2, 1, 200.0, 1.0, 300.0), b) is None  # a censored cell has no measured gap
-    assert conv.gap_vs(S(1, 1, 200.0, 0.0, None), b) is None  # nor has a single run
+    assert stats.gap_vs(S(2, 1, 200.0, 1.0, 300.0), b) is None  # a censored cell has no measured gap
+    assert stats.gap_vs(S(1, 1, 200.0, 0.0, None), b) is None  # nor has a single run
     # a systematic error (a measured step-time ratio's CI) widens the band and does not shrink with n
-    _, band, inside = conv.gap_vs(S(4, 4, 130.0, 0.0, None), S(4, 4, 100.0, 0.0, None), sys_a=10.0, sys_b=10.0)
+    _, band, inside = stats.gap_vs(S(4, 4, 130.0, 0.0, None), S(4, 4, 100.0, 0.0, None), sys_a=10.0, sys_b=10.0)
     assert band == pytest.approx(2 * 200 ** 0.5) and not inside
 
 
 def test_extra_steps_per_failure_is_a_mean_over_runs():
     # 2 failures -> +20 steps (10 per failure), 4 failures -> +80 steps (20 per failure)
-    mean, sd = conv.extra_steps_per_failure([(120, 2), (180, 4), (90, 0)], 100.0)
+    mean, sd = stats.extra_steps_per_failure([(120, 2), (180, 4), (90, 0)], 100.0)
     assert mean == pytest.approx(15.0) and sd == pytest.approx(50 ** 0.5)
-    assert conv.extra_steps_per_failure([(100, 0)], 100.0) is None
+    assert stats.extra_steps_per_failure([(100, 0)], 100.0) is None
 
 
 def test_projection_models():
     # the paper's 500M pair at 10 %/h: p 0.002 means a step of ~68 s
-    assert conv.implied_step_seconds(0.002, 10.0) == pytest.approx(3600 * math.log(0.998) / math.log(0.9))
+    assert proj.implied_step_seconds(0.002, 10.0) == pytest.approx(3600 * math.log(0.998) / math.log(0.9))
     kw = dict(ref_steps=1000, step_s=10.0, stages=5, p=0.001, save_s=4.0, load_s=4.0)
-    exact = conv.project("exact", step_ratio=1.2, **kw)
+    exact = proj.project("exact", step_ratio=1.2, **kw)
     assert exact["abs"] == pytest.approx(1000 * 10 * 1.2) and exact["failures"] == pytest.approx(5.0)
-    rb = conv.project("rollback", step_ratio=1.0, interval=20, **kw)
+    rb = proj.project("rollback", step_ratio=1.0, interval=20, **kw)
     steps = 1000 / (1 - 0.005 * 10)  # every failure redoes k/2 = 10 steps, redone steps fail too
     assert rb["steps"] == pytest.approx(steps)
     assert rb["abs"] == pytest.approx(steps * 10 + steps / 20 * 4 + 0.005 * steps * 4)
     # Young's interval: sqrt(2 C / lambda) with lambda = 0.005 / 10 s -> 126.5 s -> 13 steps
-    assert conv.young_interval(4.0, 10.0, 0.005) == 13
-    cf = conv.project("convergence", step_ratio=1.0, extra_per_failure=(3.0, 1.0), **kw)
+    assert proj.young_interval(4.0, 10.0, 0.005) == 13
+    cf = proj.project("convergence", step_ratio=1.0, extra_per_failure=(3.0, 1.0), **kw)
     assert cf["steps_abs"] == pytest.approx(1000 + 3 * 5) and cf["steps_rel"] == pytest.approx(1000 + 4 * 5)
     assert cf["abs"] == pytest.approx(1015 * 10)
-    assert conv.project("convergence", step_ratio=1.0, extra_per_failure=None, **kw)["abs"] is None
+    assert proj.project("convergence", step_ratio=1.0, extra_per_failure=None, **kw)["abs"] is None
 
 
 def test_default_target_is_the_reference_loss_at_80_percent():
     pts = _curve([1, 2, 3, 4, 5, 6], [6.0, 5.0, 4.0, 3.0, 2.5, 2.0])  # steps 10..60
-    assert conv.default_target(pts, 0.8) == 2.5  # first validation at or after step 48: step 50
-    assert conv.speedup(50.0, 40.0) == pytest.approx(1.25)
-    assert conv.speedup(None, 40.0) is None and conv.speedup(50.0, None) is None
+    assert stats.default_target(pts, 0.8) == 2.5  # first validation at or after step 48: step 50
+    assert stats.speedup(50.0, 40.0) == pytest.approx(1.25)
+    assert stats.speedup(None, 40.0) is None and stats.speedup(50.0, None) is None
 
 
 def test_every_available_strategy_config_is_valid(tmp_path):
     sched = tmp_path / "f.json"
     sched.write_text(json.dumps({"num_stages": 4, "failures": [{"step": 3, "stage": 1}]}))
     a = SimpleNamespace(storage_bandwidth_mb_s=100.0)
-    registry = conv.strategy_registry([5, 20], 20)
-    names = [s.name for s in conv.select_strategies(registry, ["checkfree", "checkpoint", "redundant"])]
+    registry = strategies.strategy_registry([5, 20], 20)
+    names = [s.name for s in strategies.select_strategies(registry, ["checkfree", "checkpoint", "redundant"])]
     assert names == ["no_failure", "checkfree", "checkpoint_5", "checkpoint_20", "redundant"]
-    assert [s.name for s in conv.select_strategies(registry, ["all"])] == [s.name for s in registry]
+    assert [s.name for s in strategies.select_strategies(registry, ["all"])] == [s.name for s in registry]
     with pytest.raises(SystemExit, match="unknown"):
-        conv.select_strategies(registry, ["nope"])
+        strategies.select_strategies(registry, ["nope"])
     got = {}
     for st in registry:
         if not st.available():
             assert st.requires  # only strategies waiting for a config key may be unavailable
             continue
-        cfg = conv.strategy_config(st, a, None if st.name == "no_failure" else str(sched), str(tmp_path / st.name))
+        cfg = strategies.strategy_config(st, a, None if st.name == "no_failure" else str(sched), str(tmp_path / st.name))
         _, cf = split_deepspeed_config(cfg)
         got[st.name] = (cf.mode, cf.num_stages, cf.checkpoint_every, cf.failure_schedule is not None)
     assert got["no_failure"] == ("off", 4, 0, False)
