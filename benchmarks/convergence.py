@@ -99,8 +99,9 @@ def _records(run_dir: str) -> list[dict]:
 
 
 def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str | None, steps: int,
-            target: float | None, progress: Progress | None = None) -> tuple[list[dict], dict]:
-    """Run (or reuse) one training run; returns its records and a status dict."""
+            target: float | None, progress: Progress | None = None) -> tuple[list[dict], dict] | None:
+    """Run (or reuse) one training run; returns its records and a status dict (None: not in the
+    cache under ``--report_only``, which never launches anything)."""
     run_dir = os.path.join(a.runs_dir, f"{st.name}_rate{rate:g}_f{fseed}_s{tseed}")
     cfg = strategy_config(st, a, schedule, run_dir)
     extra = ["--eval_every", a.eval_every, "--eval_batches", a.eval_batches, "--seed", tseed]
@@ -124,7 +125,13 @@ def run_one(st: Strategy, rate: float, fseed: int, tseed: int, a, schedule: str 
             print(f"  {progress.tick(None) if progress else ''} reuse {run_dir} ({status['state']})", flush=True)
             return _records(run_dir), status
         changed = sorted(k for k in set(cached) | set(wanted) if cached.get(k) != wanted.get(k))
-        print(f"  rerun {run_dir}: its cached spec differs in {', '.join(changed)}", flush=True)
+        print(f"  {'skip' if a.report_only else 'rerun'} {run_dir}: its cached spec differs in "
+              f"{', '.join(changed)}", flush=True)
+        if a.report_only:
+            return None
+    elif a.report_only:
+        print(f"  missing {run_dir} (--report_only: not run)", flush=True)
+        return None
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
@@ -206,6 +213,9 @@ def parse_args(argv=None):
                    "--out prefix + _runs)")
     p.add_argument("--out", default=None, help="prefix of the outputs")
     p.add_argument("--rerun", action="store_true")
+    p.add_argument("--report_only", action="store_true",
+                   help="launch nothing: write the outputs from the cached runs (a long run's partial results, or "
+                        "a report after a harness change); the markdown lists the runs that are missing")
     p.add_argument("--timeout_s", type=float, default=None)
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -221,6 +231,8 @@ def parse_args(argv=None):
     a.train_seeds = a.train_seeds if a.train_seeds is not None else ([0] if q else [0, 1])
     a.failure_seeds = a.failure_seeds if a.failure_seeds is not None else ([0, 1] if q else [0, 1, 2])
     a.timeout_s = a.timeout_s or (600 if q else 3600)
+    if a.rerun and a.report_only:
+        p.error("--rerun and --report_only contradict each other: --report_only launches nothing")
     if a.failure_draws == "executed_step" and "failure_draws" not in CheckFreeConfig.field_names():
         p.error("--failure_draws executed_step needs checkfree.failure_draws, which this checkout lacks")
     return a
@@ -231,7 +243,7 @@ def output_paths(quick: bool, accelerator: str, out: str | None, runs_dir: str |
     with different seeds (so different targets) sharing one cache would overwrite each other's runs."""
     tag = ("convergence_quick" if quick else "convergence") + ("" if accelerator == "cpu" else "_" + accelerator)
     prefix = out or os.path.join(RESULTS, tag)
-    return prefix, runs_dir or prefix + "_runs"
+    return prefix, os.path.abspath(runs_dir or prefix + "_runs")  # absolute: run specs name paths in it
 
 
 def main(argv=None) -> int:
@@ -263,14 +275,21 @@ def main(argv=None) -> int:
                 extra = {"never_fail": never} if never else {}
                 plan = FailurePlan(S, rate_percent_per_hour=rate, step_seconds=a.assumed_step_seconds, seed=fs,
                                    **extra)
-                schedules[rate][(S, never, fs)] = [(f.step, f.stage) for f in plan.save(path, a.cap_steps)]
+                # (--report_only does not rewrite an existing file: a run in progress may be reading it)
+                drawn = plan.failures_between(1, a.cap_steps) if a.report_only and os.path.exists(path) \
+                    else plan.save(path, a.cap_steps)
+                schedules[rate][(S, never, fs)] = [(f.step, f.stage) for f in drawn]
                 schedule_files[(rate, S, never, fs)] = path
         print(f"rate {rate:g}%/h: p={probs[rate]:.4f}/stage/step; failures per schedule "
               f"{ {k: len(v) for k, v in schedules[rate].items()} }", flush=True)
 
-    runs = {}
+    runs, missing = {}, []
 
-    def record(st, rate, fs, ts, records, status):
+    def record(st, rate, fs, ts, result):
+        if result is None:
+            missing.append((st.name, rate, fs, ts))
+            return
+        records, status = result
         pts, costs = wall_clock_curve(records, a.storage_bandwidth_mb_s, a.replacement_delay_s)
         step_times = [r["step_time_s"] for r in records if _is_step(r) and "step_time_s" in r]
         runs[(st.name, rate, fs, ts)] = {"points": pts, "costs": costs, "status": status,
@@ -282,9 +301,8 @@ def main(argv=None) -> int:
     progress = Progress(len(a.train_seeds) * (1 + sum(len(a.failure_seeds if rate > 0 else [0]) for rate in a.rates)
                                               * len(strategies[1:])))
     for ts in a.train_seeds:
-        records, status = run_one(ref, 0.0, 0, ts, a, None, a.steps, None, progress)
-        record(ref, 0.0, 0, ts, records, status)
-        pts = runs[(ref.name, 0.0, 0, ts)]["points"]
+        record(ref, 0.0, 0, ts, run_one(ref, 0.0, 0, ts, a, None, a.steps, None, progress))
+        pts = runs.get((ref.name, 0.0, 0, ts), {}).get("points")
         if pts:
             ref_targets[ts] = default_target(pts, a.target_fraction)
     if a.target_loss is not None:
@@ -302,12 +320,14 @@ def main(argv=None) -> int:
                     sched = schedule_files.get((rate, st.num_stages, tuple(st.never_fail()), fs))
                     if sched and a.failure_draws == "executed_step":
                         sched = (rate, fs)
-                    records, status = run_one(st, rate, fs, ts, a, sched, a.cap_steps, target, progress)
-                    record(st, rate, fs, ts, records, status)
+                    record(st, rate, fs, ts, run_one(st, rate, fs, ts, a, sched, a.cap_steps, target, progress))
 
+    if missing:
+        print(f"--report_only: {len(missing)} of {progress.total} runs not in the cache; the report covers the "
+              "rest and says so", flush=True)
     ratios = load_step_ratios(a.step_time_csv)
     text = write_outputs(a, strategies, unavailable, a.rates, runs, target, ref_targets, schedules, probs, prefix,
-                         time.time() - t_start, ratios)
+                         time.time() - t_start, ratios, missing=missing)
     print(text)
     print(f"\nwrote {prefix}.csv, {prefix}_runs.csv, {prefix}.png, {prefix}.md in "
           f"{(time.time() - t_start) / 60:.1f} min")

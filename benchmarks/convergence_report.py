@@ -15,9 +15,10 @@ from convergence_strategies import NO_FAILURE
 
 
 def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, schedules, probs, prefix,
-                  elapsed_s, ratios):
+                  elapsed_s, ratios, missing=()):
     """``runs``: (strategy name, rate, failure seed, train seed) -> dict(points, costs, status, step_s);
-    writes ``prefix``.csv, _runs.csv, .png and .md and returns the markdown."""
+    writes ``prefix``.csv, _runs.csv, .png and .md and returns the markdown. ``missing``: runs
+    that ``--report_only`` did not find in the cache (named in the markdown: a partial report)."""
     by_name = {st.name: st for st in strategies}
     # the stock step time: every run's median step time divided by its strategy's ratio, median over runs
     per_run = [runs[k]["step_s"] / ratios.get(by_name[k[0]].step_variant, (1.0,))[0] for k in runs
@@ -73,7 +74,8 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
         axes[0][j].set_title(f"{rate:g} %/stage/hour (p={probs[rate]:.4f}/step)")
         axes[0][j].set_xlabel("optimizer steps executed")
         axes[0][j].set_ylabel("validation loss")
-        axes[0][j].legend(fontsize=6)
+        if axes[0][j].get_legend_handles_labels()[0]:  # (a partial report may have no curve here)
+            axes[0][j].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(prefix + ".png", dpi=100)
     plt.close(fig)
@@ -107,6 +109,10 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
             "draws on every executed step (redone steps too), seeded per schedule"),
          "- every run stops at the target or at the cap; '>N': never reached, N steps executed (or N s used) "
          "at the cut-off; '≥mean (k/n reached)': some runs cut off, counted at their cut-off (a lower bound)",
+         "- 'unrecoverable': a run stopped because its strategy cannot recover the loss (CheckFree cannot rebuild "
+         "two adjacent stages lost at the same step, which the paper assumes away; strategies without a fallback "
+         "checkpoint then stop): counted as cut off where it stopped, and the runs that recovered are summarised "
+         "apart",
          "- steps = optimizer steps executed to the target (redone steps after a rollback included), interpolated "
          "between validations",
          "- measured wall-clock = measured - validation passes + checkpoint bytes at "
@@ -127,6 +133,10 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
          "practice); plain CheckFree (all stages fail) rolls back to its fallback checkpoint on an edge-stage loss",
          "- redundant: Bamboo = the successor's forward run redundantly on every micro-batch (real compute, "
          "measured in the step time); lower bound = gradient shipping only", ""]
+    if missing:
+        L += [f"**Partial report (--report_only)**: {len(missing)} runs are not in the cache yet and are left out "
+              "of every number below: " + ", ".join(f"{n} rate {r:g} schedule {f} seed {t}" for n, r, f, t in missing),
+              ""]
     if unavailable:
         L += ["**Not available in this checkout** (their config keys have not landed): "
               + "; ".join(f"`{s.name}` ({s.label}; needs checkfree.{', '.join(s.requires)})" for s in unavailable),
@@ -169,7 +179,13 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
                     return "n/a (censored or n<2)"
                 return f"{g[0]:+.{1 if which == 1 else 0}f} ± {g[1]:.{1 if which == 1 else 0}f} " \
                        f"({'inside the noise' if g[2] else 'outside the noise'})"
-            L.append(f"| {st.label} | {len(ks)} | {statistics.fmean(fl):.1f} | {redone:.1f} | {fmt_summary(ss)} | "
+            steps_txt = fmt_summary(ss)
+            # a run that stopped (unrecoverable loss) is not a slow run: the ones that recovered, apart
+            going_on = [outcomes[k][0] for k in ks if runs[k]["status"]["state"] != "stopped"]
+            if going_on and len(going_on) < len(ks):
+                steps_txt += (f"; {len(ks) - len(going_on)} unrecoverable, the {len(going_on)} that recovered: "
+                              f"{fmt_summary(summarize_outcomes(going_on))}")
+            L.append(f"| {st.label} | {len(ks)} | {statistics.fmean(fl):.1f} | {redone:.1f} | {steps_txt} | "
                      f"{fmt_summary(ws, 1)} | {fmt_summary(ms, 1)} | {gap(1, fastest)} | {gap(0, fewest)} |")
         stopped = [(k, runs[k]["status"]) for k in runs if k[1] == rate and runs[k]["status"]["state"] == "stopped"]
         for k, s in stopped:

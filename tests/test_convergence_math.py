@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -219,3 +220,52 @@ def test_the_run_cache_sits_beside_the_outputs():
                                                            f"{results}/convergence_quick_cuda_runs")
     assert conv.output_paths(True, "cpu", "/x/noise", None) == ("/x/noise", "/x/noise_runs")
     assert conv.output_paths(True, "cpu", "/x/noise", "/y/cache") == ("/x/noise", "/y/cache")
+    # a relative cache is made absolute: run specs name paths inside it (checkpoint dirs), so the same
+    # cache must match from any working directory
+    assert conv.output_paths(True, "cpu", None, "rel/cache")[1] == os.path.abspath("rel/cache")
+
+
+def test_report_only_and_rerun_are_refused_together(capsys):
+    with pytest.raises(SystemExit):
+        conv.parse_args(["--report_only", "--rerun"])
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_report_only_launches_nothing_and_names_the_missing_runs(tmp_path):
+    """An empty cache under --report_only: no run directory (only the failure schedules), and a markdown that
+    says every run is missing (the partial report of a long run in progress)."""
+    prefix = tmp_path / "q"
+    assert conv.main(["--quick", "--report_only", "--target_loss", "3.0", "--strategies", "checkfree", "redundant",
+                      "--out", str(prefix)]) == 0
+    assert sorted(p.name for p in (tmp_path / "q_runs").iterdir()) == ["failures_rate10_S4_f0.json",
+                                                                        "failures_rate10_S4_f1.json"]
+    md = (tmp_path / "q.md").read_text()
+    assert "Partial report (--report_only)**: 5 runs are not in the cache" in md
+    assert "checkfree rate 10 schedule 1 seed 0" in md and "no_failure rate 0 schedule 0 seed 0" in md
+
+
+def test_report_sets_unrecoverable_runs_apart_from_slow_ones(tmp_path):
+    """Three CheckFree runs: two reach the target (at 100 and 120 executed steps), one stops at step 60
+    (an unrecoverable loss). The cell is censored (a lower bound), and the two that recovered are
+    summarised apart; the stop's reason is printed under the table."""
+    import convergence_report as report
+    a = conv.parse_args(["--quick", "--strategies", "checkfree", "--out", str(tmp_path / "r")])
+    chosen = strategies.select_strategies(strategies.strategy_registry([5], 20), ["checkfree"])
+
+    def run(last, state, reason=None):  # a run that stopped never gets below 2.5; the others reach 2.0 at `last`
+        pts = [Point(s, s, s * 0.1, 3.0 - s / (last if state != "stopped" else 2 * last), s * 0.1, 0.0)
+               for s in range(20, last + 1, 20)]
+        costs = stats.Costs(steps_executed=pts[-1].step, failures=1, recoveries=1)
+        return {"points": pts, "costs": costs, "status": {"state": state, **({"reason": reason} if reason else {})},
+                "step_s": 0.1}
+    runs = {("no_failure", 0.0, 0, 0): run(100, "finished"),
+            ("checkfree", 10.0, 0, 0): run(100, "reached target"),
+            ("checkfree", 10.0, 1, 0): run(120, "reached target"),
+            ("checkfree", 10.0, 2, 0): run(60, "stopped", "cannot recover lost stages [1, 2]")}
+    text = report.write_outputs(a, chosen, [], [10.0], runs, 2.0, {0: 2.0}, {10.0: {}}, {10.0: 0.026},
+                                str(tmp_path / "r"), 1.0, {"stock": (1.0, 1.0, 1.0)})
+    row = next(line for line in text.splitlines() if line.startswith("| CheckFree, all stages fail"))
+    assert "≥" in row and "(2/3 reached; rest >60)" in row
+    assert "1 unrecoverable, the 2 that recovered: 110 ± 14" in row
+    assert "checkfree (schedule 2, seed 0) stopped: cannot recover lost stages [1, 2]" in text
+    assert (tmp_path / "r.md").read_text().strip() == text.strip()
