@@ -13,6 +13,8 @@ Everything else is DeepSpeed's own code path.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
@@ -121,6 +123,8 @@ class CheckFreePipelineEngine(StageWeightsMixin, PipelineEngine):
                 g["lr"] *= self.lr_scale
         try:
             PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+            if self.has_fp32_masters:
+                self._record_bf16_clip_factor()
         finally:
             # A DeepSpeed scheduler rewrites lr from its own formula after the step; without one,
             # undo the multiplier so it never compounds.
@@ -128,6 +132,16 @@ class CheckFreePipelineEngine(StageWeightsMixin, PipelineEngine):
                 for g in groups:
                     g["lr"] /= self.lr_scale
         # every stage's norms reach the others on the step's loss all-reduce (_aggregate_total_loss)
+
+    def _record_bf16_clip_factor(self) -> None:
+        """DeepSpeed's bf16 optimizer clips inside its own step (``clip_fp32_gradients`` is not
+        called): it multiplies the fp32 gradients by ``min(1, clip / (norm + 1e-6))`` with the
+        global norm it keeps, so the post-clip norms follow from that, as in fp32. A step it
+        skipped (an infinite norm) changed nothing: the norms stay pre-clip."""
+        clip = float(getattr(self.optimizer, "clip_grad", 0.0) or 0.0)
+        norm = getattr(self.optimizer, "_global_grad_norm", None)
+        if clip > 0.0 and norm is not None and math.isfinite(float(norm)):
+            self.stage_state.record_clip_factor(min(1.0, clip / (float(norm) + 1e-6)))
 
     def clip_fp32_gradients(self):
         max_norm = self.gradient_clipping()
