@@ -141,6 +141,7 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
         L += ["**Not available in this checkout** (their config keys have not landed): "
               + "; ".join(f"`{s.name}` ({s.label}; needs checkfree.{', '.join(s.requires)})" for s in unavailable),
               ""]
+    summary_at, across = len(L), {}  # the summary across rates goes here, once every rate is done
     for rate in rates:
         sched = schedules.get(rate, {})
         L += [f"## {rate:g} % per stage per hour (p = {probs[rate]:.4f} per stage per step)", ""]
@@ -185,6 +186,14 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
             if going_on and len(going_on) < len(ks):
                 steps_txt += (f"; {len(ks) - len(going_on)} unrecoverable, the {len(going_on)} that recovered: "
                               f"{fmt_summary(summarize_outcomes(going_on))}")
+            wall_gap = gap(1, fastest)
+            mark = ("fastest" if wall_gap == "(fastest)" else "within the noise of the fastest"
+                    if wall_gap.endswith("(inside the noise)") else "slower" if wall_gap.endswith("(outside the noise)")
+                    else "")
+            unrecoverable = len(ks) - len(going_on) if going_on else 0
+            across.setdefault(st.label, {})[rate] = f"{fmt_summary(ss)} / {fmt_summary(ms, 1)}" \
+                + (f" ({mark})" if mark and st.name != NO_FAILURE else "") \
+                + (f" [{unrecoverable} unrecoverable]" if unrecoverable else "")
             L.append(f"| {st.label} | {len(ks)} | {statistics.fmean(fl):.1f} | {redone:.1f} | {steps_txt} | "
                      f"{fmt_summary(ws, 1)} | {fmt_summary(ms, 1)} | {gap(1, fastest)} | {gap(0, fewest)} |")
         stopped = [(k, runs[k]["status"]) for k in runs if k[1] == rate and runs[k]["status"]["state"] == "stopped"]
@@ -192,9 +201,22 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
             L.append(f"\n- {k[0]} (schedule {k[2]}, seed {k[3]}) stopped: {s.get('reason', '')}")
         L.append("")
 
+    L[summary_at:summary_at] = summary_across_rates(rates, across)
     L += projection_section(a, strategies, outcomes, ratios)
     text = "\n".join(L)
     with open(prefix + ".md", "w", encoding="utf-8") as f:
         f.write(text + "\n")
     return text
 
+
+
+def summary_across_rates(rates, across: dict[str, dict[float, str]]) -> list[str]:
+    """One row per strategy, one column per rate: steps to target / modelled wall-clock, and
+    where the latter stands against the rate's fastest (the per-rate tables have the numbers)."""
+    L = ["## Summary across rates", "",
+         "Each cell: steps to target (mean ± sd) / modelled wall s (mean ± sd), and the modelled wall-clock against "
+         "the fastest strategy of that rate (2 Welch SE band; details and gaps in the per-rate tables below).", "",
+         "| strategy | " + " | ".join(f"{r:g} %/h" for r in rates) + " |", "|---|" + "---|" * len(rates)]
+    for label, by_rate in across.items():
+        L.append(f"| {label} | " + " | ".join(by_rate.get(r, "-") for r in rates) + " |")
+    return L + [""]

@@ -264,7 +264,8 @@ def test_report_sets_unrecoverable_runs_apart_from_slow_ones(tmp_path):
             ("checkfree", 10.0, 2, 0): run(60, "stopped", "cannot recover lost stages [1, 2]")}
     text = report.write_outputs(a, chosen, [], [10.0], runs, 2.0, {0: 2.0}, {10.0: {}}, {10.0: 0.026},
                                 str(tmp_path / "r"), 1.0, {"stock": (1.0, 1.0, 1.0)})
-    row = next(line for line in text.splitlines() if line.startswith("| CheckFree, all stages fail"))
+    summary, row = [line for line in text.splitlines() if line.startswith("| CheckFree, all stages fail")]
+    assert summary.endswith("| ≥93 (2/3 reached; rest >60) / ≥9.3 (2/3 reached; rest >6.0) [1 unrecoverable] |")
     assert "≥" in row and "(2/3 reached; rest >60)" in row
     assert "1 unrecoverable, the 2 that recovered: 110 ± 14" in row
     assert "checkfree (schedule 2, seed 0) stopped: cannot recover lost stages [1, 2]" in text
