@@ -186,11 +186,13 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
             if going_on and len(going_on) < len(ks):
                 steps_txt += (f"; {len(ks) - len(going_on)} unrecoverable, the {len(going_on)} that recovered: "
                               f"{fmt_summary(summarize_outcomes(going_on))}")
+            elif not going_on:
+                steps_txt += f"; all {len(ks)} unrecoverable"
             wall_gap = gap(1, fastest)
             mark = ("fastest" if wall_gap == "(fastest)" else "within the noise of the fastest"
                     if wall_gap.endswith("(inside the noise)") else "slower" if wall_gap.endswith("(outside the noise)")
                     else "")
-            unrecoverable = len(ks) - len(going_on) if going_on else 0
+            unrecoverable = len(ks) - len(going_on)
             across.setdefault(st.label, {})[rate] = f"{fmt_summary(ss)} / {fmt_summary(ms, 1)}" \
                 + (f" ({mark})" if mark and st.name != NO_FAILURE else "") \
                 + (f" [{unrecoverable} unrecoverable]" if unrecoverable else "")
