@@ -197,7 +197,7 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
                 + (f" ({mark})" if mark and st.name != NO_FAILURE else "") \
                 + (f" [{unrecoverable} unrecoverable]" if unrecoverable else "")
             L.append(f"| {st.label} | {len(ks)} | {statistics.fmean(fl):.1f} | {redone:.1f} | {steps_txt} | "
-                     f"{fmt_summary(ws, 1)} | {fmt_summary(ms, 1)} | {gap(1, fastest)} | {gap(0, fewest)} |")
+                     f"{fmt_summary(ws, 1)} | {fmt_summary(ms, 1)} | {wall_gap} | {gap(0, fewest)} |")
         stopped = [(k, runs[k]["status"]) for k in runs if k[1] == rate and runs[k]["status"]["state"] == "stopped"]
         for k, s in stopped:
             L.append(f"\n- {k[0]} (schedule {k[2]}, seed {k[3]}) stopped: {s.get('reason', '')}")
