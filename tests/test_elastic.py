@@ -274,3 +274,29 @@ def test_a_killed_data_parallel_replica_is_copied_from_its_live_replica(tmp_path
     the spare takes that slot and gets an exact copy of the live replica (method "replica")."""
     _, recovery = kill_a_replica_and_finish(tmp_path, steps=30)
     assert recovery["stage"] == 1 and recovery["method"] == "replica"
+
+
+def test_both_replicas_of_a_stage_killed_use_the_checkfree_rule(tmp_path):
+    """3 stages x 2 replicas + 2 spares: both processes of stage 1 (ranks 2 and 3) SIGKILLed
+    together. No live replica is left to copy, so the spares take both slots and get the
+    CheckFree rule (the neighbours' weighted average, lr x1.1), the same on both replicas."""
+    steps = 30
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", num_stages=3, spares=2)
+    job = ElasticJob(tmp_path, 8, cfg, steps, "--num_layers", "6")
+    job.wait_for_step(6)
+    before = job.rank_pids()
+    killed = {job.kill(2), job.kill(3)}
+    rc = job.wait()
+    log = job.log()
+    assert rc == 0, log[-6000:]
+    records = read_metrics(job.out)
+    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) for r in steps_of(records))
+    failures = events_of(records, "failure")
+    assert sorted((f["stage"], f["replica"], f["replaced_by_rank"]) for f in failures) == [(1, 0, 6), (1, 1, 7)]
+    assert all(f["cause"] == "process_lost" and f["dead_ranks"] == [2, 3] for f in failures)
+    (recovery,) = events_of(records, "recovery")
+    assert (recovery["stage"], recovery["method"], recovery["sources"]) == (1, "weighted_average", [0, 2])
+    assert recovery["lr_scale"] == pytest.approx(1.1)
+    assert exit_pids(log) == {r: p for r, p in before.items() if p not in killed}
+
