@@ -47,7 +47,7 @@ def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int) -> None:
     """bf16 is recovered (fp32 masters averaged/copied, bf16 parameters their cast); fp16 is not.
     With data-parallel replicas DeepSpeed's BF16_Optimizer splits the fp32 masters over the
     replicas: a lost replica gets the bf16 weights exactly and its share of the masters from
-    them (``engine.masters_partitioned``)."""
+    them (``engine.masters_partitioned``); layout "paper"'s stage copies read the whole masters."""
     if cf.mode == "off":
         return
     if ds_config.get("fp16", {}).get("enabled"):
@@ -62,10 +62,6 @@ def _check_precision(ds_config: dict, cf: CheckFreeConfig, dp: int) -> None:
     if cf.mode == "redundant":
         raise ConfigError(f"{bf16}.enabled = True: mode 'redundant' ships fp32 gradients to its shadow copies. "
                           f"Fix: disable {bf16} or use mode 'checkfree'/'checkfree_plus'.")
-    if dp != 1 and cf.layout == "paper":
-        raise ConfigError(f"{bf16}.enabled = True with {dp} data-parallel replicas and layout \"paper\": the "
-                          "in-memory stage copies are not refreshed from masters split over replicas; not "
-                          f"implemented. Fix: layout \"all_stages_fail\", one replica per stage, or disable {bf16}.")
     if cf.mode == "checkfree_plus" and not cf.swap:
         raise ConfigError(f"checkfree.swap = False with {bf16}: a replicated (de)embedding that runs no micro-batch "
                           "has no fp32 gradient for DeepSpeed's tied-gradient all-reduce under BF16_Optimizer. "

@@ -38,7 +38,8 @@ class StageCopies:
     def refresh(self, engine, completed_step: int) -> bool:
         """At a step boundary: if a copy is due (none yet, or every ``every`` completed steps),
         each block stage sends its weights (fp32, or the fp32 masters) to its holder. Returns
-        whether the copies were refreshed."""
+        whether the copies were refreshed. Masters split over replicas (bf16, dp > 1) are read
+        whole, a collective of the stage's replicas: they all reach it, in the holders' order."""
         if not self.holders or (self.copy_step is not None and completed_step % self.every):
             return False
         grid, me = engine.grid, engine.global_rank

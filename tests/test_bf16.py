@@ -30,8 +30,7 @@ def test_bf16_is_accepted_and_fp16_refused_with_the_reason():
     assert prepare(_ds(bf16={"enabled": True}), world_size=8, elastic=True).dp_size == 2
     paper = _ds(bf16={"enabled": True})
     paper["checkfree"].update(layout="paper", num_stages=6)
-    with pytest.raises(ConfigError, match=r"2 data-parallel replicas and layout \"paper\""):
-        prepare(paper, world_size=12)
+    assert prepare(paper, world_size=12).dp_size == 2
     plus = _ds("checkfree_plus.json", bf16={"enabled": True})
     plus["checkfree"]["swap"] = False
     with pytest.raises(ConfigError, match="checkfree.swap = False with bf16"):
@@ -49,8 +48,8 @@ def _dump(d, step, stage, tag, dp=0):
     return torch.load(d / f"step{step}_stage{stage}_dp{dp}_{tag}.pt", weights_only=False)
 
 
-def _train(tmp_path, base, fails, steps=5, ranks=4):
-    cfg = write_config(tmp_path / "ds.json", base, ds_bf16={"enabled": True})
+def _train(tmp_path, base, fails, steps=5, ranks=4, **checkfree):
+    cfg = write_config(tmp_path / "ds.json", base, ds_bf16={"enabled": True}, **checkfree)
     dumps, out = tmp_path / "dumps", tmp_path / "out"
     extra = [x for f in fails for x in ("--fail_at", f)]
     run_job("deepspeed", ranks, "launch/train.py",
@@ -192,6 +191,31 @@ def test_bf16_with_two_replicas_a_lost_replica_and_a_lost_column(tmp_path):
     assert rec[1]["weights"] == pytest.approx([b, a], rel=1e-9)
     losses = [r["loss"] for r in steps_of(records)]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_bf16_with_two_replicas_paper_layout_restores_a_column_from_its_stage_copy(tmp_path):
+    """Layout "paper", 4 stages x 2 replicas under bf16 (embedding | 2 block stages | head),
+    copies every 2 steps: each block stage's copy is of its whole fp32 masters (read across its
+    replicas, which hold a share each). Step 5 loses replica 1 of stage 1 (copied from its twin),
+    step 6 all of stage 2: both replicas get the copy taken after step 4, one step stale."""
+    dumps, records = _train(tmp_path, "checkfree.json", ["1.1:5", "2:6"], steps=7, ranks=8,
+                            layout="paper", stage_copy_every=2)
+    copied, newer = _dump(dumps, 5, 2, "before"), _dump(dumps, 6, 2, "before")
+    restored = [_dump(dumps, 6, 2, "after", dp) for dp in (0, 1)]
+    assert len(copied["fp32_state"]) == 36  # 2 decoder layers
+    for k, master in copied["fp32_state"].items():
+        for r in restored:
+            assert torch.equal(r["fp32_state"][k], master), k  # the whole master, every low bit
+        assert not torch.equal(newer["fp32_state"][k], master), k  # not the state after step 5
+    for r in restored:
+        _consistent(r)
+        assert r["optimizer_state_entries"] == 0 and r["lr_scale"] == pytest.approx(1.1)
+    rec = events_of(records, "recovery")
+    assert [(r["step"], r["stage"], r["method"], r.get("replica")) for r in rec] == \
+        [(5, 1, "replica", 1), (6, 2, "stage_copy", None)]
+    assert (rec[1]["sources"], rec[1]["copy_of_step"], rec[1]["staleness_steps"]) == ([3], 4, 1)
+    losses = [r["loss"] for r in steps_of(records)]
+    assert len(losses) == 7 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
 @pytest.mark.slow  # the dp=2 test above covers the split masters; this adds CheckFree+'s edge copies
