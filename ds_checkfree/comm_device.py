@@ -106,3 +106,24 @@ def tensor_to_object(blob: torch.Tensor, map_location=None):
     """The inverse of ``object_to_tensor``; tensors inside land on ``map_location``."""
     import io
     return torch.load(io.BytesIO(blob.cpu().numpy().tobytes()), map_location=map_location, weights_only=False)
+
+
+def pack_fp32(state, group=None) -> torch.Tensor:
+    """A stage's tensors (``name -> tensor``) as one fp32 vector where ``group``'s backend wants
+    it: one message per transfer; fp32 weights and fp32 masters lose nothing, and under NCCL
+    the parameters already sit on the accelerator (no host copy)."""
+    device = comm_device(group)
+    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t in state.values()])
+
+
+def unpack_like(flat: torch.Tensor, template) -> dict:
+    """The inverse of ``pack_fp32``: views of ``flat`` shaped like ``template``'s tensors, in
+    its order (kept in fp32: averaged in fp32, installed as fp32 masters or cast by the engine)."""
+    out, offset = {}, 0
+    for key, t in template.items():
+        out[key] = flat[offset:offset + t.numel()].view(t.shape)
+        offset += t.numel()
+    if offset != flat.numel():
+        raise ValueError(f"{flat.numel()} values received for a template of {offset}")
+    return out
+

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as tdist
 from deepspeed import comm as dist
 
-from .comm_device import comm_device, comm_empty, comm_tensor, object_to_tensor, tensor_to_object
+from .comm_device import comm_device, comm_empty, comm_tensor, object_to_tensor, pack_fp32, tensor_to_object, \
+    unpack_like
 from .recovery import RecoveryAction, combine, plan_replicated_recovery
 
 
@@ -45,23 +46,6 @@ class RecoveryRecord:
         return {**out, **(self.extra or {})}
 
 
-def _flatten(state, device) -> torch.Tensor:
-    """One fp32 vector on the communication device (the weights are fp32 or fp32 masters:
-    no precision is lost; under NCCL the parameters already live there, so no host copy)."""
-    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t in state.values()])
-
-
-def _unflatten(flat: torch.Tensor, template) -> dict:
-    """fp32 views of ``flat`` shaped like ``template`` (kept in fp32: averaged in fp32, then
-    installed as fp32 masters and cast to the parameters' dtype by the engine)."""
-    out, offset = {}, 0
-    for key, t in template.items():
-        n = t.numel()
-        out[key] = flat[offset:offset + n].view(t.shape)
-        offset += n
-    return out
-
-
 def stable_seed(*parts) -> int:
     """A seed from ``parts`` that every process computes alike (``hash()`` of a string
     changes between processes unless PYTHONHASHSEED is set)."""
@@ -73,7 +57,7 @@ def _send_state(engine, action: RecoveryAction, target_rank: int, state=None) ->
     if state is None:
         state = engine.recovery_weights(include_replicated=action.method == "copy")
     dist.send(comm_tensor([engine.last_grad_norm()], torch.float64), target_rank)
-    dist.send(_flatten(state, comm_device()), target_rank)
+    dist.send(pack_fp32(state), target_rank)
 
 
 def _receive_and_install(engine, action: RecoveryAction, source_ranks: list[int], generator) -> RecoveryRecord:
@@ -88,7 +72,7 @@ def _receive_and_install(engine, action: RecoveryAction, source_ranks: list[int]
         dist.recv(flat, src)
         received += norm.numel() * 8 + flat.numel() * 4
         norms.append(float(norm))
-        states.append(_unflatten(flat, template))
+        states.append(unpack_like(flat, template))
     cf = engine.checkfree
     init_std = getattr(engine.module.model_config, "init_std", 0.02)
     combined, weights = combine(action.method, states, norms, cf.epsilon, template, generator, init_std)
@@ -110,7 +94,7 @@ def _copy_replica(engine, action: RecoveryAction, source: int, target: int) -> R
     Weights travel as one flat tensor on the communication device; the optimizer state and
     the stage's recovery state as one serialised blob (one host copy each way)."""
     if engine.global_rank == source:
-        dist.send(_flatten(engine.replica_weights(), comm_device()), target)
+        dist.send(pack_fp32(engine.replica_weights()), target)
         blob = object_to_tensor(engine.replica_state(), comm_device())
         dist.send(comm_tensor([blob.numel()], torch.int64), target)
         dist.send(blob, target)
@@ -125,7 +109,7 @@ def _copy_replica(engine, action: RecoveryAction, source: int, target: int) -> R
     dist.recv(blob, source)
     state = tensor_to_object(blob, map_location=flat.device)
     partitioned = engine.masters_partitioned
-    engine.install_replica(_unflatten(flat, template), state)
+    engine.install_replica(unpack_like(flat, template), state)
     extra = {"masters_from": "bf16 weights", "fresh_moments": True} if partitioned else None
     return RecoveryRecord(stage=action.stage, method="replica", sources=[action.stage], weights=[1.0],
                           seconds=time.perf_counter() - start, bytes_received=flat.numel() * 4 + 8 + int(n),

@@ -12,13 +12,9 @@ from __future__ import annotations
 import torch
 from deepspeed import comm as dist
 
-from .comm_device import comm_device, comm_empty
+from .comm_device import comm_empty, pack_fp32, unpack_like
 from .layout import copy_holders
 from .models import DecoderLayerPipe
-
-
-def _flat(state) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(device=comm_device(), dtype=torch.float32) for t in state.values()])
 
 
 class StageCopies:
@@ -47,7 +43,7 @@ class StageCopies:
         for stage, holder in self.holders.items():
             src, dst = grid.stage_to_global(stage_id=stage, data=dp), grid.stage_to_global(stage_id=holder, data=dp)
             if me == src:
-                dist.send(_flat(engine.recovery_weights(include_replicated=False)), dst)
+                dist.send(pack_fp32(engine.recovery_weights(include_replicated=False)), dst)
             elif me == dst:
                 buf = self._held.get(stage)
                 if buf is None:
@@ -73,11 +69,7 @@ class StageCopies:
         template = engine.module.recovery_state(include_replicated=False)
         flat = comm_empty(sum(t.numel() for t in template.values()), torch.float32)
         dist.recv(flat, source_rank)
-        out, offset = {}, 0
-        for key, t in template.items():
-            out[key] = flat[offset:offset + t.numel()].view(t.shape)
-            offset += t.numel()
-        return out
+        return unpack_like(flat, template)
 
     def nbytes(self, engine, stage: int) -> int:
         return self._numel(engine, stage) * 4

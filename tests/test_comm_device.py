@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ds_checkfree.comm_device import (comm_device, comm_empty, comm_tensor, data_plane_backend, device_for_backend,
-                                      object_to_tensor, tensor_to_object)
+                                      object_to_tensor, pack_fp32, tensor_to_object, unpack_like)
 
 
 @pytest.mark.parametrize("backend,accel,expected", [
@@ -61,5 +61,15 @@ def test_helpers_follow_the_group_backend_and_round_trip_objects(monkeypatch, tm
         assert blob.dtype == torch.uint8 and blob.device.type == "cpu"
         back = tensor_to_object(blob)
         assert torch.equal(back["a"], obj["a"]) and back["b"] == [1, "x"]
+        # a stage's tensors as one fp32 message: bf16 values widen exactly, shapes and order come back
+        state = {"w": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "s": torch.tensor(2.0)}
+        flat = pack_fp32(state)
+        assert flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.numel() == 18
+        tdist.all_reduce(flat)
+        out = unpack_like(flat, state)
+        assert list(out) == ["w", "b", "s"] and all(out[k].shape == state[k].shape for k in state)
+        assert all(torch.equal(out[k], state[k].float()) for k in state)
+        with pytest.raises(ValueError, match="18 values received for a template of 12"):
+            unpack_like(flat, {"w": state["w"]})
     finally:
         tdist.destroy_process_group()
