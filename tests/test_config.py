@@ -5,8 +5,10 @@ import json
 
 import pytest
 
+from conftest import ROOT
 from ds_checkfree.config import CheckFreeConfig, ConfigError
 from ds_checkfree.deepspeed_config import micro_batches_per_step, split_deepspeed_config, validate_world
+from ds_checkfree.initialize import prepare
 
 DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}
 
@@ -313,3 +315,20 @@ def test_micro_batches_disagree():
     with raises("train_batch_size", "16", "24"):
         micro_batches_per_step({"train_micro_batch_size_per_gpu": 2, "train_batch_size": 16,
                                 "gradient_accumulation_steps": 4}, 3)
+
+
+@pytest.mark.parametrize("base", ["checkfree.json", "checkfree_plus.json", "redundant.json"])
+@pytest.mark.parametrize("precision", [{}, {"bf16": {"enabled": True}}])
+def test_zero_with_recovery_is_refused_naming_the_fix(base, precision):
+    """ZeRO keeps its own fp32 copy of the weights, which recovery does not write (a rebuilt
+    stage would be overwritten at the next step): refused for every recovery mode, fp32 or bf16;
+    the stock and checkpoint runs (mode "off") keep it."""
+    cfg = json.loads((ROOT / "ds_configs" / base).read_text())
+    cfg.update(precision, zero_optimization={"stage": 1})
+    with pytest.raises(ConfigError) as err:
+        prepare(cfg, world_size=4)
+    text = str(err.value)
+    assert f"zero_optimization.stage = 1 with checkfree.mode = {cfg['checkfree']['mode']!r}" in text
+    assert "overwrite the rebuilt stage" in text and "Fix: set zero_optimization.stage to 0" in text
+    cfg["checkfree"]["mode"] = "off"
+    assert prepare(cfg, world_size=4).checkfree.mode == "off"
