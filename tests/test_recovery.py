@@ -25,7 +25,10 @@ def _dump(d, step, stage, tag):
 
 
 def test_rebuilt_stage_is_the_gradient_weighted_average(tmp_path):
-    cfg = write_config(tmp_path / "ds.json")
+    # a DeepSpeed lr scheduler rewrites lr every step: the factor must follow it, not compound or freeze
+    warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.001, "warmup_max_lr": 0.002,
+                                             "warmup_num_steps": 10, "warmup_type": "linear"}}
+    cfg = write_config(tmp_path / "ds.json", ds_scheduler=warmup)
     dumps = tmp_path / "dumps"
     proc, out = train(tmp_path, cfg, "--steps", "7", "--fail_at", "1:4", "--fail_at", "1:6",
                       "--dump_recovery_dir", str(dumps))
@@ -54,6 +57,11 @@ def test_rebuilt_stage_is_the_gradient_weighted_average(tmp_path):
     assert after_prev["optimizer_state_entries"] == prev["optimizer_state_entries"] > 0
     # the second failure of the same stage does not compound the learning-rate factor
     assert _dump(dumps, 6, 1, "after")["lr_scale"] == pytest.approx(1.1)
+    # between the failures the scheduler moved lr on; the rebuilt stage kept x1.1 of its current value
+    lr4, lr6 = prev["effective_lr"], _dump(dumps, 6, 0, "before")["effective_lr"]
+    assert lr6 > lr4 * 1.05
+    assert _dump(dumps, 6, 1, "before")["effective_lr"] == pytest.approx(lr6 * 1.1, rel=1e-9)
+    assert _dump(dumps, 6, 1, "after")["effective_lr"] == pytest.approx(lr6 * 1.1, rel=1e-9)
 
     records = read_metrics(out)
     rec = events_of(records, "recovery")
