@@ -19,12 +19,19 @@ metrics.jsonl (wall-clock ``time`` fields, as seen by the last stage's process).
   load, redone steps. Relaunching on the same machine is the best case: a real cluster also
   waits for a replacement node, which this does not charge.
 
+``--launcher manual`` needs no MPI (a GPU machine often has none): the CheckFree job is a
+coordinator, 4 stage processes and a spare started by hand (``scripts/kill_check.py``'s recipe)
+and the restart baseline runs under ``torchrun`` (its agent ends every rank when one dies).
+With ``--accelerator cuda`` (manual only) every rank shares GPU 0, each its own host to NCCL
+(``scripts/one_gpu_rank.sh``), so one run gives both sides on NCCL.
+
 Also measured: the failure-free step-time overhead of the heartbeat thread, in one elastic
 launch whose heartbeat runs in alternate wall-clock windows (``heartbeat_overhead``: paired,
 randomly ordered on/off windows, bootstrap CI over pairs).
 
     python benchmarks/real_failure.py                  # tiny, ~3 min on 2 cores
     python benchmarks/real_failure.py --overhead_pairs 0 --kill_step 30 --steps 60
+    python benchmarks/real_failure.py --launcher manual --accelerator cuda --overhead_pairs 0
 
 Writes ``benchmarks/results/real_failure.csv`` (one row per phase) and prints a table.
 """
@@ -49,17 +56,40 @@ from _runs import RESULTS, ROOT, base_config, recovery_phases, split  # noqa: E4
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
            OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+#: the environment variable that carries a process's rank, per launcher
+RANK_VAR = {"mpirun": "OMPI_COMM_WORLD_RANK", "manual": "RANK"}
 
 
-def mpirun(n: int, ft: bool, cfg_path: str, out: str, args, extra=()) -> list[str]:
-    cmd = [str(BIN / "mpirun")] + (["--with-ft", "ulfm"] if ft else []) + [
-        "--oversubscribe", "--map-by", "slot", "--bind-to", "none", "-n", str(n),
-        "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONUNBUFFERED",
-        sys.executable, os.path.join(ROOT, "launch", "train.py"), "--deepspeed_config", cfg_path,
-        "--model", args.model, "--steps", str(args.steps), "--eval_every", "0", "--output_dir", out]
+def train_args(cfg_path: str, out: str, args, extra=()) -> list[str]:
+    """``launch/train.py`` and its arguments, the same under every launcher."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--deepspeed_config", cfg_path,
+           "--model", args.model, "--steps", str(args.steps), "--eval_every", "0", "--output_dir", out]
     if args.num_layers:
         cmd += ["--num_layers", str(args.num_layers)]
     return cmd + list(extra)
+
+
+def mpirun(n: int, ft: bool, cfg_path: str, out: str, args, extra=()) -> list[str]:
+    return [str(BIN / "mpirun")] + (["--with-ft", "ulfm"] if ft else []) + [
+        "--oversubscribe", "--map-by", "slot", "--bind-to", "none", "-n", str(n),
+        "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONUNBUFFERED",
+        *train_args(cfg_path, out, args, extra)]
+
+
+def torchrun(n: int, cfg_path: str, out: str, args, extra=()) -> list[str]:
+    """``torchrun --standalone`` (no restarts: a dead rank ends the job, as under plain mpirun);
+    on CUDA every rank goes through ``scripts/one_gpu_rank.sh`` (GPU 0, its own NCCL host)."""
+    wrap = [os.path.join(ROOT, "scripts", "one_gpu_rank.sh")] if args.accelerator == "cuda" else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "--max_restarts", "0", "--no-python", *wrap, *train_args(cfg_path, out, args, extra)]
+
+
+def launch_cmd(args, n: int, fault_tolerant: bool, cfg_path: str, out: str, extra=()) -> list[str]:
+    if args.launcher == "mpirun":
+        return mpirun(n, fault_tolerant, cfg_path, out, args, extra)
+    if fault_tolerant:
+        raise ValueError("the manual launcher starts CheckFree's job by hand (scripts/kill_check.py)")
+    return torchrun(n, cfg_path, out, args, extra)
 
 
 def read(out: str) -> list[dict]:
@@ -70,23 +100,24 @@ def read(out: str) -> list[dict]:
         return []
 
 
-def rank_pid(out: str, rank: int) -> int | None:
+def rank_pid(out: str, rank: int, var: str = "OMPI_COMM_WORLD_RANK") -> int | None:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if out.encode() not in (entry / "cmdline").read_bytes().split(b"\0"):
                 continue
-            if f"OMPI_COMM_WORLD_RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+            if f"{var}={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
                 return int(entry.name)
         except OSError:
             continue
     return None
 
 
-def start(cmd, log_path) -> subprocess.Popen:
+def start(cmd, log_path, accelerator: str = "cpu") -> subprocess.Popen:
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, DS_ACCELERATOR=accelerator), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_step(proc, out: str, step: int, timeout: float = 600) -> None:
@@ -101,8 +132,8 @@ def wait_step(proc, out: str, step: int, timeout: float = 600) -> None:
     raise SystemExit(f"step {step} not reached in {timeout} s")
 
 
-def kill_rank(out: str, rank: int) -> float:
-    pid = rank_pid(out, rank)
+def kill_rank(out: str, rank: int, var: str = "OMPI_COMM_WORLD_RANK") -> float:
+    pid = rank_pid(out, rank, var)
     if pid is None:
         raise SystemExit(f"rank {rank} of {out} not found")
     os.kill(pid, signal.SIGKILL)
@@ -119,9 +150,10 @@ def launch_and_kill(args, work: str, name: str, cfg: dict, n: int, fault_toleran
     cfg_path = os.path.join(work, f"{name}.json")
     Path(cfg_path).write_text(json.dumps(cfg))
     out = os.path.join(work, name)
-    proc = start(mpirun(n, fault_tolerant, cfg_path, out, args), os.path.join(work, f"{name}.log"))
+    proc = start(launch_cmd(args, n, fault_tolerant, cfg_path, out), os.path.join(work, f"{name}.log"),
+                 args.accelerator)
     wait_step(proc, out, args.kill_step)
-    return proc, out, cfg_path, kill_rank(out, args.victim)
+    return proc, out, cfg_path, kill_rank(out, args.victim, RANK_VAR[args.launcher])
 
 
 def run_checkfree_repeated(args, work: str) -> tuple[list[tuple[str, float]], float, list[list[float]]]:
@@ -134,16 +166,34 @@ def run_checkfree_repeated(args, work: str) -> tuple[list[tuple[str, float]], fl
 
 
 def run_checkfree(args, work: str, name: str = "checkfree") -> tuple[list[tuple[str, float]], float]:
-    proc, out, _, killed_at = launch_and_kill(args, work, name, base_config("checkfree", spares=1), 5, True)
-    if proc.wait(timeout=600) != 0:
-        raise SystemExit(f"the CheckFree job did not survive; see {work}/checkfree.log")
-    records = read(out)
-    phases = recovery_phases(records, killed_at)
+    if args.launcher == "manual":
+        records, phases = run_checkfree_by_hand(args, work, name)
+    else:
+        proc, out, _, killed_at = launch_and_kill(args, work, name, base_config("checkfree", spares=1), 5, True)
+        if proc.wait(timeout=600) != 0:
+            raise SystemExit(f"the CheckFree job did not survive; see {work}/checkfree.log")
+        records = read(out)
+        phases = recovery_phases(records, killed_at)
     step_s = median_step(records)
     phases.append(("steps lost", 0.0))
     phases.append(("median step time", step_s))
     summary = next((r for r in records if r.get("event") == "heartbeat_summary"), {})
     return phases, summary.get("max_gap_s", float("nan"))
+
+
+def run_checkfree_by_hand(args, work: str, name: str) -> tuple[list[dict], list[tuple[str, float]]]:
+    """No MPI: ``scripts/kill_check.py``'s coordinator, 4 stage processes and a spare, the
+    victim's process SIGKILLed once ``--kill_step`` completed; its phases and the records."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import kill_check
+    out = os.path.join(work, name)
+    r = kill_check.run(argparse.Namespace(
+        out=out, stages=4, heartbeat_timeout_s=10.0, python=sys.executable, model=args.model,
+        num_layers=args.num_layers, steps=args.steps, kill_step=args.kill_step, victim=args.victim,
+        timeout=600.0, accelerator=args.accelerator))
+    if r["failed"]:
+        raise SystemExit(f"the CheckFree job did not survive ({'; '.join(r['failed'])}); see {out}")
+    return read(out), list(r["phases"])
 
 
 def run_restart(args, work: str) -> list[tuple[str, float]]:
@@ -159,7 +209,8 @@ def run_restart(args, work: str) -> list[tuple[str, float]]:
     saved = max(e["step"] for e in split(first)[2] if e["event"] == "checkpoint_save")
     relaunch_at = time.time()
     out2 = os.path.join(work, "restart_second")
-    proc = start(mpirun(4, False, cfg_path, out2, args, ["--resume_from", ckpt]), os.path.join(work, "restart.log"))
+    proc = start(launch_cmd(args, 4, False, cfg_path, out2, ["--resume_from", ckpt]),
+                 os.path.join(work, "restart.log"), args.accelerator)
     if proc.wait(timeout=600) != 0:
         raise SystemExit(f"the restarted job failed; see {work}/restart.log")
     second = read(out2)
@@ -170,7 +221,8 @@ def run_restart(args, work: str) -> list[tuple[str, float]]:
     caught_up = next(s for s in steps if s["step"] == last_done + 1)
     redone = next((s for s in steps if s["step"] == last_done), None)
     redo_s = (redone["time"] - load["time"]) if redone is not None and last_done > saved else 0.0
-    return [("job teardown (kill -> mpirun exits)", down_at - killed_at),
+    return [(f"job teardown (kill -> {'mpirun' if args.launcher == 'mpirun' else 'torchrun'} exits)",
+             down_at - killed_at),
             ("relaunch -> engine ready (start, imports, init)", run_start["engine_ready_at"] - relaunch_at),
             ("checkpoint load", load["seconds"]),
             (f"redo lost steps ({last_done - saved} steps since step {saved})",
@@ -256,6 +308,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
     p.add_argument("--num_layers", type=int, default=None)
+    p.add_argument("--launcher", choices=tuple(RANK_VAR), default="mpirun",
+                   help="mpirun: Open MPI (ULFM for CheckFree); manual: no MPI, CheckFree's job started by hand "
+                        "with its coordinator and the restart baseline under torchrun")
+    p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: every rank on GPU 0, each its own NCCL host (needs --launcher manual)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--kill_step", type=int, default=24, help="kill once this step has completed")
     p.add_argument("--victim", type=int, default=1, help="stage (= MPI rank) to kill: an intermediate one")
@@ -275,6 +332,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.victim <= 2:
         raise SystemExit("--victim must be an intermediate stage (1 or 2): plain CheckFree has no rule for the edges")
+    if args.accelerator == "cuda" and args.launcher != "manual":
+        raise SystemExit("--accelerator cuda needs --launcher manual (the mpirun recipe does not give each rank "
+                         "its own NCCL host on one GPU)")
+    if args.launcher == "manual" and (args.overhead_pairs or args.overhead_only):
+        raise SystemExit("the heartbeat overhead run uses mpirun: pass --overhead_pairs 0 with --launcher manual")
     work = tempfile.mkdtemp(prefix="checkfree_real_failure_")
     t0 = time.time()
     print(f"work dir {work}", flush=True)
@@ -284,8 +346,10 @@ def main(argv=None) -> int:
     else:
         cf, gap, per_run = run_checkfree_repeated(args, work)
         rs = [] if args.skip_restart else run_restart(args, work)
-    rows = [(f"checkfree (coordinator, spare, in-memory; median of {args.repeats})", k, v) for k, v in cf] + \
-           [(f"restart from checkpoint (every {args.checkpoint_every})", k, v) for k, v in rs]
+    how = "" if args.launcher == "mpirun" else f", started by hand, {args.accelerator}"
+    rows = [(f"checkfree (coordinator, spare, in-memory{how}; median of {args.repeats})", k, v) for k, v in cf] + \
+           [(f"restart from checkpoint (every {args.checkpoint_every}"
+             f"{'' if args.launcher == 'mpirun' else ', torchrun, ' + args.accelerator})", k, v) for k, v in rs]
     if args.overhead_only:
         rows = []
     elif gap:  # beats go to the coordinator, which keeps the silences: members measure none

@@ -98,6 +98,8 @@ def run(a) -> dict:
             logs.append(log)
             cmd = [a.python, str(ROOT / "launch" / "train.py"), "--deepspeed_config", str(cfg_path), "--model",
                    a.model, "--steps", str(a.steps), "--eval_every", "0", "--output_dir", str(out), "--join", address]
+            if getattr(a, "num_layers", None):
+                cmd += ["--num_layers", str(a.num_layers)]
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=member_env(i, a.accelerator), stdout=open(log, "w"),
                                           stderr=subprocess.STDOUT, start_new_session=True))
         wait_for("every member to join", lambda: len(member_pids(logs)) == a.stages + 1, a.timeout, procs)
@@ -158,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cuda")
     p.add_argument("--out", default="out/kill_check")
     p.add_argument("--model", default="tiny")
+    p.add_argument("--num_layers", type=int, default=None, help="override the preset's decoder layer count")
     p.add_argument("--stages", type=int, default=4)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--kill_step", type=int, default=10)

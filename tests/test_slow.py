@@ -50,3 +50,25 @@ def test_quick_convergence_harness_writes_every_strategy(tmp_path):
     runs = (tmp_path / "conv_runs.csv").read_text().splitlines()
     assert len(runs) == 1 + 1 + 7 * 2  # header, reference, 7 strategies x 2 schedules
     assert (tmp_path / "conv.csv").stat().st_size > 0
+
+
+@pytest.mark.slow  # two launches of the restart baseline and one hand-started CheckFree job: ~50 s
+def test_real_failure_benchmark_without_mpi(tmp_path):
+    """``benchmarks/real_failure.py --launcher manual`` (what a GPU machine without MPI runs, here
+    on gloo): CheckFree's hand-started job survives the kill with no step lost, the torchrun
+    restart loses the steps since its checkpoint and is slower end to end."""
+    import csv
+    out = tmp_path / "rf.csv"
+    proc = subprocess.run([sys.executable, "benchmarks/real_failure.py", "--launcher", "manual", "--overhead_pairs",
+                           "0", "--repeats", "1", "--steps", "24", "--kill_step", "12", "--checkpoint_every", "5",
+                           "--out", str(out)], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    value = {(r["strategy"].split(" (")[0], r["phase"]): float(r["value"]) for r in rows}
+    # the kill lands once step 12 is seen, a step or two may complete before it: 2-4 steps since step 10
+    assert value[("checkfree", "steps lost")] == 0 and 0 <= value[("restart from checkpoint", "steps lost")] < 5
+    cf, rs = value[("checkfree", "total: kill -> next completed step")], \
+        value[("restart from checkpoint", "total: kill -> next completed step")]
+    assert 0 < cf < rs
+    assert any(r["phase"] == "job teardown (kill -> torchrun exits)" for r in rows)
+    assert any("started by hand, cpu" in r["strategy"] for r in rows)
