@@ -213,6 +213,10 @@ class CheckFreeConfig:
     # how long it waits for a joining process when a lost stage has no spare (0: stop now)
     startup_wait_s: float = 60.0
     join_wait_s: float = 60.0
+    # elastic launch: on SIGTERM (a spot VM's preemption notice) a stage finishes its step and
+    # hands its exact state to its replacement, if a step ends within this many seconds (0: off,
+    # SIGTERM then ends the process at once and the CheckFree rules rebuild the stage)
+    preemption_grace_s: float = 20.0
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     # "global_rollback": every rank reloads the last checkpoint (DeepSpeed practice);
@@ -305,7 +309,7 @@ class CheckFreeConfig:
             hint = f' (did you mean "{close[0]}"?)' if close else ""
             raise _fail(_k("failure_preset"), self.failure_preset, f"unknown preset{hint}",
                         f"use one of {sorted(RATE_PRESETS)} (model_percent-per-hour), or null")
-        for name in ("spares", "checkpoint_every", "join_wait_s"):
+        for name in ("spares", "checkpoint_every", "join_wait_s", "preemption_grace_s"):
             value = getattr(self, name)
             if value < 0:
                 raise _fail(_k(name), value, "must be >= 0", f"set {_k(name)} to 0 or more")

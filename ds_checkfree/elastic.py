@@ -83,6 +83,7 @@ class ElasticWorld:
         id_hint = None if joining or mpi_rank is None else int(mpi_rank)
         address, addr = locate(num_stages, spares, dp, cf, log_dir, coordinator, joining)
         self.address = address
+        self._shared_store = None
         self.client = MemberClient(address, id_hint=id_hint, num_stages=num_stages, addr=addr, dp=dp,
                                    connect_timeout_s=max(60.0, dp_timeout_s), on_round=self._on_round)
         self.rank = self.client.id
@@ -110,6 +111,7 @@ class ElasticWorld:
     def init_data_plane(self) -> None:
         """Form this generation's group of the stage holders (data-plane rank = slot)."""
         import torch.distributed as tdist
+        self.shared_store()  # before ``prepare``: a socket opened later is the plane's, shut on a wake
         with self._lock:
             if self._round_announced > self.generation:
                 raise DataPlaneInterrupted(f"the round for generation {self._round_announced} opened before "
@@ -129,6 +131,16 @@ class ElasticWorld:
         prefixed = tdist.PrefixStore(f"gen{self.generation}/", store)
         tdist.init_process_group(self.plane.backend, store=prefixed, rank=self.slot,
                                  world_size=self.num_stages * self.dp, timeout=timedelta(seconds=self.dp_timeout_s))
+
+    def shared_store(self):
+        """The coordinator's store outside every generation's prefix (where a preempted member
+        publishes its stage, ``ds_checkfree.preemption``); one client for the member's life,
+        made before its first data plane forms (the gloo plane shuts every socket opened since)."""
+        if self._shared_store is None:
+            import torch.distributed as tdist
+            self._shared_store = tdist.TCPStore(self.address[0], self.client.store_port, is_master=False,
+                                                timeout=timedelta(seconds=self.dp_timeout_s), wait_for_workers=False)
+        return self._shared_store
 
     def _plane(self):
         from deepspeed.accelerator import get_accelerator

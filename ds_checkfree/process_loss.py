@@ -17,7 +17,7 @@ from .ds_private import release_engine
 from .elastic import Agreement, NoSpareLeft
 from .membership.client import CoordinatorLost
 from .recovery import UnrecoverableFailure
-from .recovery_runtime import RecoveryRecord, apply_plan, plan_for
+from .recovery_runtime import RecoveryRecord, apply_plan, plan_for, share_record
 
 
 #: what a lost peer raises while a data plane forms or an engine is built over it (torch's
@@ -170,7 +170,8 @@ class ProcessLossRecovery:
         t_built = time.time()
         events, resume_step = [], agreement.resume_step
         try:
-            actions = plan_for(engine, agreement.lost_pairs())  # same verdict on every rank
+            handed, lost = self._take_handoffs(engine, agreement.lost_pairs(), resume_step - 1)
+            actions = plan_for(engine, lost) if lost else []  # same verdict on every rank
             if any(a.method == "checkpoint" for a in actions):
                 records = []
                 loaded = self.checkpointer.load_latest(engine, why=f"stages {agreement.lost_stages} lost")
@@ -179,7 +180,7 @@ class ProcessLossRecovery:
                 self.warn(f"rolled back to the checkpoint of step {loaded.resume_step - 1} ({loaded.seconds:.2f} s)")
                 resume_step = loaded.resume_step
             else:
-                records = apply_plan(engine, actions, agreement.resume_step)
+                records = handed + apply_plan(engine, actions, agreement.resume_step)
         except UnrecoverableFailure as err:
             raise StoppedForGood(err, agreement.lost_stages, agreement.dead_ranks) from None
         t_remat = time.time()
@@ -192,6 +193,34 @@ class ProcessLossRecovery:
                     "rebuild_state_load_s": round(t_built - t_loaded_from, 4),
                     "rematerialise_s": round(t_remat - t_built, 4), "resume_step": resume_step, **self._close_s}
         return ProcessLossOutcome(engine, agreement, records, timeline, resume_step, events)
+
+    def _take_handoffs(self, engine, lost: list[tuple[int, int]], after_step: int):
+        """Lost slots whose member handed its stage off after ``after_step`` (a preemption
+        notice, ``ds_checkfree.preemption``) are loaded exactly by their new holder, before any
+        rule runs (a neighbour rebuilt next reads the handed-off state). Every member asks the
+        store the same question and gets the same answer: the hand-off was written before the
+        exit that opened this round. Returns (their records, the lost slots left for the rules)."""
+        if not lost:
+            return [], []
+        from . import preemption
+        store = self.world.shared_store()
+        grid, dp = engine.grid, engine.grid.get_data_parallel_world_size()
+        handed = [p for p in lost if preemption.available(store, p[0] * dp + p[1], after_step)]
+        records = []
+        for stage, replica in handed:
+            target = grid.stage_to_global(stage_id=stage, data=replica)
+            record = None
+            if engine.global_rank == target:
+                start = time.perf_counter()
+                state, nbytes = preemption.take(store, stage * dp + replica, after_step, map_location=engine.device)
+                engine.load_training_state(state)
+                record = RecoveryRecord(stage=stage, method="handoff", sources=[stage], weights=[1.0],
+                                        seconds=time.perf_counter() - start, bytes_received=nbytes,
+                                        lr_scale=engine.lr_scale, replica=replica if dp > 1 else None,
+                                        source_replica=replica if dp > 1 else None,
+                                        extra={"handoff_after_step": after_step})
+            records.append(share_record(record, target))
+        return records, [p for p in lost if p not in handed]
 
 
 def _short(err: Exception) -> str:

@@ -81,7 +81,7 @@ def _receive_and_install(engine, action: RecoveryAction, source_ranks: list[int]
                           seconds=time.perf_counter() - start, bytes_received=received, lr_scale=cf.lr_scale)
 
 
-def _share(record, src_rank: int):
+def share_record(record, src_rank: int):
     """Every rank learns the record (the metrics writer sits on another stage)."""
     box = [record]
     tdist.broadcast_object_list(box, src=src_rank)
@@ -171,7 +171,7 @@ def apply_plan(engine, actions: list[RecoveryAction], step: int, copies=None,
                     record = _restore_from_copy(engine, action, step, copies, holder, target)
                 else:
                     record = _restore_from_checkpoint(engine, action, step, checkpointer, target)
-                record = _share(record, target)
+                record = share_record(record, target)
                 if dp == 0:
                     records.append(record)
             continue
@@ -181,7 +181,7 @@ def apply_plan(engine, actions: list[RecoveryAction], step: int, copies=None,
             record = None
             if engine.global_rank in (source, target):
                 record = _copy_replica(engine, action, source, target)
-            records.append(_share(record, target))
+            records.append(share_record(record, target))
             continue
         mine = None
         if engine.masters_partitioned and engine.stage_id in action.sources:
@@ -198,7 +198,7 @@ def apply_plan(engine, actions: list[RecoveryAction], step: int, copies=None,
                 # the same seed for every replica: a "random" rebuild keeps the replicas identical
                 gen = torch.Generator().manual_seed(stable_seed("rebuild", step, action.stage, 0))
                 record = _receive_and_install(engine, action, sources, gen)
-            record = _share(record, target)
+            record = share_record(record, target)
             if dp == 0:
                 records.append(record)
     return records

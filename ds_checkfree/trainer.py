@@ -7,6 +7,7 @@ owns the engine, the data and the order of things within a step.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -19,6 +20,7 @@ from .failures import FailurePlan
 from .initialize import initialize
 from .logical_failures import LogicalFailures
 from .metrics import MetricsWriter, write_run_json
+from .preemption import EXIT_HANDED_OFF, PreemptionNotice, publish
 from .process_loss import DATA_PLANE_ERRORS, ProcessLossOutcome, ProcessLossRecovery, StoppedForGood
 from .recovery import UnrecoverableFailure
 from .run_info import announcement, fmt_eta, run_info
@@ -71,6 +73,10 @@ class Trainer:
             write_run_json(options.output_dir, run_info(e, setup, options, self.data, self.seq_len))
         if outcome is not None:
             self._report_process_loss(outcome)
+        self.preemption = None  # SIGTERM -> hand the stage off at the next step boundary (elastic launch)
+        if world is not None and self.cf.preemption_grace_s > 0:
+            self.preemption = PreemptionNotice(self.cf.preemption_grace_s, lambda: world.slot is not None,
+                                               log=self.warn).install()
 
     def _build_engine(self):
         timeout = self.world.dp_timeout_s if self.world is not None else 120.0
@@ -101,6 +107,8 @@ class Trainer:
                 self.warn(f"step {step}: the failure interrupted the checkpoint/validation after the step")
                 step = self._recover_process_loss(step + 1, broken)
                 continue
+            if self.preemption is not None and self.preemption.requested.is_set() and step < self.options.steps:
+                self._hand_off(step)
             step += 1
         self.log(f"done: {self.options.steps} steps in {time.perf_counter() - start:.1f} s")
         self._finish()
@@ -174,6 +182,18 @@ class Trainer:
                      f"{r.bytes_received / 1e6:.2f} MB)")
         return None
 
+    def _hand_off(self, step: int) -> None:
+        """Preempted (SIGTERM): publish this stage as it is after ``step`` for the member that
+        takes its slot, then leave; the survivors see an ordinary death (``preemption``)."""
+        t0 = time.time()
+        nbytes = publish(self.world.shared_store(), self.world.slot, step, self.engine.training_state())
+        self.warn(f"step {step}: preempted: stage {self.world.stage} handed off ({nbytes / 1e6:.2f} MB in "
+                  f"{time.time() - t0:.2f} s, {time.time() - self.preemption.received_at:.2f} s after SIGTERM); "
+                  "exiting")
+        self.metrics.close()
+        sys.stdout.flush()
+        os._exit(EXIT_HANDED_OFF)
+
     def _recover_process_loss(self, step: int, reason: str) -> int:
         """A stage's process died: recover in place; returns the step to continue from."""
         engine, self.engine = self.engine, None
@@ -208,8 +228,10 @@ class Trainer:
         self._log_heartbeat_events(step)
         for slot, (stage, replica) in zip(agreement.lost_stages, agreement.lost_pairs()):
             rank, one = agreement.replacements[slot], {"replica": replica} if agreement.dp > 1 else {}
-            self.metrics.event("failure", step, stage, cause="process_lost", dead_ranks=agreement.dead_ranks,
-                               replaced_by_rank=rank, **one)
+            handed = any(r.method == "handoff" and r.stage == stage and r.replica in (None, replica)
+                         for r in outcome.records)
+            self.metrics.event("failure", step, stage, cause="preempted" if handed else "process_lost",
+                               dead_ranks=agreement.dead_ranks, replaced_by_rank=rank, **one)
             self.log(f"step {step}: stage {stage}{f' replica {replica}' if one else ''} lost (process lost, "
                      f"members {agreement.dead_ranks}); member {rank} takes its place")
         for name, fields in outcome.events:
