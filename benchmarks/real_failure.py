@@ -190,7 +190,7 @@ def run_checkfree_by_hand(args, work: str, name: str) -> tuple[list[dict], list[
     r = kill_check.run(argparse.Namespace(
         out=out, stages=4, heartbeat_timeout_s=10.0, python=sys.executable, model=args.model,
         num_layers=args.num_layers, steps=args.steps, kill_step=args.kill_step, victim=args.victim,
-        timeout=600.0, accelerator=args.accelerator))
+        timeout=600.0, accelerator=args.accelerator, signal="KILL"))
     if r["failed"]:
         raise SystemExit(f"the CheckFree job did not survive ({'; '.join(r['failed'])}); see {out}")
     return read(out), list(r["phases"])

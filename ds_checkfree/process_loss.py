@@ -213,12 +213,13 @@ class ProcessLossRecovery:
             if engine.global_rank == target:
                 start = time.perf_counter()
                 state, nbytes = preemption.take(store, stage * dp + replica, after_step, map_location=engine.device)
+                when = state.pop("handoff", {})  # the leaver's clock: SIGTERM, and its step's end
                 engine.load_training_state(state)
                 record = RecoveryRecord(stage=stage, method="handoff", sources=[stage], weights=[1.0],
                                         seconds=time.perf_counter() - start, bytes_received=nbytes,
                                         lr_scale=engine.lr_scale, replica=replica if dp > 1 else None,
                                         source_replica=replica if dp > 1 else None,
-                                        extra={"handoff_after_step": after_step})
+                                        extra={"handoff_after_step": after_step, **when})
             records.append(share_record(record, target))
         return records, [p for p in lost if p not in handed]
 

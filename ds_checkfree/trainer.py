@@ -186,7 +186,9 @@ class Trainer:
         """Preempted (SIGTERM): publish this stage as it is after ``step`` for the member that
         takes its slot, then leave; the survivors see an ordinary death (``preemption``)."""
         t0 = time.time()
-        nbytes = publish(self.world.shared_store(), self.world.slot, step, self.engine.training_state())
+        state = self.engine.training_state()
+        state["handoff"] = {"sigterm_at": self.preemption.received_at, "step_done_at": t0}  # for the timeline
+        nbytes = publish(self.world.shared_store(), self.world.slot, step, state)
         self.warn(f"step {step}: preempted: stage {self.world.stage} handed off ({nbytes / 1e6:.2f} MB in "
                   f"{time.time() - t0:.2f} s, {time.time() - self.preemption.received_at:.2f} s after SIGTERM); "
                   "exiting")

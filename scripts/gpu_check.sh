@@ -10,6 +10,8 @@
 # The last run, real_kill, is a real process death on NCCL: a coordinator, 4 stage processes and a
 # spare started by hand (scripts/kill_check.py, no MPI needed), stage 1's process SIGKILLed after
 # step 6; the survivors abort and forget the NCCL groups (ds_checkfree/data_plane.py) and go on.
+# preempt: the same with SIGTERM (a preemption notice): the victim hands its stage off to the
+# spare through the coordinator's store and exits 0 (ds_checkfree/preemption.py).
 #
 # Environment: PYTHON (default .venv/bin/python), GPU_CHECK_OUT (default out/gpu_check),
 # GPU_CHECK_STEPS (default 20, >= 16), GPU_CHECK_RUN_TIMEOUT (seconds per run, default 600),
@@ -76,6 +78,7 @@ RUNS=(
   "checkpoint|4|checkpoint|1|--fail_at 0:12"
   "redundant|4|redundant|1|--fail_at 1:6"
   "real_kill|5|-|1|"
+  "preempt|5|-|1|"
 )
 export DS_ACCELERATOR=$ACCEL OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -84,9 +87,10 @@ for run in "${RUNS[@]}"; do
   IFS='|' read -r name ranks config expect extra <<< "$run"
   if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then continue; fi
   echo "gpu_check: $name ($ranks ranks) ..."
-  if [ "$name" = real_kill ]; then
+  if [ "$name" = real_kill ] || [ "$name" = preempt ]; then
+    sig=KILL; [ "$name" = preempt ] && sig=TERM  # preempt: a SIGTERM the victim answers with a hand-off
     timeout "$RUN_TIMEOUT" "$PY" scripts/kill_check.py --accelerator "$ACCEL" --out "$OUT/$name" --model "$MODEL" \
-      --steps "$STEPS" --kill_step 6 --python "$PY" --timeout "$RUN_TIMEOUT" > "$OUT/$name.log" 2>&1
+      --steps "$STEPS" --kill_step 6 --signal "$sig" --python "$PY" --timeout "$RUN_TIMEOUT" > "$OUT/$name.log" 2>&1
     rc=$?
     tail -n 3 "$OUT/$name.log"
     [ $rc -eq 0 ] || { echo "gpu_check: $name exited with status $rc; member logs in $OUT/$name"; }

@@ -1,5 +1,7 @@
 """A real SIGKILL without MPI: a coordinator, S stage processes and one spare started by hand
 (``--join``), the process holding stage ``--victim`` killed once step ``--kill_step`` completed.
+``--signal TERM`` sends a preemption notice instead: the victim must hand its stage off
+(recovery method ``handoff``) and exit 0.
 
 This is how ``scripts/gpu_check.sh`` checks the NCCL data plane on one GPU (every member made
 its own "host" to NCCL: ``NCCL_HOSTID=host<i>``, ``CUDA_VISIBLE_DEVICES=0``, ``LOCAL_RANK=0``,
@@ -109,7 +111,7 @@ def run(a) -> dict:
         victim = next((m for m, slot in roles.items() if slot == a.victim), None)
         if victim is None or victim not in pids:
             raise RuntimeError(f"no member holds stage {a.victim} (roles {roles}, pids {pids})")
-        os.kill(pids[victim], signal.SIGKILL)
+        os.kill(pids[victim], getattr(signal, f"SIG{a.signal}"))
         killed_at = time.time()
         members = procs[1:]
         deadline = time.time() + a.timeout
@@ -131,15 +133,19 @@ def run(a) -> dict:
     recoveries = [r for r in records if r.get("event") == "recovery"]
     timeline = next((r for r in records if r.get("event") == "recovery_timeline"), {})
     losses = [r["loss"] for r in steps]
-    result = {"accelerator": a.accelerator, "stages": a.stages, "victim_stage": a.victim, "victim_member": victim,
+    result = {"accelerator": a.accelerator, "signal": a.signal, "stages": a.stages, "victim_stage": a.victim,
+              "victim_member": victim, "methods": [r.get("method") for r in recoveries],
               "exit_codes": codes, "steps_done": len({r["step"] for r in steps}), "steps": a.steps,
               "recoveries": len(recoveries), "loss_first": losses[0] if losses else None,
               "loss_last": losses[-1] if losses else None,
               "kill_to_next_step_s": (timeline["next_step_done_at"] - killed_at) if "next_step_done_at" in timeline
               else None}
     why = []
-    if any(code != 0 for i, code in codes.items() if i != victim):
-        why.append(f"exit codes {codes} (member {victim} was killed)")
+    expected_victim_code = 0 if a.signal == "TERM" else -signal.SIGKILL  # a hand-off exits 0
+    if any(code != 0 for i, code in codes.items() if i != victim) or codes.get(victim) != expected_victim_code:
+        why.append(f"exit codes {codes} (member {victim} got SIG{a.signal}, expected {expected_victim_code})")
+    if a.signal == "TERM" and result["methods"] != ["handoff"]:
+        why.append(f"recovery methods {result['methods']}, expected a hand-off")
     if result["steps_done"] != a.steps:
         why.append(f"{result['steps_done']}/{a.steps} steps")
     if result["recoveries"] != 1:
@@ -165,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--kill_step", type=int, default=10)
     p.add_argument("--victim", type=int, default=1, help="stage whose process is killed (an intermediate one)")
+    p.add_argument("--signal", choices=("KILL", "TERM"), default="KILL",
+                   help="KILL: a death; TERM: a preemption notice (the victim hands its stage off)")
     p.add_argument("--heartbeat_timeout_s", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for each phase (start-up, training)")
     p.add_argument("--python", default=sys.executable)
@@ -177,9 +185,9 @@ def main(argv=None) -> int:
         print(f"kill_check: FAILED: {err} (logs in {a.out})")
         return 1
     took = "-" if r["kill_to_next_step_s"] is None else f"{r['kill_to_next_step_s']:.2f} s"
-    print(f"kill_check ({a.accelerator}): SIGKILL of stage {a.victim} after step {a.kill_step}: "
-          f"{r['steps_done']}/{a.steps} steps, {r['recoveries']} recovery, loss {r['loss_first']} -> "
-          f"{r['loss_last']}, kill -> next completed step {took}")
+    print(f"kill_check ({a.accelerator}): SIG{a.signal} of stage {a.victim} after step {a.kill_step}: "
+          f"{r['steps_done']}/{a.steps} steps, {r['recoveries']} recovery ({', '.join(map(str, r['methods']))}), "
+          f"loss {r['loss_first']} -> {r['loss_last']}, signal -> next completed step {took}")
     for name, seconds in r.get("phases", []):
         print(f"  {name:<50} {seconds:8.3f} s")
     if r["failed"]:

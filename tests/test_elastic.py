@@ -269,6 +269,7 @@ def kill_a_replica_and_finish(tmp_path, steps: int, **checkfree) -> tuple[list[d
     return records, recovery
 
 
+@pytest.mark.slow  # the bf16 variant (test_bf16.py, default suite) kills the same replica and checks more
 def test_a_killed_data_parallel_replica_is_copied_from_its_live_replica(tmp_path):
     """3 stages x 2 replicas + 1 spare: the process of stage 1, replica 1 (rank 3) is SIGKILLed;
     the spare takes that slot and gets an exact copy of the live replica (method "replica")."""

@@ -109,12 +109,14 @@ def test_sigterm_hands_the_stage_off_exactly(tmp_path):
     "handoff", no lr factor), the survivors redo the step they were in, and every step's loss is
     the one of the same job left alone: the hand-off lost nothing."""
     from test_elastic import exit_pids
-    records, log, before = _preempt_and_compare(tmp_path, 5, 1, 20, spares=1)
+    records, log, before = _preempt_and_compare(tmp_path, 5, 1, 14, spares=1)
     (failure,) = events_of(records, "failure")
     (recovery,) = events_of(records, "recovery")
     assert (failure["stage"], failure["cause"], failure["replaced_by_rank"]) == (1, "preempted", 4)
     assert (recovery["stage"], recovery["method"], recovery["lr_scale"]) == (1, "handoff", 1.0)
     assert recovery["handoff_after_step"] == recovery["resume_step"] - 1 >= 6
+    # the timeline from the notice: SIGTERM, the leaver's step done, the survivors' error, recovered
+    assert recovery["sigterm_at"] <= recovery["step_done_at"] <= recovery["failed_at"] <= recovery["rematerialised_at"]
     assert "handed off" in log and "preempted" in log
     # the preempted process left on its own (no "exiting" line: it did not finish the run)
     assert exit_pids(log) == {r: p for r, p in before.items() if r != 1}
