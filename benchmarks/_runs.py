@@ -162,14 +162,27 @@ def split(records: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def recovery_phases(records: list[dict], killed_at: float, backend: str = "gloo") -> list[tuple[str, float]]:
-    """Where the time from a real kill to the next completed step went, from the survivors'
-    first ``recovery`` and ``recovery_timeline`` events (``killed_at``: when the kill was sent)."""
+    """Where the time from a real kill (or a SIGTERM answered by a hand-off) to the next
+    completed step went, from the survivors' first ``recovery`` and ``recovery_timeline``
+    events (``killed_at``: when the signal was sent)."""
     rec = next(r for r in records if r.get("event") == "recovery")
     line = next(r for r in records if r.get("event") == "recovery_timeline")
     nan = float("nan")
     leave = "close sockets" if backend == "gloo" else "abort + forget groups"
+    if rec["method"] == "handoff":  # a SIGTERM (``killed_at``) answered by a hand-off (ds_checkfree.preemption)
+        return [("the preempted stage finishes its step (SIGTERM -> step done)", rec["step_done_at"] - killed_at),
+                ("hand-off published, process gone -> error seen by the last stage",
+                 rec["failed_at"] - rec["step_done_at"]),
+                *_rebuild_phases(rec, line, backend, leave, nan, "re-materialisation (load the hand-off)"),
+                ("total: SIGTERM -> next completed step", line["next_step_done_at"] - killed_at)]
     return [("detection (kill -> error seen by the last stage)", rec["failed_at"] - killed_at),
-            (f"snapshot + {leave}", rec["revoked_at"] - rec["failed_at"]),
+            *_rebuild_phases(rec, line, backend, leave, nan, "re-materialisation (CheckFree)"),
+            ("total: kill -> next completed step", line["next_step_done_at"] - killed_at)]
+
+
+def _rebuild_phases(rec, line, backend, leave, nan, remat) -> list[tuple[str, float]]:
+    """The survivors' side, the same for a death and a hand-off."""
+    return [(f"snapshot + {leave}", rec["revoked_at"] - rec["failed_at"]),
             ("  of which the in-memory snapshot", rec.get("snapshot_s", nan)),
             (f"  of which engine release + {backend} teardown", rec.get("close_s", nan)),
             ("agreement (coordinator round -> plan)", rec["agreed_at"] - rec["revoked_at"]),
@@ -178,6 +191,5 @@ def recovery_phases(records: list[dict], killed_at: float, backend: str = "gloo"
             ("  of which module + its process groups", rec.get("rebuild_module_s", nan)),
             ("  of which DeepSpeed engine (config, optimizer)", rec.get("rebuild_engine_s", nan)),
             ("  of which loading the kept state", rec.get("rebuild_state_load_s", nan)),
-            ("re-materialisation (CheckFree)", rec["rematerialise_s"]),
-            ("redo the interrupted step", line["next_step_done_at"] - rec["rematerialised_at"]),
-            ("total: kill -> next completed step", line["next_step_done_at"] - killed_at)]
+            (remat, rec["rematerialise_s"]),
+            ("redo the interrupted step", line["next_step_done_at"] - rec["rematerialised_at"])]

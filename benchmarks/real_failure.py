@@ -11,6 +11,10 @@ metrics.jsonl (wall-clock ``time`` fields, as seen by the last stage's process).
   its neighbours. Phases: detection (kill -> the last stage sees the error), teardown (its
   snapshot and socket close), agreement, data plane, engine rebuild, re-materialisation,
   redoing the interrupted step.
+- ``preempted`` (``--preempt_repeats``): the same CheckFree job, but the victim gets SIGTERM (a
+  spot VM's preemption notice): it finishes its step, hands its stage off through the
+  coordinator's store and exits; the spare loads it (exact, no convergence cost). Phases:
+  finishing the step, publish + exit -> error seen, then the survivors' side as above.
 - ``restart``: the conventional way. ``mpirun -n 4`` with DeepSpeed ``save_checkpoint`` every
   ``--checkpoint_every`` steps; the kill ends the whole job (mpirun aborts every rank); the
   script relaunches it with ``--resume_from`` (new processes: imports, DeepSpeed init,
@@ -132,11 +136,11 @@ def wait_step(proc, out: str, step: int, timeout: float = 600) -> None:
     raise SystemExit(f"step {step} not reached in {timeout} s")
 
 
-def kill_rank(out: str, rank: int, var: str = "OMPI_COMM_WORLD_RANK") -> float:
+def kill_rank(out: str, rank: int, var: str = "OMPI_COMM_WORLD_RANK", sig: str = "KILL") -> float:
     pid = rank_pid(out, rank, var)
     if pid is None:
         raise SystemExit(f"rank {rank} of {out} not found")
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, getattr(signal, f"SIG{sig}"))
     return time.time()
 
 
@@ -145,31 +149,35 @@ def median_step(records, first: int = 5) -> float:
     return statistics.median(s["step_time_s"] for s in steps if s["step"] > first)
 
 
-def launch_and_kill(args, work: str, name: str, cfg: dict, n: int, fault_tolerant: bool):
-    """Start the job, wait for ``--kill_step``, SIGKILL the victim; (proc, out, config path, kill time)."""
+def launch_and_kill(args, work: str, name: str, cfg: dict, n: int, fault_tolerant: bool, sig: str = "KILL"):
+    """Start the job, wait for ``--kill_step``, signal the victim (SIGKILL; SIGTERM: a preemption
+    notice); (proc, out, config path, signal time)."""
     cfg_path = os.path.join(work, f"{name}.json")
     Path(cfg_path).write_text(json.dumps(cfg))
     out = os.path.join(work, name)
     proc = start(launch_cmd(args, n, fault_tolerant, cfg_path, out), os.path.join(work, f"{name}.log"),
                  args.accelerator)
     wait_step(proc, out, args.kill_step)
-    return proc, out, cfg_path, kill_rank(out, args.victim, RANK_VAR[args.launcher])
+    return proc, out, cfg_path, kill_rank(out, args.victim, RANK_VAR[args.launcher], sig)
 
 
-def run_checkfree_repeated(args, work: str) -> tuple[list[tuple[str, float]], float, list[list[float]]]:
-    """``--repeats`` kill runs: the median of each phase (the kill lands anywhere in a step, so
-    one run is one draw), the longest heartbeat silence over all, and every run's values."""
-    runs = [run_checkfree(args, work, f"checkfree_{i}") for i in range(args.repeats)]
+def run_checkfree_repeated(args, work: str, sig: str = "KILL",
+                           repeats: int | None = None) -> tuple[list[tuple[str, float]], float, list[list[float]]]:
+    """``--repeats`` kill runs (``sig`` TERM: ``--preempt_repeats`` preemption notices): the median
+    of each phase (the signal lands anywhere in a step, so one run is one draw), the longest
+    heartbeat silence over all, and every run's values."""
+    repeats = args.repeats if repeats is None else repeats
+    runs = [run_checkfree(args, work, f"checkfree_{sig.lower()}_{i}", sig) for i in range(repeats)]
     names = [k for k, _ in runs[0][0]]
     values = [[dict(phases)[k] for phases, _ in runs] for k in names]
     return [(k, statistics.median(v)) for k, v in zip(names, values)], max(g for _, g in runs), values
 
 
-def run_checkfree(args, work: str, name: str = "checkfree") -> tuple[list[tuple[str, float]], float]:
+def run_checkfree(args, work: str, name: str = "checkfree", sig: str = "KILL") -> tuple[list[tuple[str, float]], float]:
     if args.launcher == "manual":
-        records, phases = run_checkfree_by_hand(args, work, name)
+        records, phases = run_checkfree_by_hand(args, work, name, sig)
     else:
-        proc, out, _, killed_at = launch_and_kill(args, work, name, base_config("checkfree", spares=1), 5, True)
+        proc, out, _, killed_at = launch_and_kill(args, work, name, base_config("checkfree", spares=1), 5, True, sig)
         if proc.wait(timeout=600) != 0:
             raise SystemExit(f"the CheckFree job did not survive; see {work}/checkfree.log")
         records = read(out)
@@ -181,7 +189,7 @@ def run_checkfree(args, work: str, name: str = "checkfree") -> tuple[list[tuple[
     return phases, summary.get("max_gap_s", float("nan"))
 
 
-def run_checkfree_by_hand(args, work: str, name: str) -> tuple[list[dict], list[tuple[str, float]]]:
+def run_checkfree_by_hand(args, work: str, name: str, sig: str = "KILL") -> tuple[list[dict], list[tuple[str, float]]]:
     """No MPI: ``scripts/kill_check.py``'s coordinator, 4 stage processes and a spare, the
     victim's process SIGKILLed once ``--kill_step`` completed; its phases and the records."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -190,7 +198,7 @@ def run_checkfree_by_hand(args, work: str, name: str) -> tuple[list[dict], list[
     r = kill_check.run(argparse.Namespace(
         out=out, stages=4, heartbeat_timeout_s=10.0, python=sys.executable, model=args.model,
         num_layers=args.num_layers, steps=args.steps, kill_step=args.kill_step, victim=args.victim,
-        timeout=600.0, accelerator=args.accelerator, signal="KILL"))
+        timeout=600.0, accelerator=args.accelerator, signal=sig))
     if r["failed"]:
         raise SystemExit(f"the CheckFree job did not survive ({'; '.join(r['failed'])}); see {out}")
     return read(out), list(r["phases"])
@@ -318,6 +326,8 @@ def main(argv=None) -> int:
     p.add_argument("--victim", type=int, default=1, help="stage (= MPI rank) to kill: an intermediate one")
     p.add_argument("--checkpoint_every", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3, help="CheckFree kill runs (phases: median over them)")
+    p.add_argument("--preempt_repeats", type=int, default=3,
+                   help="runs whose victim gets SIGTERM instead (a preemption notice: an exact hand-off); 0 skips")
     p.add_argument("--overhead_pairs", type=int, default=40,
                    help="paired on/off heartbeat windows to aim for (0 skips the overhead measurement)")
     p.add_argument("--overhead_window_s", type=float, default=1.5, help="length of one on or off window")
@@ -341,13 +351,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     print(f"work dir {work}", flush=True)
     if args.overhead_only:
-        cf, gap, per_run, rs = [("median step time", args.overhead_step_s)], float("nan"), [], []
+        cf, gap, per_run, rs, pre = [("median step time", args.overhead_step_s)], float("nan"), [], [], []
         args.repeats = 0
     else:
         cf, gap, per_run = run_checkfree_repeated(args, work)
+        pre = run_checkfree_repeated(args, work, "TERM", args.preempt_repeats)[0] if args.preempt_repeats else []
         rs = [] if args.skip_restart else run_restart(args, work)
     how = "" if args.launcher == "mpirun" else f", started by hand, {args.accelerator}"
     rows = [(f"checkfree (coordinator, spare, in-memory{how}; median of {args.repeats})", k, v) for k, v in cf] + \
+           [(f"preempted: SIGTERM answered by a hand-off (spare{how}; median of {args.preempt_repeats})", k, v)
+            for k, v in pre] + \
            [(f"restart from checkpoint (every {args.checkpoint_every}"
              f"{'' if args.launcher == 'mpirun' else ', torchrun, ' + args.accelerator})", k, v) for k, v in rs]
     if args.overhead_only:

@@ -60,7 +60,7 @@ def test_real_failure_benchmark_without_mpi(tmp_path):
     import csv
     out = tmp_path / "rf.csv"
     proc = subprocess.run([sys.executable, "benchmarks/real_failure.py", "--launcher", "manual", "--overhead_pairs",
-                           "0", "--repeats", "1", "--steps", "24", "--kill_step", "12", "--checkpoint_every", "5",
+                           "0", "--repeats", "1", "--preempt_repeats", "1", "--steps", "24", "--kill_step", "12", "--checkpoint_every", "5",
                            "--out", str(out)], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
@@ -70,5 +70,7 @@ def test_real_failure_benchmark_without_mpi(tmp_path):
     cf, rs = value[("checkfree", "total: kill -> next completed step")], \
         value[("restart from checkpoint", "total: kill -> next completed step")]
     assert 0 < cf < rs
+    pre = value[("preempted: SIGTERM answered by a hand-off", "total: SIGTERM -> next completed step")]
+    assert 0 < pre < rs and value[("preempted: SIGTERM answered by a hand-off", "steps lost")] == 0
     assert any(r["phase"] == "job teardown (kill -> torchrun exits)" for r in rows)
     assert any("started by hand, cpu" in r["strategy"] for r in rows)
