@@ -63,8 +63,11 @@ def test_a_job_started_by_hand_without_mpi_survives_a_sigkill(tmp_path, sig):
     assert r["steps_done"] == 12 and r["recoveries"] == 1 and r["failed"] == []
     assert r["methods"] == (["weighted_average"] if sig == "KILL" else ["handoff"])
     phases = dict(r["phases"])  # where kill -> next step went, as real_failure.py reports it
-    assert phases["total: kill -> next completed step"] == pytest.approx(r["kill_to_next_step_s"])
-    assert 0 < phases["detection (kill -> error seen by the last stage)"] < phases["total: kill -> next completed step"]
+    total = phases["total: kill -> next completed step" if sig == "KILL" else "total: SIGTERM -> next completed step"]
+    assert total == pytest.approx(r["kill_to_next_step_s"])
+    first = "detection (kill -> error seen by the last stage)" if sig == "KILL" else \
+        "the preempted stage finishes its step (SIGTERM -> step done)"
+    assert -0.05 < phases[first] < total  # the signal time is taken by the parent just after os.kill
     coord = (out / "coordinator.log").read_text()
     assert "generation 2:" in coord and "lost stages [1]" in coord
     logs = "".join(p.read_text() for p in out.glob("member*.log"))
