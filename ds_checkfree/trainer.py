@@ -206,6 +206,15 @@ class Trainer:
             raise stop.cause from None
         self.engine = outcome.engine
         self._report_process_loss(outcome)
+        if outcome.resume_step > step:
+            # the data plane broke in this rank's step ``step`` after the other stages had completed
+            # it (a peer died during the step's final loss exchange): the job goes on after it, and
+            # its metrics row, written by this rank if it is the writer, is lost: say so
+            skipped = list(range(step, outcome.resume_step))
+            self.metrics.event("steps_completed_elsewhere", step, None, steps=skipped,
+                               reason="the data plane broke here after the other stages completed these steps; "
+                                      "their metrics rows were not written")
+            self.warn(f"steps {skipped} were completed on the other stages; no metrics row for them")
         return self._restart_data(outcome.resume_step)
 
     def _log_stop(self, step: int, stop: StoppedForGood) -> None:

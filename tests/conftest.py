@@ -76,3 +76,12 @@ def steps_of(records: list[dict]) -> list[dict]:
 
 def events_of(records: list[dict], name: str) -> list[dict]:
     return [r for r in records if r.get("event") == name]
+
+
+def steps_accounted(records: list[dict]) -> list[int]:
+    """Steps with a metrics row, plus those the writer said were completed on the other stages
+    while its own step broke (a peer died during the step's final loss exchange: the job goes
+    on after them and their rows are lost, ``steps_completed_elsewhere``)."""
+    done = {r["step"] for r in steps_of(records)}
+    done.update(s for e in events_of(records, "steps_completed_elsewhere") for s in e["steps"])
+    return sorted(done)

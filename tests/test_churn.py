@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, events_of, job_env, read_metrics, steps_of, write_config
+from conftest import BIN, ROOT, events_of, job_env, read_metrics, steps_accounted, steps_of, write_config
 from test_elastic import TRAIN, ElasticJob, exit_pids
 
 pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs Open MPI's mpirun in the venv")
@@ -94,7 +94,7 @@ def test_joiners_replace_a_killed_stage_then_the_killed_joiner(tmp_path):
     assert rc == 0, job.log()[-6000:]
     assert second.wait(60) == 0, second.log()[-4000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+    assert steps_accounted(records) == list(range(1, steps + 1))
     assert failures(job) == [(2, [2], 4), (2, [4], 5)]
     recoveries = events_of(records, "recovery")
     assert [(r["stage"], r["method"], r["sources"]) for r in recoveries] == [(2, "weighted_average", [1, 3])] * 2
@@ -124,7 +124,7 @@ def test_a_stopped_stage_is_evicted_replaced_and_exits_on_its_own_when_continued
     assert rc == 0, log[-6000:]
     assert re.search(r"\[member 1 pid \d+\] evicted from the job by the coordinator \(no heartbeat", log), log[-4000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+    assert steps_accounted(records) == list(range(1, steps + 1))
     assert failures(job) == [(1, [1], 4)]
     assert [e["peer_rank"] for e in events_of(records, "heartbeat_timeout")] == [1]
     assert "evicted" in events_of(records, "heartbeat_timeout")[0]["reason"]
@@ -143,7 +143,7 @@ def test_a_stage_killed_before_the_first_step_is_taken_by_the_spare(tmp_path):
     log = job.log()
     assert rc == 0, log[-6000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+    assert steps_accounted(records) == list(range(1, steps + 1))
     assert not events_of(records, "recovery")  # nothing trained yet: nothing to recover
     assert 2 not in exit_pids(log) and 4 in exit_pids(log)
 
@@ -167,7 +167,7 @@ def test_a_second_kill_during_the_recovery_and_two_kills_at_once(tmp_path):
     log = job.log()
     records = read_metrics(job.out)
     if rc == 0:
-        assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+        assert steps_accounted(records) == list(range(1, steps + 1))
         lost = sorted(s for s, _, _ in failures(job))
         assert lost == [0, 1, 2, 3], failures(job)
     else:  # a clean stop names what was lost, and every survivor says why

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, events_of, job_env, read_metrics, steps_of, write_config
+from conftest import BIN, ROOT, events_of, job_env, read_metrics, steps_accounted, steps_of, write_config
 
 pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs Open MPI's mpirun in the venv")
 
@@ -132,7 +132,7 @@ def _check_survived(job, rc, before, killed, killed_at, victim_stage: int, steps
     survivors = {r: p for r, p in before.items() if p != killed}
     assert left == survivors, (left, survivors)
     records = read_metrics(job.out)
-    steps_done = sorted({r["step"] for r in steps_of(records)})
+    steps_done = steps_accounted(records)
     assert steps_done == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in steps_of(records))
     failure = events_of(records, "failure")
@@ -181,7 +181,7 @@ def test_idle_spare_killed_does_not_disturb_training(tmp_path):
     log = job.log()
     assert rc == 0, log[-6000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, 41))
+    assert steps_accounted(records) == list(range(1, 41))
     assert not events_of(records, "failure") and not events_of(records, "recovery")
     seen = events_of(records, "heartbeat_timeout")
     assert [(e["peer_rank"], e["role"]) for e in seen] == [(4, "spare")]
@@ -234,7 +234,7 @@ def test_two_deaths_in_a_row_use_both_spares(tmp_path):
     rc = job.wait()
     assert rc == 0, job.log()[-6000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, 61))
+    assert steps_accounted(records) == list(range(1, 61))
     failures = events_of(records, "failure")
     assert [(f["stage"], f["dead_ranks"], f["replaced_by_rank"]) for f in failures] == [(1, [1], 4), (1, [4], 5)]
     assert [r["method"] for r in events_of(records, "recovery")] == ["weighted_average"] * 2
@@ -261,7 +261,7 @@ def kill_a_replica_and_finish(tmp_path, steps: int, **checkfree) -> tuple[list[d
     log = job.log()
     assert rc == 0, log[-6000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+    assert steps_accounted(records) == list(range(1, steps + 1))
     (failure,) = events_of(records, "failure")
     assert (failure["stage"], failure["replica"], failure["dead_ranks"], failure["replaced_by_rank"]) == (1, 1, [3], 6)
     (recovery,) = events_of(records, "recovery")
@@ -291,7 +291,7 @@ def test_both_replicas_of_a_stage_killed_use_the_checkfree_rule(tmp_path):
     log = job.log()
     assert rc == 0, log[-6000:]
     records = read_metrics(job.out)
-    assert sorted({r["step"] for r in steps_of(records)}) == list(range(1, steps + 1))
+    assert steps_accounted(records) == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in steps_of(records))
     failures = events_of(records, "failure")
     assert sorted((f["stage"], f["replica"], f["replaced_by_rank"]) for f in failures) == [(1, 0, 6), (1, 1, 7)]
