@@ -167,21 +167,21 @@ def recovery_phases(records: list[dict], killed_at: float, backend: str = "gloo"
     events (``killed_at``: when the signal was sent)."""
     rec = next(r for r in records if r.get("event") == "recovery")
     line = next(r for r in records if r.get("event") == "recovery_timeline")
-    nan = float("nan")
-    leave = "close sockets" if backend == "gloo" else "abort + forget groups"
     if rec["method"] == "handoff":  # a SIGTERM (``killed_at``) answered by a hand-off (ds_checkfree.preemption)
         return [("the preempted stage finishes its step (SIGTERM -> step done)", rec["step_done_at"] - killed_at),
                 ("hand-off published, process gone -> error seen by the last stage",
                  rec["failed_at"] - rec["step_done_at"]),
-                *_rebuild_phases(rec, line, backend, leave, nan, "re-materialisation (load the hand-off)"),
+                *_rebuild_phases(rec, line, backend, "re-materialisation (load the hand-off)"),
                 ("total: SIGTERM -> next completed step", line["next_step_done_at"] - killed_at)]
     return [("detection (kill -> error seen by the last stage)", rec["failed_at"] - killed_at),
-            *_rebuild_phases(rec, line, backend, leave, nan, "re-materialisation (CheckFree)"),
+            *_rebuild_phases(rec, line, backend, "re-materialisation (CheckFree)"),
             ("total: kill -> next completed step", line["next_step_done_at"] - killed_at)]
 
 
-def _rebuild_phases(rec, line, backend, leave, nan, remat) -> list[tuple[str, float]]:
+def _rebuild_phases(rec, line, backend, remat) -> list[tuple[str, float]]:
     """The survivors' side, the same for a death and a hand-off."""
+    nan = float("nan")
+    leave = "close sockets" if backend == "gloo" else "abort + forget groups"
     return [(f"snapshot + {leave}", rec["revoked_at"] - rec["failed_at"]),
             ("  of which the in-memory snapshot", rec.get("snapshot_s", nan)),
             (f"  of which engine release + {backend} teardown", rec.get("close_s", nan)),

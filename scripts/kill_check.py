@@ -100,7 +100,7 @@ def run(a) -> dict:
             logs.append(log)
             cmd = [a.python, str(ROOT / "launch" / "train.py"), "--deepspeed_config", str(cfg_path), "--model",
                    a.model, "--steps", str(a.steps), "--eval_every", "0", "--output_dir", str(out), "--join", address]
-            if getattr(a, "num_layers", None):
+            if a.num_layers:
                 cmd += ["--num_layers", str(a.num_layers)]
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=member_env(i, a.accelerator), stdout=open(log, "w"),
                                           stderr=subprocess.STDOUT, start_new_session=True))
