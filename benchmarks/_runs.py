@@ -167,7 +167,7 @@ def recovery_phases(records: list[dict], killed_at: float, backend: str = "gloo"
     events (``killed_at``: when the signal was sent)."""
     rec = next(r for r in records if r.get("event") == "recovery")
     line = next(r for r in records if r.get("event") == "recovery_timeline")
-    if rec["method"] == "handoff":  # a SIGTERM (``killed_at``) answered by a hand-off (ds_checkfree.preemption)
+    if rec["method"] == "handoff":  # a SIGTERM (``killed_at``) answered by a hand-off (ds_checkfree.elastic.preemption)
         return [("the preempted stage finishes its step (SIGTERM -> step done)", rec["step_done_at"] - killed_at),
                 ("hand-off published, process gone -> error seen by the last stage",
                  rec["failed_at"] - rec["step_done_at"]),

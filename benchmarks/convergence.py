@@ -57,8 +57,8 @@ from convergence_report import write_outputs  # noqa: E402
 from convergence_stats import _is_step, _is_val, default_target, wall_clock_curve  # noqa: E402
 from convergence_strategies import Strategy, select_strategies, strategy_config, strategy_registry  # noqa: E402
 
-from ds_checkfree.config import CheckFreeConfig  # noqa: E402
-from ds_checkfree.failures import FailurePlan, step_failure_probability  # noqa: E402
+from ds_checkfree.config.checkfree import CheckFreeConfig  # noqa: E402
+from ds_checkfree.recovery.injection import FailurePlan, step_failure_probability  # noqa: E402
 
 
 def load_step_ratios(path: str) -> dict[str, tuple[float, float, float]]:

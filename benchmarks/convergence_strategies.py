@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _runs import base_config  # noqa: E402
 
-from ds_checkfree.config import CheckFreeConfig  # noqa: E402
+from ds_checkfree.config.checkfree import CheckFreeConfig  # noqa: E402
 
 NO_FAILURE = "no_failure"
 
@@ -38,7 +38,7 @@ class Strategy:
         """Stages its layout excludes from failures (the paper layout's embedding and head stages)."""
         if self.layout == "all_stages_fail":
             return []
-        from ds_checkfree.layout import never_fail_stages
+        from ds_checkfree.config.layout import never_fail_stages
         return list(never_fail_stages(self.num_stages, self.layout))
 
 

@@ -74,7 +74,7 @@ DESCRIBE = {
 }
 NON_ADJACENT = [(0, 2), (1, 3), (0, 3)]
 DEFAULT_HB_TIMEOUT = 10.0
-EXIT_EVICTED = 4  # ds_checkfree.membership.client.EXIT_EVICTED (mirrored: the harness imports no ds_checkfree)
+EXIT_EVICTED = 4  # ds_checkfree.elastic.membership.client.EXIT_EVICTED (mirrored: the harness imports no ds_checkfree)
 
 
 def job_env() -> dict:
@@ -292,7 +292,7 @@ class Run:
             time.sleep(0.2)
         if Path(f"/proc/{pid}").exists():
             try:
-                if "ds_checkfree.membership.coordinator" in Path(f"/proc/{pid}/cmdline").read_text():
+                if "ds_checkfree.elastic.membership.coordinator" in Path(f"/proc/{pid}/cmdline").read_text():
                     os.kill(pid, signal.SIGKILL)
                     self.row["note"] = (self.row.get("note", "") + f" coordinator still up {grace_s:g} s after "
                                         "the job; killed").strip()

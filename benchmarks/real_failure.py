@@ -255,7 +255,7 @@ def heartbeat_overhead(args, work: str, step_s: float) -> dict:
     bootstrap over pairs. Interleaving inside one run cancels start-up and drift; pairing
     adjacent windows cancels slow load changes."""
     import numpy as np
-    from ds_checkfree.heartbeat.monitor import ab_window_active
+    from ds_checkfree.elastic.heartbeat.monitor import ab_window_active
     window = args.overhead_window_s
     cfg = base_config("checkfree", spares=1)
     interval = cfg["checkfree"].get("heartbeat_interval_s", 0.5)

@@ -227,7 +227,7 @@ def worker(args) -> int:
 
     from deepspeed.runtime.pipe.engine import PipelineEngine
     from ds_checkfree.data import build_data
-    from ds_checkfree.engine import CheckFreePipelineEngine
+    from ds_checkfree.pipe.engine import CheckFreePipelineEngine
     from ds_checkfree.initialize import initialize
 
     if not args.verbose:
@@ -266,7 +266,7 @@ def worker(args) -> int:
     tokens_per_step = ref.train_batch_size() * seq_len
 
     # Parameters each rank holds, per engine (distinct tensors; tied replicas count on each holder).
-    from ds_checkfree.comm_device import comm_device, comm_tensor
+    from ds_checkfree.pipe.devices import comm_device, comm_tensor
     dev = comm_device()  # NCCL wants accelerator tensors, gloo CPU ones
     held = comm_tensor([[sum(p.numel() for p in engines[v].module.parameters())] for v in VARIANTS],
                        dtype=torch.float64)
@@ -524,7 +524,7 @@ def memory_worker(args) -> int:
     from deepspeed.runtime.pipe.engine import PipelineEngine
     from deepspeed.utils import logger as ds_logger
     from ds_checkfree.data import build_data
-    from ds_checkfree.engine import CheckFreePipelineEngine
+    from ds_checkfree.pipe.engine import CheckFreePipelineEngine
     from ds_checkfree.initialize import initialize
     ds_logger.setLevel(logging.WARNING)
     v = args.only

@@ -14,12 +14,12 @@ __all__ = ["initialize", "CheckFreePipelineEngine", "CheckFreePipelineModule", "
 
 def __getattr__(name):
     if name == "initialize":
-        from .initialize import initialize
+        from ds_checkfree.initialize import initialize
         return initialize
     if name == "CheckFreePipelineEngine":
-        from .engine import CheckFreePipelineEngine
+        from ds_checkfree.pipe.engine import CheckFreePipelineEngine
         return CheckFreePipelineEngine
     if name == "CheckFreePipelineModule":
-        from .module import CheckFreePipelineModule
+        from ds_checkfree.pipe.module import CheckFreePipelineModule
         return CheckFreePipelineModule
     raise AttributeError(name)

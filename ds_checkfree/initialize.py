@@ -12,10 +12,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .config import CheckFreeConfig, ConfigError, check_against_deepspeed
-from .deepspeed_config import micro_batches_per_step, split_deepspeed_config, validate_world
-from .ds_private import world_sized_groups_are_default
-from .models import ModelConfig, load_model_config
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError, check_against_deepspeed
+from ds_checkfree.config.deepspeed_checks import micro_batches_per_step, split_deepspeed_config, validate_world
+from ds_checkfree.pipe.ds_private import world_sized_groups_are_default
+from ds_checkfree.models import ModelConfig, load_model_config
 
 
 def _model_config(model: str, overrides: dict | None) -> ModelConfig:
@@ -36,7 +36,7 @@ def _model_config(model: str, overrides: dict | None) -> ModelConfig:
 def _check_failure_schedule(cf: CheckFreeConfig) -> None:
     if cf.failure_schedule is None:
         return
-    from .failures import load_schedule_file
+    from ds_checkfree.recovery.injection import load_schedule_file
     try:
         load_schedule_file(cf.failure_schedule, cf.num_stages)
     except (OSError, ValueError) as err:
@@ -152,8 +152,8 @@ def warm_up_first_build() -> None:
     from deepspeed.accelerator import get_accelerator
 
     # the config parser imports auto_ep_config on its first call
-    for name in ("deepspeed.runtime.pipe.engine", "deepspeed.module_inject.auto_ep_config", "ds_checkfree.engine",
-                 "ds_checkfree.module"):
+    for name in ("deepspeed.runtime.pipe.engine", "deepspeed.module_inject.auto_ep_config", "ds_checkfree.pipe.engine",
+                 "ds_checkfree.pipe.module"):
         importlib.import_module(name)
     if get_accelerator().device_name() == "cpu":
         _skip_shm_comm_build()
@@ -166,7 +166,7 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
     ``config`` is a ``Setup`` already validated by ``prepare`` (what ``launch/train.py``
     passes: the config is parsed once per process), or a DeepSpeed config dict / path.
     ``engine_class`` may be DeepSpeed's stock ``PipelineEngine`` (benchmarks compare them).
-    ``elastic``: torch.distributed already holds the stage ranks only (``ds_checkfree.elastic``).
+    ``elastic``: torch.distributed already holds the stage ranks only (``ds_checkfree.elastic.world``).
     """
     if isinstance(config, Setup):
         setup = config
@@ -182,8 +182,8 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from .engine import CheckFreePipelineEngine
-    from .module import CheckFreePipelineModule
+    from ds_checkfree.pipe.engine import CheckFreePipelineEngine
+    from ds_checkfree.pipe.module import CheckFreePipelineModule
 
     if get_accelerator().device_name() == "cpu":
         _skip_shm_comm_build()
@@ -209,7 +209,12 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
         if hasattr(deepspeed, "set_optimizer_flags"):
             deepspeed.set_optimizer_flags(config_class, module)
         engine_class = engine_class or CheckFreePipelineEngine
-        kwargs = {"checkfree_config": setup.checkfree} if issubclass(engine_class, CheckFreePipelineEngine) else {}
+        kwargs = {}
+        if issubclass(engine_class, CheckFreePipelineEngine):
+            kwargs["checkfree_config"] = setup.checkfree
+            if elastic:  # a round's abort of NCCL groups must fail the step it cut short
+                from ds_checkfree.elastic.data_plane import check_not_aborted
+                kwargs["abort_check"] = check_not_aborted
         engine = engine_class(args=None, model=module,
                               model_parameters=[p for p in module.parameters() if p.requires_grad],
                               mpu=mpu, config=setup.ds_config, config_class=config_class, **kwargs)

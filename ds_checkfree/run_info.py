@@ -16,7 +16,7 @@ def replica_parameters(setup) -> int:
     """Extra parameters held because CheckFree+ replicates the (de)embeddings."""
     if setup.checkfree.mode != "checkfree_plus":
         return 0
-    from .models import EmbeddingPipe, NormHeadPipe
+    from ds_checkfree.models import EmbeddingPipe, NormHeadPipe
     with torch.device("meta"):
         return sum(p.numel() for mod in (EmbeddingPipe(setup.model), NormHeadPipe(setup.model))
                    for p in mod.parameters())
@@ -25,7 +25,7 @@ def replica_parameters(setup) -> int:
 def failure_rate_label(cf) -> dict | None:
     """The configured failure rate in both units (per-step probability and %/h at the
     assumed step time), as run.json, the log and the failure events report it."""
-    from .failures import rate_label
+    from ds_checkfree.recovery.injection import rate_label
     return rate_label(cf.failure_rate, cf.assumed_step_seconds, cf.failure_probability, cf.failure_preset)
 
 
@@ -61,7 +61,7 @@ def announcement(engine, setup, steps: int, tokens_per_step: int) -> list[str]:
     lines = [f"training {setup.model.name} ({setup.model.num_parameters() / 1e6:.2f}M params) on {e.num_stages} "
              f"stages x {e.grid.get_data_parallel_world_size()} replicas, mode {setup.checkfree.mode}, {steps} steps, "
              f"{tokens_per_step} tokens/step"]
-    from .failures import describe_rate
+    from ds_checkfree.recovery.injection import describe_rate
     label = failure_rate_label(setup.checkfree)
     if label is not None:
         lines.append(f"{describe_rate(label)}, drawn per {setup.checkfree.failure_draws.replace('_', ' ')}")

@@ -13,18 +13,18 @@ import time
 
 import torch
 
-from .checkpoints import Checkpointer
-from .data import build_data
-from .debug_dump import dump_stage
-from .failures import FailurePlan
-from .initialize import initialize
-from .logical_failures import LogicalFailures
-from .metrics import MetricsWriter, write_run_json
-from .preemption import EXIT_HANDED_OFF, PreemptionNotice, publish
-from .process_loss import DATA_PLANE_ERRORS, ProcessLossOutcome, ProcessLossRecovery, StoppedForGood
-from .recovery import UnrecoverableFailure
-from .run_info import announcement, fmt_eta, run_info
-from .stage_copies import StageCopies
+from ds_checkfree.recovery.checkpoints import Checkpointer
+from ds_checkfree.data import build_data
+from ds_checkfree.debug_dump import dump_stage
+from ds_checkfree.recovery.injection import FailurePlan
+from ds_checkfree.initialize import initialize
+from ds_checkfree.recovery.logical import LogicalFailures
+from ds_checkfree.metrics import MetricsWriter, write_run_json
+from ds_checkfree.elastic.preemption import EXIT_HANDED_OFF, PreemptionNotice, publish
+from ds_checkfree.recovery.process_loss import DATA_PLANE_ERRORS, ProcessLossOutcome, ProcessLossRecovery, StoppedForGood
+from ds_checkfree.recovery.rules import UnrecoverableFailure
+from ds_checkfree.run_info import announcement, fmt_eta, run_info
+from ds_checkfree.recovery.stage_copies import StageCopies
 
 
 class Trainer:
@@ -32,7 +32,7 @@ class Trainer:
 
     def __init__(self, options, setup, world=None, joined=None):
         """``setup``: the validated configuration (``initialize.prepare``); ``world``: the
-        MPI fault-tolerant launch (``ds_checkfree.elastic``); ``joined``: this process is a
+        MPI fault-tolerant launch (``ds_checkfree.elastic.world``); ``joined``: this process is a
         spare that takes a lost stage's place now (the ``Agreement`` that gave it one)."""
         self.options, self.setup, self.cf, self.world = options, setup, setup.checkfree, world
         self.monitor = None
@@ -60,7 +60,7 @@ class Trainer:
                              f"{self.data.tokenizer.vocab_size}")
         self.redundant = None  # the redundant-computation baseline's shadow of the successor stage
         if self.cf.mode == "redundant":
-            from .baselines import RedundantShadow
+            from ds_checkfree.baselines import RedundantShadow
             self.redundant = RedundantShadow(e, elastic=world is not None)
         plan = FailurePlan.from_config(self.cf, e.num_stages)
         if options.save_failure_schedule and e.global_rank == 0:

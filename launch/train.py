@@ -17,7 +17,7 @@ PROCESS_STARTED_AT = time.time()  # before the heavy imports: restart costs incl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_checkfree.config import ConfigError  # noqa: E402  (cheap: no deepspeed import yet)
+from ds_checkfree.config.checkfree import ConfigError  # noqa: E402  (cheap: no deepspeed import yet)
 
 
 def parse_args(argv=None):
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--fault_tolerant", action="store_true",
                    help="survive real process deaths under mpirun --with-ft ulfm (implied by --spares > 0)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="the fault-tolerant job's coordinator (python -m ds_checkfree.membership.coordinator); "
+                   help="the fault-tolerant job's coordinator (python -m ds_checkfree.elastic.membership.coordinator); "
                         "default under mpirun: rank 0 starts one")
     p.add_argument("--join", dest="coordinator", metavar="HOST:PORT",
                    help="join a running fault-tolerant job (no mpirun needed): become a spare, or take a lost "
@@ -87,7 +87,7 @@ def merged_config(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ds_checkfree.options import TrainOptions, check_inputs
+    from ds_checkfree.config.options import TrainOptions, check_inputs
     options = TrainOptions.from_namespace(args, process_started_at=PROCESS_STARTED_AT)
     check_inputs(options)
     cfg = merged_config(args)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     setup = prepare(cfg, options.model, {"num_layers": options.num_layers}, world_size=world_size, elastic=elastic)
 
     if not elastic:
-        from ds_checkfree.heartbeat import start_monitor
+        from ds_checkfree.elastic.heartbeat import start_monitor
         from ds_checkfree.trainer import Trainer
         trainer = Trainer(options, setup)
         monitor = None if options.no_heartbeat else start_monitor(setup.checkfree, log=trainer.log)
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
 def _joined_world_size(options, cfg) -> int:
     """A process started by hand (``--join``) sizes its launch like the job's: stages x
     replicas + spares, asked from the coordinator (the config alone may not say the replicas)."""
-    from ds_checkfree.membership.client import CoordinatorLost, MemberClient, parse_address
+    from ds_checkfree.config.options import parse_address
+    from ds_checkfree.elastic.membership.client import CoordinatorLost, MemberClient
     try:
         info = MemberClient.query_job(parse_address(options.coordinator))
     except (CoordinatorLost, OSError, ValueError) as err:
@@ -148,10 +149,10 @@ def run_elastic(options, setup) -> int:
     import faulthandler
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
-    from ds_checkfree.elastic import ElasticWorld, NoSpareLeft
-    from ds_checkfree.heartbeat import start_monitor
-    from ds_checkfree.membership.client import CoordinatorLost, JoinRefused
-    from ds_checkfree.recovery import UnrecoverableFailure
+    from ds_checkfree.elastic.world import ElasticWorld, NoSpareLeft
+    from ds_checkfree.elastic.heartbeat import start_monitor
+    from ds_checkfree.elastic.membership.client import CoordinatorLost, JoinRefused
+    from ds_checkfree.recovery.rules import UnrecoverableFailure
     from ds_checkfree.trainer import Trainer
 
     cf = setup.checkfree
@@ -198,7 +199,7 @@ def _prepare_spare(options, setup) -> None:
     out of the garbage collector's reach."""
     from ds_checkfree.data import build_data
     from ds_checkfree.initialize import warm_up_first_build
-    from ds_checkfree.process_loss import freeze_startup_objects
+    from ds_checkfree.recovery.process_loss import freeze_startup_objects
     micro = setup.ds_config.get("train_micro_batch_size_per_gpu")
     if micro is not None and setup.dp_size == 1:  # with replicas its data-parallel rank is not known yet
         build_data(options.data, options.seq_len or setup.model.max_seq_len, micro, seed=options.seed,

@@ -87,7 +87,7 @@ def run(a) -> dict:
     announce.unlink(missing_ok=True)
     procs, logs = [], []
     coord_log = out / "coordinator.log"
-    coord = subprocess.Popen([a.python, "-m", "ds_checkfree.membership.coordinator", "--deepspeed_config",
+    coord = subprocess.Popen([a.python, "-m", "ds_checkfree.elastic.membership.coordinator", "--deepspeed_config",
                               str(cfg_path), "--expect", str(a.stages + 1), "--host", "127.0.0.1", "--port", "0",
                               "--announce", str(announce)], cwd=ROOT, env=member_env(0, "cpu"),
                              stdout=open(coord_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)

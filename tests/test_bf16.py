@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, events_of, read_metrics, run_job, steps_of, write_config
-from ds_checkfree.config import ConfigError
+from ds_checkfree.config.checkfree import ConfigError
 from ds_checkfree.initialize import prepare
 
 

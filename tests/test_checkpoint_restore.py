@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import events_of, read_metrics, run_job, steps_of, write_config
-from ds_checkfree.config import CheckFreeConfig, ConfigError, check_against_deepspeed
-from ds_checkfree.recovery import RecoveryAction as A
-from ds_checkfree.recovery import plan_recovery
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError, check_against_deepspeed
+from ds_checkfree.recovery.rules import RecoveryAction as A
+from ds_checkfree.recovery.rules import plan_recovery
 
 
 def test_planner_reloads_only_the_stages_without_a_rule():

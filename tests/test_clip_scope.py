@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import read_metrics, run_job, steps_of, write_config
-from ds_checkfree.config import CheckFreeConfig, ConfigError, check_against_deepspeed
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError, check_against_deepspeed
 
 CLIP = 0.05  # well below the tiny model's gradient norms, so every stage is clipped
 

@@ -1,11 +1,11 @@
-"""Where tensors that cross a process boundary live (ds_checkfree.comm_device): the pure rules,
+"""Where tensors that cross a process boundary live (ds_checkfree.pipe.devices): the pure rules,
 and the helpers on a real one-rank gloo group."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ds_checkfree.comm_device import (comm_device, comm_empty, comm_tensor, data_plane_backend, device_for_backend,
+from ds_checkfree.pipe.devices import (comm_device, comm_empty, comm_tensor, data_plane_backend, device_for_backend,
                                       object_to_tensor, pack_fp32, tensor_to_object, unpack_like)
 
 

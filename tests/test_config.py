@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import ROOT
-from ds_checkfree.config import CheckFreeConfig, ConfigError
-from ds_checkfree.deepspeed_config import micro_batches_per_step, split_deepspeed_config, validate_world
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError
+from ds_checkfree.config.deepspeed_checks import micro_batches_per_step, split_deepspeed_config, validate_world
 from ds_checkfree.initialize import prepare
 
 DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}

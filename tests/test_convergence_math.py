@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ds_checkfree.deepspeed_config import split_deepspeed_config
+from ds_checkfree.config.deepspeed_checks import split_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

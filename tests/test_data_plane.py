@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import run_job
 
-from ds_checkfree import c10d_private
-from ds_checkfree.data_plane import (NCCL_ENV, DataPlaneAborted, GlooPlane, NcclPlane, check_not_aborted,
+from ds_checkfree.elastic import c10d_private
+from ds_checkfree.elastic.data_plane import (NCCL_ENV, DataPlaneAborted, GlooPlane, NcclPlane, check_not_aborted,
                                      plane_for)
 
 

@@ -7,7 +7,7 @@ import math
 
 from conftest import run_job, write_config
 
-from ds_checkfree import ds_private
+from ds_checkfree.pipe import ds_private
 
 
 def test_every_private_member_we_use_exists():
@@ -70,7 +70,7 @@ def test_warm_up_pays_the_op_probe_before_any_group_exists():
                           "shm": None if ops is None else ops.get("deepspeed_shm_comm"),
                           "imported": [m in sys.modules for m in ("deepspeed.module_inject.auto_ep_config",
                                                                    "deepspeed.runtime.pipe.engine",
-                                                                   "ds_checkfree.engine")]}))
+                                                                   "ds_checkfree.pipe.engine")]}))
     """
     env = dict(__import__("os").environ, DS_ACCELERATOR="cpu")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,

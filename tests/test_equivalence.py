@@ -12,8 +12,8 @@ import torch
 from conftest import run_job, write_config
 from ds_checkfree.data import build_data
 from ds_checkfree.models import lm_loss, load_model_config
-from ds_checkfree.module import build_reference
-from ds_checkfree.schedule import stage_route
+from ds_checkfree.pipe.module import build_reference
+from ds_checkfree.pipe.schedule import stage_route
 
 TOL = 1e-5
 

@@ -6,9 +6,10 @@ import json
 import pytest
 
 from conftest import events_of, read_metrics, run_job, steps_of, write_config
-from ds_checkfree.config import CheckFreeConfig, ConfigError
-from ds_checkfree.failures import RATE_PRESETS, FailurePlan, hourly_rate_percent, rate_label, step_failure_probability
-from ds_checkfree.logical_failures import LogicalFailures
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError
+from ds_checkfree.config.modes import RATE_PRESETS
+from ds_checkfree.recovery.injection import FailurePlan, hourly_rate_percent, rate_label, step_failure_probability
+from ds_checkfree.recovery.logical import LogicalFailures
 
 
 def test_presets_are_the_reference_probabilities():

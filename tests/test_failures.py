@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from ds_checkfree.failures import (
+from ds_checkfree.recovery.injection import (
     Failure,
     FailurePlan,
     parse_fail_at,

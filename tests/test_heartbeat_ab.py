@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_checkfree.heartbeat.monitor import HeartbeatThread, ab_window_active
+from ds_checkfree.elastic.heartbeat.monitor import HeartbeatThread, ab_window_active
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_timetable_is_the_same_in_every_process_and_tells_the_time_left():
     assert (on, pair, left) == ab_window_active(1000.25, 0.5)
     assert pair == 1000 and left == pytest.approx(0.25)
     # another process (another hash seed) draws the same order: the job's ranks and the benchmark agree
-    code = ("from ds_checkfree.heartbeat.monitor import ab_window_active as f; "
+    code = ("from ds_checkfree.elastic.heartbeat.monitor import ab_window_active as f; "
             "print([f(t * 0.5 + 0.2, 0.5)[0] for t in range(64)])")
     for seed in ("1", "777"):
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,

@@ -1,6 +1,6 @@
 import pytest
 
-from ds_checkfree.heartbeat import HeartbeatTracker, PeerState, liveness
+from ds_checkfree.elastic.heartbeat import HeartbeatTracker, PeerState, liveness
 
 A, D = PeerState.ALIVE, PeerState.DEAD
 
@@ -85,7 +85,7 @@ def test_unknown_peer():
 
 
 def test_monitor_reports_transport_failure_with_its_reason_once():
-    from ds_checkfree.heartbeat import HeartbeatThread
+    from ds_checkfree.elastic.heartbeat import HeartbeatThread
     now = [0.0]
     m = HeartbeatThread(0, [1, 2], interval_s=0.5, timeout_s=3.0, clock=lambda: now[0])
     m._mark(2, "send failed: peer gone")

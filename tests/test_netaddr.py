@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from ds_checkfree import netaddr
-from ds_checkfree.netaddr import NoReachableAddress, choose
+from ds_checkfree.elastic import addresses as netaddr
+from ds_checkfree.elastic.addresses import NoReachableAddress, choose
 
 IFACES = {"lo": "127.0.0.1", "eth0": "10.0.0.5", "ib0": "192.168.1.5", "docker0": "172.17.0.1"}
 

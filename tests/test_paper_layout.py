@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import events_of, read_metrics, run_job, steps_of, write_config
-from ds_checkfree import layout as L
-from ds_checkfree.config import CheckFreeConfig, ConfigError
-from ds_checkfree.deepspeed_config import validate_world
-from ds_checkfree.failures import FailurePlan
-from ds_checkfree.recovery import RecoveryAction as A
-from ds_checkfree.recovery import UnrecoverableFailure, plan_recovery
+from ds_checkfree.config import layout as L
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError
+from ds_checkfree.config.deepspeed_checks import validate_world
+from ds_checkfree.recovery.injection import FailurePlan
+from ds_checkfree.recovery.rules import RecoveryAction as A
+from ds_checkfree.recovery.rules import UnrecoverableFailure, plan_recovery
 
 
 def test_stage_slots_put_embedding_and_head_alone():

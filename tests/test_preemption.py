@@ -1,4 +1,4 @@
-"""A preemption notice (SIGTERM) becomes an exact hand-off (``ds_checkfree.preemption``): the
+"""A preemption notice (SIGTERM) becomes an exact hand-off (``ds_checkfree.elastic.preemption``): the
 store round trip and the signal handling on their own (real store, real processes), then a
 real ``mpirun --with-ft ulfm`` job whose stage-1 process gets SIGTERM, compared step by step
 with the same job left alone."""
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import BIN, ROOT, events_of, read_metrics, steps_of, write_config
-from ds_checkfree.config import CheckFreeConfig, ConfigError
-from ds_checkfree.preemption import available, handoff_key, publish, take
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError
+from ds_checkfree.elastic.preemption import available, handoff_key, publish, take
 
 
 def test_handoff_round_trip_through_a_real_store():
@@ -40,7 +40,7 @@ def test_handoff_round_trip_through_a_real_store():
 
 _SIGNALLED = """
 import os, signal, sys, time
-from ds_checkfree.preemption import PreemptionNotice
+from ds_checkfree.elastic.preemption import PreemptionNotice
 holds = sys.argv[1] == "stage"
 notice = PreemptionNotice(float(sys.argv[2]), lambda: holds, log=lambda m: print(m, flush=True)).install()
 print("ready", flush=True)

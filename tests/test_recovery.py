@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import events_of, read_metrics, run_job, steps_of, write_config
-from ds_checkfree.failures import FailurePlan
-from ds_checkfree.recovery import plan_recovery, UnrecoverableFailure
+from ds_checkfree.recovery.injection import FailurePlan
+from ds_checkfree.recovery.rules import plan_recovery, UnrecoverableFailure
 
 TRAIN = "launch/train.py"
 

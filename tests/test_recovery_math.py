@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ds_checkfree.recovery import (
+from ds_checkfree.recovery.rules import (
     RecoveryAction,
     UnrecoverableFailure,
     combine,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import events_of, read_metrics, run_job, steps_of, write_config
-from ds_checkfree.config import CheckFreeConfig, ConfigError
-from ds_checkfree.recovery import UnrecoverableFailure, plan_recovery
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError
+from ds_checkfree.recovery.rules import UnrecoverableFailure, plan_recovery
 
 TRAIN = "launch/train.py"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ds_checkfree.config import CheckFreeConfig, ConfigError, format_fail_entry
-from ds_checkfree.deepspeed_config import validate_world
-from ds_checkfree.failures import Failure, FailurePlan, parse_fail_at
-from ds_checkfree.recovery import RecoveryAction, UnrecoverableFailure, plan_recovery, plan_replicated_recovery
+from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError, format_fail_entry
+from ds_checkfree.config.deepspeed_checks import validate_world
+from ds_checkfree.recovery.injection import Failure, FailurePlan, parse_fail_at
+from ds_checkfree.recovery.rules import RecoveryAction, UnrecoverableFailure, plan_recovery, plan_replicated_recovery
 
 
 def test_a_replica_with_a_live_twin_is_copied_from_it():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ds_checkfree.membership.roster import STOP_NO_REPLACEMENT, Plan, Roster
+from ds_checkfree.elastic.membership.roster import STOP_NO_REPLACEMENT, Plan, Roster
 
 
 def ops(outs, op):

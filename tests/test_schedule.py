@@ -10,8 +10,8 @@ from deepspeed.runtime.pipe.schedule import (
     ReduceTiedGrads,
 )
 
-from ds_checkfree.schedule_check import check_schedule
-from ds_checkfree.schedule import (
+from ds_checkfree.pipe.schedule_check import check_schedule
+from ds_checkfree.pipe.schedule import (
     BackwardRouted,
     ForwardRouted,
     LoadRoutedMicroBatch,

@@ -5,6 +5,6 @@ step-by-step shadow copy of its successor, so a lost stage is restored bit for b
 (``checkfree.redundant_forward: true``, the default) runs the successor's forward on every
 micro-batch; ``false`` is the labelled lower bound (gradient shipping only).
 """
-from .redundant import RedundantShadow, RedundantRecoveryRecord, shadow_layout_bytes
+from ds_checkfree.baselines.redundant import RedundantShadow, RedundantRecoveryRecord, shadow_layout_bytes
 
 __all__ = ["RedundantShadow", "RedundantRecoveryRecord", "shadow_layout_bytes"]

@@ -35,7 +35,7 @@ When stage ``i`` is lost, its predecessor sends the shadow (weights + optimizer 
 the new rank installs it: an exact restore, no rollback, no learning-rate change. The lost
 node also held the shadow of ``i + 1``; the new rank rebuilds it from stage ``i + 1``'s live
 state. Two ring-adjacent stages lost at once cannot be restored (the planner in
-``ds_checkfree.recovery`` then falls back to a checkpoint, if one is configured).
+``ds_checkfree.recovery.rules`` then falls back to a checkpoint, if one is configured).
 
 Costs, all measured per step and reported (``after_step`` returns them; ``summary`` gathers
 the totals of every stage at the end of the run):
@@ -64,8 +64,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
-from ..comm_device import comm_device, comm_empty, comm_tensor, object_to_tensor, tensor_to_object
-from ..recovery_runtime import RecoveryRecord
+from ds_checkfree.pipe.devices import comm_device, comm_empty, comm_tensor, object_to_tensor, tensor_to_object
+from ds_checkfree.recovery.apply import RecoveryRecord
 
 # Message tags on the default process group (the pipeline's own traffic uses tag 0).
 _TAG_GRAD, _TAG_HP, _TAG_LEN, _TAG_BLOB = 7101, 7102, 7103, 7104
@@ -269,7 +269,7 @@ class RedundantShadow:
         """The successor's layers, built once on this rank (same specs, same global layer
         names as on the successor), by parameter name; their weights are overwritten next."""
         if self.shadow_module is None:
-            from ..module import make_spec
+            from ds_checkfree.pipe.module import make_spec
             m = self.engine.module
             container = torch.nn.Module()
             first = m.parts[self.succ_stage]

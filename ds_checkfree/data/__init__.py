@@ -1,8 +1,8 @@
 """Data pipeline: offline corpora, byte tokenizer, and replayable micro-batches."""
 
-from .batches import DataBundle, MicroBatches, Splits, build_data, split_tokens, validation_batches
-from .corpus import DEFAULT_CORPUS, load_corpus
-from .tokenizer import ByteTokenizer
+from ds_checkfree.data.batches import DataBundle, MicroBatches, Splits, build_data, split_tokens, validation_batches
+from ds_checkfree.data.corpus import DEFAULT_CORPUS, load_corpus
+from ds_checkfree.data.tokenizer import ByteTokenizer
 
 __all__ = [
     "ByteTokenizer",

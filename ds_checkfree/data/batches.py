@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .corpus import DEFAULT_CORPUS, load_corpus
-from .tokenizer import ByteTokenizer
+from ds_checkfree.data.corpus import DEFAULT_CORPUS, load_corpus
+from ds_checkfree.data.tokenizer import ByteTokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

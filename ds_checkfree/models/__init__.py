@@ -1,6 +1,6 @@
 """Model definitions: LLaMA as a flat list of pipeline layers."""
 
-from .llama import (
+from ds_checkfree.models.llama import (
     PRESET_DIR,
     DecoderLayerPipe,
     EmbeddingPipe,

@@ -17,7 +17,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule  # noqa: E402
 from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
 
 from ds_checkfree.data import build_data  # noqa: E402
-from ds_checkfree.engine import CheckFreePipelineEngine  # noqa: E402
+from ds_checkfree.pipe.engine import CheckFreePipelineEngine  # noqa: E402
 from ds_checkfree.initialize import initialize  # noqa: E402
 
 

@@ -12,7 +12,7 @@ from deepspeed.runtime.pipe import p2p  # noqa: E402
 from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
 
 from ds_checkfree.data import build_data  # noqa: E402
-from ds_checkfree.ds_private import release_engine  # noqa: E402
+from ds_checkfree.pipe.ds_private import release_engine  # noqa: E402
 from ds_checkfree.initialize import initialize  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import torch.distributed as tdist  # noqa: E402
 
 from ds_checkfree import data_plane  # noqa: E402
 from ds_checkfree.data import build_data  # noqa: E402
-from ds_checkfree.ds_private import world_sized_groups_are_default  # noqa: E402
+from ds_checkfree.pipe.ds_private import world_sized_groups_are_default  # noqa: E402
 from ds_checkfree.initialize import initialize  # noqa: E402
 
 

@@ -1,0 +1,100 @@
+"""Which layers live on which pipeline stage, as pure data.
+
+The recovery rules need to know, for every stage, which decoder layers it holds and
+whether it carries the (de)embedding or a replica of it. Keeping that as a pure function
+of (layers, stages, mode) lets the module, the recovery code and the tests agree without
+a process group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ds_checkfree.config.modes import LAYOUTS, MIN_STAGES, MIN_STAGES_PAPER, PAPER_LAYOUT_MODES
+
+EMBED = "embed"
+EMBED_REPLICA = "embed_replica"
+DECODER = "decoder"
+HEAD = "head"
+HEAD_REPLICA = "head_replica"
+
+#: roles skipped on a micro-batch that runs in normal order / in swapped order
+SKIP_NORMAL = frozenset({EMBED_REPLICA, HEAD_REPLICA})
+SKIP_SWAPPED = frozenset({EMBED, HEAD})
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One entry of a stage's layer list: a role and, for decoders, the global layer index."""
+    role: str
+    decoder: int = -1
+
+
+def block_stages(num_stages: int, layout: str = "all_stages_fail") -> list[int]:
+    """The stages that hold decoder layers: every stage, or under the paper's layout all but
+    the embedding stage 0 and the head stage S-1."""
+    return list(range(1, num_stages - 1)) if layout == "paper" else list(range(num_stages))
+
+
+def never_fail_stages(num_stages: int, layout: str = "all_stages_fail") -> list[int]:
+    """Stages excluded from failures: the paper's embedding and head stages (the reference
+    code never lets them fail), none otherwise."""
+    return [0, num_stages - 1] if layout == "paper" else []
+
+
+def copy_holders(num_stages: int, layout: str = "all_stages_fail", mode: str = "checkfree") -> dict[int, int]:
+    """Block stage -> the never-failing stage that keeps its in-memory copy (paper layout,
+    plain CheckFree): the first block stage's copy lives on the embedding stage, the last
+    one's on the head stage (with one block stage, on the embedding stage). The reference
+    keeps the copy in its single process; here it must live on a stage that survives."""
+    if layout != "paper" or mode != "checkfree":
+        return {}
+    return {num_stages - 2: num_stages - 1, 1: 0}
+
+
+def stage_slots(num_layers: int, num_stages: int, mode: str, layout: str = "all_stages_fail") -> list[list[Slot]]:
+    """Per-stage layer lists.
+
+    Every decoder stage holds the same number of consecutive decoder layers (the alignment
+    rule that lets neighbours be averaged key by key). Layout ``all_stages_fail``: stage 0
+    adds the embedding in front, the last stage the final norm + LM head behind; under
+    ``checkfree_plus`` stage 1 also carries an embedding replica and stage S-2 a norm + head
+    replica. Layout ``paper``: stage 0 holds the embedding alone, stage S-1 the norm + head
+    alone, the decoder layers are split over stages 1..S-2.
+    """
+    if mode not in MIN_STAGES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MIN_STAGES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout == "paper" and mode not in PAPER_LAYOUT_MODES:
+        raise ValueError(f"layout 'paper' is implemented for modes {PAPER_LAYOUT_MODES}, not {mode!r}")
+    need = MIN_STAGES_PAPER if layout == "paper" else MIN_STAGES[mode]
+    if num_stages < need:
+        raise ValueError(f"mode {mode!r} with layout {layout!r} needs at least {need} stages, got {num_stages}")
+    blocks = block_stages(num_stages, layout)
+    if num_layers < len(blocks) or num_layers % len(blocks):
+        raise ValueError(f"{num_layers} decoder layers cannot be split evenly over {len(blocks)} decoder stages")
+    per = num_layers // len(blocks)
+    slots: list[list[Slot]] = [[] for _ in range(num_stages)]
+    for k, s in enumerate(blocks):
+        slots[s] = [Slot(DECODER, k * per + j) for j in range(per)]
+    slots[0].insert(0, Slot(EMBED))
+    slots[-1].append(Slot(HEAD))
+    if mode == "checkfree_plus":
+        slots[1].insert(0, Slot(EMBED_REPLICA))
+        slots[-2].append(Slot(HEAD_REPLICA))
+    return slots
+
+
+def partition_bounds(slots: list[list[Slot]]) -> list[int]:
+    """DeepSpeed's ``parts`` list: stage s owns layer specs ``parts[s]:parts[s+1]``."""
+    bounds = [0]
+    for stage in slots:
+        bounds.append(bounds[-1] + len(stage))
+    return bounds
+
+
+def neighbours(stage: int, num_stages: int) -> tuple[int | None, int | None]:
+    """The previous and next stage in normal order (None at the edges)."""
+    prev = stage - 1 if stage > 0 else None
+    nxt = stage + 1 if stage < num_stages - 1 else None
+    return prev, nxt

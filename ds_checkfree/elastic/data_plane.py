@@ -1,0 +1,151 @@
+"""How the elastic launch forms, interrupts and leaves one generation's data plane, per backend.
+
+The membership side (``elastic``) is the same for every backend; what differs is how a member
+blocked on a dead or stopped peer is woken, and how the old groups are left behind so that
+the next generation can form:
+
+* gloo (CPU): wake = shut down the sockets the data plane opened (gloo then reports a closed
+  connection at once); leave = ``destroy_process_group``, which does not wait on peers.
+* NCCL (CUDA): measured on an H200 (DESIGN.md section 6): after a SIGKILL, torch's watchdog
+  tears the survivors down unless told not to, and ``destroy_process_group`` (with or after
+  ``abort``) hangs on the dead peer. So, torchft's way: communicators are non-blocking
+  (``abort`` never waits for a peer; their own waits bounded by the data-plane timeout), the
+  watchdog only reports errors, wake = ``abort`` every
+  group, leave = abort + forget every group without shutting it down (``c10d_private``), the
+  objects kept alive so no destructor waits either; the next generation forms under a fresh
+  store prefix (``elastic``). Each generation's communicators stay allocated (GPU memory grows
+  by one set per recovery): acceptable for the few recoveries of a job, stated in the README.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+from ds_checkfree.pipe.devices import data_plane_backend
+from ds_checkfree.elastic.plane_sockets import shutdown_new_sockets, socket_inodes
+
+
+class DataPlaneAborted(RuntimeError):
+    """This generation's NCCL groups were aborted while the step ran: what it received may be
+    incomplete, so the step must not reach the optimizer (it is redone after the recovery)."""
+
+
+#: set (before the abort) when a round aborts this generation's NCCL groups, cleared when the
+#: next generation forms. An aborted receive does not raise: its kernel just ends, and the CPU
+#: finds out only from this flag (torchft checks its own the same way).
+_aborted = threading.Event()
+
+
+def check_not_aborted() -> None:
+    """Raise ``DataPlaneAborted`` when the data plane was aborted. Call it after a host sync
+    that follows the step's last receive (the engine does, before the optimizer step): a flag
+    set before that sync returned covers every kernel the abort cut short."""
+    if _aborted.is_set():
+        raise DataPlaneAborted("the data plane was aborted during this step (a membership round opened): "
+                               "not stepping on what it received")
+
+
+class DataPlane:
+    """One backend's way through a generation. ``prepare`` runs before ``init_process_group``,
+    ``wake`` on the membership reader thread when a round opens, ``leave`` on the main thread
+    after the engine was dropped."""
+    backend = ""
+
+    def prepare(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+
+class GlooPlane(DataPlane):
+    backend = "gloo"
+
+    def __init__(self):
+        self._before: set[str] | None = None  # socket inodes from before the data plane formed
+
+    def prepare(self) -> None:
+        self._before = set(socket_inodes().values())
+
+    def wake(self) -> None:
+        if self._before is not None:
+            shutdown_new_sockets(self._before)
+
+    def leave(self) -> None:
+        import torch.distributed as tdist
+        self._before = None
+        if tdist.is_initialized():
+            try:
+                tdist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a group already broken by the dead peer
+                pass
+
+
+#: torch's NCCL settings the NCCL plane needs, and why; set for this process before the first
+#: NCCL group exists (each group reads them when it is created)
+NCCL_ENV = {
+    # report a failed or timed-out operation instead of tearing the process down: the survivors
+    # must live through a peer's death (the default, 3, kills them)
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0",
+    # non-blocking communicators: ``abort`` returns without waiting on the dead peer
+    "TORCH_NCCL_USE_COMM_NONBLOCKING": "1",
+    # the watchdog's own monitor would kill a process whose watchdog waits on a dead peer
+    "TORCH_NCCL_ENABLE_MONITORING": "0",
+}
+
+
+class NcclPlane(DataPlane):
+    backend = "nccl"
+
+    def __init__(self, log=print, timeout_s: float = 60.0):
+        self.log, self.timeout_s = log, timeout_s
+        self.left_behind: list = []  # every former generation's groups, never destroyed
+
+    def settings(self) -> dict[str, str]:
+        """``NCCL_ENV`` plus the bound on a non-blocking communicator's own waits (init, abort;
+        torch's default is 30 min): the data-plane timeout."""
+        return dict(NCCL_ENV, TORCH_NCCL_NONBLOCKING_TIMEOUT=str(int(math.ceil(self.timeout_s))))
+
+    def prepare(self) -> None:
+        _aborted.clear()
+        changed = {k: v for k, v in self.settings().items() if os.environ.get(k) != v}
+        if changed:
+            os.environ.update(changed)
+            self.log(f"NCCL data plane: set {', '.join(f'{k}={v}' for k, v in changed.items())} "
+                     "(a peer's death must not take this process down or block its teardown)")
+
+    def wake(self) -> None:
+        from ds_checkfree.elastic.c10d_private import abort_groups, registered_groups
+        _aborted.set()  # first: a receive the abort cuts short must find it set
+        for line in abort_groups(registered_groups()):
+            self.log(f"NCCL data plane: abort while waking: {line}")
+
+    def leave(self) -> None:
+        import torch.distributed as tdist
+
+        from ds_checkfree.elastic.c10d_private import abort_groups, forget_groups, registered_groups
+        _aborted.set()
+        if not tdist.is_initialized():
+            return
+        for line in abort_groups(registered_groups()):
+            self.log(f"NCCL data plane: abort while leaving: {line}")
+        forget_groups(self.left_behind)
+
+
+def plane_for(accelerator: str, log=print, timeout_s: float = 60.0) -> DataPlane:
+    """The data plane for DeepSpeed's accelerator name ("cpu", "cuda"); a backend without a
+    teardown that survives a dead peer is refused with the fix."""
+    backend = data_plane_backend(accelerator)
+    if backend == "gloo":
+        return GlooPlane()
+    if backend == "nccl":
+        return NcclPlane(log, timeout_s)
+    raise NotImplementedError(
+        f"the fault-tolerant launch (real process deaths) has no data plane for accelerator {accelerator!r} "
+        f"({backend}): leaving a {backend} group behind without blocking on a dead peer is not implemented. "
+        "Fix: run the elastic launch with DS_ACCELERATOR=cpu or cuda, or use logical failures "
+        "(deepspeed/torchrun launch) on this accelerator.")

@@ -1,0 +1,266 @@
+"""Surviving real process deaths: membership through the job's coordinator, a rebuilt data plane.
+
+Launched as ``mpirun --with-ft ulfm -n S+N python launch/train.py ... --spares N`` (ranks
+0..S-1 take the stages, the N others wait as spares), and joined later from anywhere by
+``python launch/train.py ... --join HOST:PORT``. Membership lives outside ``COMM_WORLD``: every
+process is a member of the coordinator (``ds_checkfree.elastic.membership``), named by a member id;
+MPI only starts the processes (``--with-ft ulfm`` keeps ``mpirun`` from killing the job when
+one dies) and, when no ``--coordinator`` is given, lets rank 0 start one and tell the others
+where it is.
+
+The training data plane is a torch.distributed group of the S stage holders (data-plane
+rank = stage; gloo on CPU, NCCL on CUDA: ``data_plane``), formed per generation under the
+coordinator's store. When a stage's process dies or stalls, the coordinator opens a round:
+each member tears its group down (a member blocked on the stalled peer is woken at once),
+checks in, and receives one plan: who holds which stage, which stages lost their state, the
+step to resume from. The caller rebuilds the DeepSpeed engine around the kept state and
+lets the CheckFree rules re-materialise the lost stages.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from ds_checkfree.elastic.membership.client import CoordinatorLost, MemberClient
+from ds_checkfree.elastic.membership.discovery import locate
+from ds_checkfree.elastic.membership.roster import Plan
+
+
+class NoSpareLeft(RuntimeError):
+    """A stage was lost and no spare or joining process took its place."""
+
+    def __init__(self, message: str, lost_stages: list[int], dead_ranks: list[int], survivors: list[int]):
+        super().__init__(message)
+        self.lost_stages, self.dead_ranks, self.survivors = lost_stages, dead_ranks, survivors
+
+
+class DataPlaneInterrupted(RuntimeError):
+    """A membership round opened while the data plane was forming: form the next one instead."""
+
+
+@dataclass
+class Agreement:
+    """What every member agreed on for one generation (identical on all members)."""
+    dead_ranks: list[int]       # member ids gone since the previous generation
+    lost_stages: list[int]
+    replacements: dict[int, int]  # stage -> member id that takes it
+    resume_step: int
+    revoked_at: float            # when this member learnt of the failure
+    agreed_at: float
+    roles_before: dict = field(default_factory=dict)  # member id -> stage (None: spare) before
+    generation: int = 0
+    evicted: list[int] = field(default_factory=list)
+    fresh: bool = False
+    dp: int = 1  # replicas per stage: ``lost_stages`` and ``replacements`` name slots (stage * dp + replica)
+
+    def lost_pairs(self) -> list[tuple[int, int]]:
+        """The lost slots as (stage, replica) pairs, what the recovery planner takes."""
+        return [divmod(slot, self.dp) for slot in self.lost_stages]
+
+
+class ElasticWorld:
+    """Roles (stage or spare) of every member, agreement after failures, the data plane."""
+
+    def __init__(self, num_stages: int, spares: int, dp_timeout_s: float = 60.0, *, coordinator: str | None = None,
+                 joining: bool = False, cf=None, log_dir: str | None = None, dp: int = 1):
+        """``dp`` data-parallel replicas per stage: a role is a slot, ``stage * dp + replica``
+        (DeepSpeed's rank order), and the data plane has ``num_stages * dp`` ranks."""
+        self.num_stages, self.dp_timeout_s, self.dp = num_stages, dp_timeout_s, dp
+        self.roles: dict[int, int | None] = {}
+        self.generation = 0
+        self._lock = threading.Lock()
+        self.plane = self._plane()  # refuses an accelerator without a safe teardown, before joining
+        self._plane_formed = False  # a data plane formed or forming that a round must wake
+        self._round_announced = 0  # the highest generation a round was announced for
+        self._checked_in_for = 0   # the generation this member last checked in for
+        mpi_rank = os.environ.get("OMPI_COMM_WORLD_RANK")
+        id_hint = None if joining or mpi_rank is None else int(mpi_rank)
+        address, addr = locate(num_stages, spares, dp, cf, log_dir, coordinator, joining)
+        self.address = address
+        self._shared_store = None
+        self.client = MemberClient(address, id_hint=id_hint, num_stages=num_stages, addr=addr, dp=dp,
+                                   connect_timeout_s=max(60.0, dp_timeout_s), on_round=self._on_round)
+        self.rank = self.client.id
+        print(f"[member {self.rank}] {socket.gethostname()} pid {os.getpid()}: member of the job at "
+              f"{address[0]}:{address[1]} (advertising {addr})", flush=True)
+
+    # -- roles ---------------------------------------------------------------------------
+    @property
+    def slot(self) -> int | None:
+        """This member's data-plane rank (``stage * dp + replica``), None for a spare."""
+        return self.roles.get(self.rank)
+
+    @property
+    def stage(self) -> int | None:
+        slot = self.slot
+        return None if slot is None else slot // self.dp
+
+    def stage_ranks(self) -> list[int]:
+        return sorted(r for r, s in self.roles.items() if s is not None)
+
+    def spares(self) -> list[int]:
+        return sorted(r for r, s in self.roles.items() if s is None)
+
+    # -- data plane ----------------------------------------------------------------------
+    def init_data_plane(self) -> None:
+        """Form this generation's group of the stage holders (data-plane rank = slot)."""
+        import torch.distributed as tdist
+        self.shared_store()  # before ``prepare``: a socket opened later is the plane's, shut on a wake
+        with self._lock:
+            if self._round_announced > self.generation:
+                raise DataPlaneInterrupted(f"the round for generation {self._round_announced} opened before "
+                                           f"generation {self.generation}'s data plane formed")
+            self.plane.prepare()
+            self._plane_formed = True
+        host, port = self.address[0], self.client.store_port
+        os.environ.update({"RANK": str(self.slot), "WORLD_SIZE": str(self.num_stages * self.dp), "MASTER_ADDR": host,
+                           "MASTER_PORT": str(port),
+                           "LOCAL_RANK": os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")})
+        # backstop: DeepSpeed's subgroups are created without a timeout (30 min by default);
+        # make any op on them fail after the data-plane timeout instead
+        from torch.distributed import distributed_c10d
+        distributed_c10d.default_pg_timeout = timedelta(seconds=self.dp_timeout_s)
+        store = tdist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.dp_timeout_s),
+                               wait_for_workers=False)
+        prefixed = tdist.PrefixStore(f"gen{self.generation}/", store)
+        tdist.init_process_group(self.plane.backend, store=prefixed, rank=self.slot,
+                                 world_size=self.num_stages * self.dp, timeout=timedelta(seconds=self.dp_timeout_s))
+
+    def shared_store(self):
+        """The coordinator's store outside every generation's prefix (where a preempted member
+        publishes its stage, ``ds_checkfree.elastic.preemption``); one client for the member's life,
+        made before its first data plane forms (the gloo plane shuts every socket opened since)."""
+        if self._shared_store is None:
+            import torch.distributed as tdist
+            self._shared_store = tdist.TCPStore(self.address[0], self.client.store_port, is_master=False,
+                                                timeout=timedelta(seconds=self.dp_timeout_s), wait_for_workers=False)
+        return self._shared_store
+
+    def _plane(self):
+        from deepspeed.accelerator import get_accelerator
+
+        from ds_checkfree.elastic.data_plane import plane_for
+        return plane_for(get_accelerator().device_name(), log=lambda msg: print(f"[member] {msg}", flush=True),
+                         timeout_s=self.dp_timeout_s)
+
+    def tear_down_data_plane(self) -> None:
+        """Leave this generation's groups so that peers blocked on this member fail now, not at
+        the timeout, and the next generation can form (the caller must have dropped its engine,
+        which holds the subgroups)."""
+        with self._lock:
+            self._plane_formed = False
+        self.plane.leave()
+
+    def _on_round(self, msg: dict) -> None:
+        """(reader thread) A membership change is coming: wake a main thread blocked on the data plane."""
+        generation = msg.get("generation", float("inf"))  # no generation: the coordinator is gone
+        with self._lock:
+            if generation <= self.generation:
+                return  # a round this member already took part in
+            self._round_announced = max(self._round_announced, generation)
+            if self._plane_formed:
+                self.plane.wake()
+
+    # -- agreement -----------------------------------------------------------------------
+    def join_job(self) -> Agreement | None:
+        """A new member's first plan: the start-up plan, or the one that gives this joiner a
+        lost stage; None when it was admitted as a spare (then ``wait_as_spare``)."""
+        return self._wait(steps_done=0, has_state=False, as_spare=False, checkin=False)
+
+    def agree(self, steps_done: int, has_state: bool = True) -> Agreement:
+        """Check in and wait for the next generation's plan (the same on every member).
+
+        Raises ``NoSpareLeft`` on every member alike when a lost stage found no replacement."""
+        return self._wait(steps_done, has_state, as_spare=False, checkin=True)
+
+    def wait_as_spare(self):
+        """Block until this spare is given a stage (returns the Agreement) or training ends (None)."""
+        return self._wait(0, False, as_spare=True, checkin=False)
+
+    def _wait(self, steps_done: int, has_state: bool, as_spare: bool, checkin: bool):
+        revoked_at = time.time()
+        if checkin:
+            self._checkin(steps_done, has_state)
+        while True:
+            msg = self.client.next_message()
+            op = msg.get("op")
+            if op == "round":
+                if not checkin:  # a waiting spare or joiner: the failure is news now
+                    revoked_at = time.time()
+                if msg["generation"] > max(self.generation, self._checked_in_for):
+                    self._checkin(steps_done if not as_spare else 0, has_state and not as_spare)
+            elif op == "plan":
+                plan = Plan.from_message(msg)
+                if plan.generation <= self.generation:
+                    continue
+                agreement = self._apply(plan, revoked_at)
+                if as_spare and self.stage is None:
+                    continue
+                return agreement
+            elif op == "admitted":
+                if not as_spare:
+                    return None
+            elif op == "stop":
+                raise NoSpareLeft(f"the job stops: {msg['why']}", msg.get("lost", []), msg.get("dead", []),
+                                  msg.get("survivors", []))
+            elif op == "done":
+                self.kill_evicted(msg.get("evicted", []))
+                return None
+            elif op == "coordinator_lost":
+                raise CoordinatorLost(f"the connection to the coordinator at {self.address[0]}:{self.address[1]} "
+                                      "closed: membership can no longer be agreed")
+
+    def _checkin(self, steps_done: int, has_state: bool) -> None:
+        self._checked_in_for = self.generation + 1
+        try:
+            self.client.send({"op": "checkin", "steps_done": steps_done, "has_state": has_state,
+                              "for_generation": self._checked_in_for})
+        except OSError:
+            pass  # the reader reports the lost coordinator
+
+    def _apply(self, plan: Plan, revoked_at: float) -> Agreement:
+        roles_before = dict(self.roles)
+        with self._lock:
+            self.roles, self.generation = dict(plan.roles), plan.generation
+        return Agreement(plan.dead, plan.lost, plan.replacements, plan.resume_step, revoked_at, time.time(),
+                         roles_before=roles_before, generation=plan.generation, evicted=plan.evicted,
+                         fresh=plan.fresh, dp=self.dp)
+
+    # -- the end -------------------------------------------------------------------------
+    def release_spares(self) -> None:
+        """End of training (called by the lowest stage holder): the coordinator tells every
+        member, spares leave; processes evicted while stopped are killed on this host."""
+        try:
+            self.client.send({"op": "finished"})
+        except OSError:
+            return
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            msg = self.client.next_message(timeout=max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                return
+            if msg.get("op") == "done":
+                self.kill_evicted(msg.get("evicted", []))
+                return
+
+    def kill_evicted(self, evicted: list[dict]) -> None:
+        """A process evicted while stopped that never woke keeps ``mpirun`` from exiting: kill it
+        when it runs on this host (elsewhere, a member on its host does; if none, it stays)."""
+        here = socket.gethostname()
+        for proc in evicted:
+            if proc.get("host") == here and proc.get("pid") and proc["pid"] != os.getpid():
+                try:
+                    os.kill(proc["pid"], signal.SIGKILL)
+                    print(f"[member {self.rank}] killed evicted member {proc['id']} (pid {proc['pid']})",
+                          file=sys.stderr, flush=True)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def close(self) -> None:
+        self.client.close()
