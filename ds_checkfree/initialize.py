@@ -124,6 +124,10 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
     if cf.mode == "checkfree_plus" and act_ckpt:
         raise ConfigError(f"pipeline.activation_checkpoint_interval = {act_ckpt!r}: the out-of-order schedule runs "
                           "layers one by one. Fix: set it to 0 with checkfree_plus.")
+    if act_ckpt:  # the pipeline module is built without it in every mode: refuse rather than drop it
+        raise ConfigError(f"pipeline.activation_checkpoint_interval = {act_ckpt!r}: activation checkpointing is not "
+                          f"wired into this extension's pipeline module (mode {cf.mode!r} would silently train "
+                          "without it). Fix: set it to 0 or remove the key.")
     if cf.spares and not elastic:
         raise ConfigError(f"checkfree.spares = {cf.spares!r}: spare ranks need the MPI fault-tolerant launch. "
                           "Fix: launch with `mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ...`, "

@@ -23,7 +23,7 @@ from ds_checkfree.config.checkfree import ConfigError  # noqa: E402  (cheap: no 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a 'checkfree' section")
-    p.add_argument("--model", default="tiny", help="preset name (tiny, 124m, 500m, 1.5b) or a YAML path")
+    p.add_argument("--model", default="tiny", help="preset name (tiny, small, 124m, 500m, 1.5b) or a YAML path")
     p.add_argument("--num_layers", type=int, default=None, help="override the preset's decoder layer count")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps to run")
     p.add_argument("--output_dir", default=None, help="writes metrics.jsonl and run.json here")

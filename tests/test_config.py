@@ -332,3 +332,15 @@ def test_zero_with_recovery_is_refused_naming_the_fix(base, precision):
     assert "overwrite the rebuilt stage" in text and "Fix: set zero_optimization.stage to 0" in text
     cfg["checkfree"]["mode"] = "off"
     assert prepare(cfg, world_size=4).checkfree.mode == "off"
+
+
+@pytest.mark.parametrize("base", ["checkfree.json", "checkfree_plus.json", "redundant.json", "baseline.json"])
+def test_activation_checkpoint_interval_is_refused_not_dropped(base):
+    """The pipeline module is built without DeepSpeed's activation checkpointing in every mode:
+    a non-zero interval is refused at start-up instead of silently ignored; 0 stays accepted."""
+    cfg = json.loads((ROOT / "ds_configs" / base).read_text())
+    cfg["pipeline"] = {"activation_checkpoint_interval": 1}
+    with raises("pipeline.activation_checkpoint_interval = 1", "set it to 0"):
+        prepare(cfg, world_size=4)
+    cfg["pipeline"] = {"activation_checkpoint_interval": 0}
+    assert prepare(cfg, world_size=4).checkfree.mode == cfg.get("checkfree", {}).get("mode", "off")

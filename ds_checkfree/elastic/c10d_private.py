@@ -3,7 +3,8 @@
 Leaving a generation's process groups behind after a peer died must not block on that peer.
 Under gloo ``destroy_process_group`` does not; under NCCL it does (measured on an H200 with
 torch 2.11 / NCCL 2.28: ``destroy_process_group`` after the backend's ``abort`` hung for over
-40 s, DESIGN.md section 6), because it shuts every group down gracefully. ``forget_groups``
+40 s; docs/gpu.md, "NCCL after a peer's death"), because it shuts every group down
+gracefully. ``forget_groups``
 does the same bookkeeping as ``destroy_process_group`` (so ``init_process_group`` can form the
 next generation) but shuts nothing down: the caller aborts the groups first and keeps the
 objects alive, so no destructor ever waits on the dead peer either (torchft's approach).

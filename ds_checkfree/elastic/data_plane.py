@@ -6,15 +6,15 @@ the next generation can form:
 
 * gloo (CPU): wake = shut down the sockets the data plane opened (gloo then reports a closed
   connection at once); leave = ``destroy_process_group``, which does not wait on peers.
-* NCCL (CUDA): measured on an H200 (DESIGN.md section 6): after a SIGKILL, torch's watchdog
-  tears the survivors down unless told not to, and ``destroy_process_group`` (with or after
+* NCCL (CUDA): measured on an H200 (docs/gpu.md, "NCCL after a peer's death"): after a
+  SIGKILL, torch's watchdog tears the survivors down unless told not to, and ``destroy_process_group`` (with or after
   ``abort``) hangs on the dead peer. So, torchft's way: communicators are non-blocking
   (``abort`` never waits for a peer; their own waits bounded by the data-plane timeout), the
   watchdog only reports errors, wake = ``abort`` every
   group, leave = abort + forget every group without shutting it down (``c10d_private``), the
   objects kept alive so no destructor waits either; the next generation forms under a fresh
   store prefix (``elastic``). Each generation's communicators stay allocated (GPU memory grows
-  by one set per recovery): acceptable for the few recoveries of a job, stated in the README.
+  by one set per recovery): acceptable for the few recoveries of a job, stated in docs/gpu.md.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The transport-independent half of a heartbeat monitor: a thread around ``HeartbeatTracker``.
 
 Each interval the thread sends its own beat, drains what arrived and turns silences into
-verdicts; a transport (MPI in ``mpi``, the torch.distributed store in ``store``) supplies
-``_send_all`` and ``_drain``. The main thread reads the verdicts at step boundaries
-(``events``, ``summary``).
+verdicts; a transport (the coordinator's TCP connection in ``coordinator``, the
+torch.distributed store in ``store``) supplies ``_send_all`` and ``_drain``. The main thread
+reads the verdicts at step boundaries (``events``, ``summary``).
 """
 from __future__ import annotations
 
