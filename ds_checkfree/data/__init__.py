@@ -1,11 +1,13 @@
-"""Data pipeline: offline corpora, byte tokenizer, and replayable micro-batches."""
+"""Data pipeline: offline corpora, byte or Hugging Face tokenizer, and replayable micro-batches."""
 
 from ds_checkfree.data.batches import DataBundle, MicroBatches, Splits, build_data, split_tokens, validation_batches
 from ds_checkfree.data.corpus import DEFAULT_CORPUS, load_corpus
-from ds_checkfree.data.tokenizer import ByteTokenizer
+from ds_checkfree.data.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer
 
 __all__ = [
     "ByteTokenizer",
+    "HFTokenizer",
+    "make_tokenizer",
     "load_corpus",
     "DEFAULT_CORPUS",
     "split_tokens",

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ds_checkfree.data.corpus import DEFAULT_CORPUS, load_corpus
-from ds_checkfree.data.tokenizer import ByteTokenizer
+from ds_checkfree.data.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -132,7 +132,7 @@ def validation_batches(tokens: torch.Tensor, seq_len: int, micro_batch_size: int
 class DataBundle:
     """Everything the engine needs from the data side, built once per run."""
 
-    tokenizer: ByteTokenizer
+    tokenizer: ByteTokenizer | HFTokenizer
     train: MicroBatches
     val: list[Batch]
     num_train_tokens: int
@@ -143,18 +143,20 @@ class DataBundle:
 @functools.lru_cache(maxsize=4)
 def build_data(source: str | None, seq_len: int, micro_batch_size: int, seed: int = 0,
                val_fraction: float = 0.05, dp_rank: int = 0, dp_size: int = 1,
-               max_val_batches: int = 8) -> DataBundle:
+               max_val_batches: int = 8, tokenizer: str | None = None) -> DataBundle:
     """Load, tokenize, split and wrap a corpus into train/val batches.
 
     Memoised per process: the bundle is read-only (batches are drawn by index), and a spare
-    process builds its data while it waits, not after it took a lost stage's place."""
-    tokenizer = ByteTokenizer()
-    tokens = tokenizer.encode(load_corpus(source))
+    process builds its data while it waits, not after it took a lost stage's place.
+    ``tokenizer``: None for bytes (the presets' default), or a HF directory (``hf:DIR``) whose
+    tokenizer to use (see ``make_tokenizer``)."""
+    tok = make_tokenizer(tokenizer)
+    tokens = tok.encode(load_corpus(source))
     splits = split_tokens(tokens, val_fraction)
     train = MicroBatches(splits.train, seq_len, micro_batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
     val = validation_batches(splits.val, seq_len, micro_batch_size, max_val_batches)
     return DataBundle(
-        tokenizer=tokenizer,
+        tokenizer=tok,
         train=train,
         val=val,
         num_train_tokens=int(splits.train.numel()),
