@@ -63,9 +63,36 @@ def write_run_json(output_dir: str, info: dict) -> None:
         json.dump(_clean(info), f, indent=2, sort_keys=True, default=str)
 
 
-def read_metrics(path: str) -> list[dict]:
-    """Load a metrics.jsonl (a directory or the file itself)."""
+def read_metrics(path: str | os.PathLike, *, missing_ok: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl (``path``: the file or the run directory holding it).
+
+    One rule for a half-written line: the writer appends each record as one whole line and
+    flushes it, so only the LAST line can be incomplete (read while being written, or cut by a
+    kill). An unterminated last line that does not parse is left out: the next read sees it
+    whole. Any other line that does not parse means the file is damaged, not in progress:
+    ``ValueError`` naming the file and line. ``missing_ok``: no file yet (a run still starting)
+    reads as no records instead of raising ``FileNotFoundError``."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_metrics_lines(f, path)
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
+
+
+def parse_metrics_lines(lines, source: str = "metrics.jsonl") -> list[dict]:
+    """``read_metrics``' rule applied to lines as read from a file (each keeps its newline)."""
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if line.endswith("\n"):
+                raise ValueError(f"{source}:{number}: not a JSON record ({err.msg}); the file is damaged") from None
+    return records
