@@ -1,13 +1,19 @@
-"""The convergence harness's outputs: every validation point (CSV), one row per run (CSV), the
-curves (PNG) and the tables with the protocol (markdown)."""
+"""The convergence harness's outputs: every validation point of every run (CSV: the curves, kept
+so any figure can be redrawn on a fresh clone), one row per run (CSV), what the figures and the
+docs need to read them (meta JSON: commit, date, machine, protocol, the modelled-time inputs),
+the figures (``convergence_plots``) and the tables with the protocol (markdown)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import platform
 import statistics
+import subprocess
 import time
 
 from _runs import RESULTS
+from convergence_plots import draw
 from convergence_projection import projection_section
 from convergence_stats import (charged_at_target, fmt_summary, gap_vs, modelled_wall, run_outcomes,
                                summarize_outcomes)
@@ -28,10 +34,6 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
     def ratio_rel_se(name):  # the step-time ratio's 95% CI as a relative standard error
         r, lo, hi = ratios.get(by_name[name].step_variant, (1.0, 1.0, 1.0))
         return (hi - lo) / 3.92 / r
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with open(prefix + ".csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["strategy", "rate", "failure_seed", "train_seed", "step", "steps_executed", "wall", "val_loss",
@@ -61,24 +63,8 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
         return ([outcomes[k][0] for k in ks], [outcomes[k][1] for k in ks], [outcomes[k][2] for k in ks], ks,
                 [outcomes[k][3] for k in ks])
 
-    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), squeeze=False)
-    for j, rate in enumerate(rates):
-        for st in strategies:
-            r = 0.0 if st.name == NO_FAILURE else rate
-            ks = sorted(k for k in runs if k[0] == st.name and k[1] == r)
-            for i, k in enumerate(ks):
-                pts = runs[k]["points"]
-                axes[0][j].plot([p.steps_executed for p in pts], [p.val_loss for p in pts], lw=0.8,
-                                color=f"C{strategies.index(st) % 10}", label=st.name if i == 0 else None)
-        axes[0][j].axhline(target, color="grey", ls=":", lw=1)
-        axes[0][j].set_title(f"{rate:g} %/stage/hour (p={probs[rate]:.4f}/step)")
-        axes[0][j].set_xlabel("optimizer steps executed")
-        axes[0][j].set_ylabel("validation loss")
-        if axes[0][j].get_legend_handles_labels()[0]:  # (a partial report may have no curve here)
-            axes[0][j].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(prefix + ".png", dpi=100)
-    plt.close(fig)
+    write_meta(prefix, a, strategies, runs, target, t_ref, ratios)
+    draw(prefix)  # the curves (PREFIX.png) and the bars (PREFIX_bars.png), from the files just written
 
     L = [f"# Convergence under failures ({'quick' if a.quick else 'full'} run)", "",
          f"Model `{a.model}`" + (f" with {a.num_layers} decoder layers" if a.num_layers else "")
@@ -222,3 +208,57 @@ def summary_across_rates(rates, across: dict[str, dict[float, str]]) -> list[str
     for label, by_rate in across.items():
         L.append(f"| {label} | " + " | ".join(by_rate.get(r, "-") for r in rates) + " |")
     return L + [""]
+
+
+def _git_commit() -> str:
+    """HEAD of the checkout the harness runs from, with "+changes" when its tree differs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" +changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def _machine(accelerator: str) -> str:
+    import torch
+    import deepspeed
+    gpu = torch.cuda.get_device_name(0) if accelerator == "cuda" and torch.cuda.is_available() else "no GPU used"
+    return (f"{platform.node()}: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {gpu}; "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"DeepSpeed {deepspeed.__version__}")
+
+
+def write_meta(prefix, a, strategies, runs, target, t_ref, ratios) -> None:
+    """``PREFIX.meta.json``: the commit, date, machine and protocol of these outputs, and what the
+    figures need besides the two CSVs (labels, the stock step time, every strategy's ratio)."""
+    started = [v["started"] for v in runs.values() if v.get("started")]
+    meta = {
+        "benchmark": f"convergence under failures ({'quick' if a.quick else 'full'} protocol)",
+        "files": [os.path.basename(prefix) + ext for ext in (".csv", "_runs.csv", ".md", ".png", "_bars.png")],
+        "command": f"python benchmarks/convergence.py {' '.join(a.argv)}".strip(),
+        "protocol": (f"model {a.model}" + (f" with {a.num_layers} decoder layers" if a.num_layers else "")
+                     + f"; reference {a.steps} steps; rates {a.rates} % per stage per hour at an assumed "
+                     f"{a.assumed_step_seconds:g} s per step; failure schedules {a.failure_seeds} x training seeds "
+                     f"{a.train_seeds}; failure draws {a.failure_draws}; cap {a.cap_steps} steps; checkpoint "
+                     f"bytes charged at {a.storage_bandwidth_mb_s:g} MB/s; the .md states the rest"),
+        "date": (f"runs {min(started)} to {max(started)}; " if started else "")
+        + f"outputs {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+        "code_commit": _git_commit() + " (reused runs may come from earlier commits: a run is reused when its "
+                                       "spec matches)",
+        "machine": _machine(a.accelerator),
+        "target_val_loss": round(target, 4),
+        "modelled_wall": {
+            "stock_step_s": t_ref, "storage_bandwidth_mb_s": a.storage_bandwidth_mb_s,
+            "step_ratio_source": os.path.basename(a.step_time_csv),
+            "strategies": {st.name: {"label": st.label, "step_variant": st.step_variant,
+                                     "ratio": list(ratios.get(st.step_variant, (1.0, 1.0, 1.0)))}
+                           for st in strategies if any(k[0] == st.name for k in runs)},
+        },
+    }
+    with open(prefix + ".meta.json", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+        f.write("\n")
