@@ -177,7 +177,9 @@ def run_elastic(options, setup) -> int:
         elif agreement is not None and not agreement.fresh:
             print(f"[{who}] joined: taking the place of stage {world.stage}", flush=True)
         joined = agreement if agreement is not None and not agreement.fresh else None
-        return Trainer(options, setup, world, joined=joined).run(monitor)
+        trainer = Trainer(options, setup, world, joined=joined)
+        world.set_progress(lambda: trainer.steps_done)  # reported to a standby coordinator after a failover
+        return trainer.run(monitor)
     except JoinRefused as err:
         print(f"[{who}] {err}", file=sys.stderr, flush=True)
         return 2

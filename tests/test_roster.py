@@ -193,3 +193,174 @@ def test_before_any_step_a_lost_stage_is_rebuilt_from_the_seed_not_recovered():
 def test_expect_below_stages_is_refused():
     with pytest.raises(ValueError):
         Roster(4, 3, dead_after=1.0, startup_wait_s=1.0, join_wait_s=0.0, now=0.0)
+
+
+# -- a standby coordinator's roster, rebuilt from the members' reports (membership.rebuild) ----------
+from ds_checkfree.elastic.membership.rebuild import Report, expected_members, rebuild, rejoin  # noqa: E402
+from ds_checkfree.elastic.membership.roster import CheckIn  # noqa: E402
+
+
+def report(mid, plan: Plan, steps=12, **kw) -> Report:
+    """What member ``mid`` knows after applying ``plan`` and completing ``steps`` steps."""
+    fields = dict(id=mid, host="h", pid=100 + mid, addr="127.0.0.1", standby_port=40000 + mid,
+                  generation=plan.generation, roles=dict(plan.roles), plan_steps=plan.resume_step - 1,
+                  steps_done=steps)
+    fields.update(kw)
+    return Report(**fields)
+
+
+def rebuilt(reports, expect=5, now=100.0, **kw):
+    return rebuild(reports, num_stages=4, expect=expect, dead_after=10.0, startup_wait_s=30.0,
+                   join_wait_s=kw.pop("join_wait_s", 0.0), now=now, **kw)
+
+
+def test_reports_round_trip_through_json():
+    import json
+    _, plan = started()
+    rep = report(3, plan, checkin=CheckIn(7, True), checked_in_for=2, round_seen=2)
+    assert Report.from_message(json.loads(json.dumps(rep.as_message()))) == rep
+    assert rep.mid_round and not report(3, plan).mid_round
+
+
+def test_consistent_reports_rebuild_the_same_roster_and_send_nothing():
+    """The common failover: every member was training in generation 1: same roles, no round,
+    not one message (the data plane is untouched)."""
+    _, plan = started()
+    roster, outs = rebuilt([report(m, plan) for m in range(5)])
+    assert outs == []
+    assert roster.phase == "running" and roster.round is None and roster.generation == 1
+    assert roster.roles == plan.roles and sorted(roster.members) == [0, 1, 2, 3, 4]
+    assert roster.standbys() == [[m, "127.0.0.1", 40000 + m] for m in range(5)]
+    assert roster.progress == {m: 12 for m in range(5)}
+
+
+def test_a_stage_holder_that_never_re_registers_is_lost_and_the_spare_takes_its_stage():
+    """The coordinator's host died with stage 0's process: the standby rebuilds without member 0,
+    opens a round, and the spare takes stage 0 once the survivors check in."""
+    _, plan = started()
+    roster, outs = rebuilt([report(m, plan) for m in (1, 2, 3, 4)])
+    assert ops(outs, "round")[0].to == [1, 2, 3, 4] and ops(outs, "round")[0].msg["generation"] == 2
+    (lost,) = ops(outs, "member_lost")
+    assert lost.msg["member"] == 0
+    outs = []
+    for mid in (1, 2, 3, 4):
+        outs += roster.checkin(mid, 12, mid != 4, now=101.0, for_generation=2)
+    new = plan_of(outs)
+    assert new.generation == 2 and new.dead == [0] and new.lost == [0] and new.replacements == {0: 4}
+    assert new.resume_step == 13
+
+
+def test_a_check_in_made_before_the_coordinator_was_lost_counts_in_the_rebuilt_round():
+    """Stage 2 died, the old coordinator opened round 2, members 0, 1 and 3 checked in, then it
+    died too: the standby reopens round 2 with those check-ins; only the spare is waited for."""
+    _, plan = started()
+    pending = dict(checkin=CheckIn(8, True), checked_in_for=2, round_seen=2)
+    reports = [report(m, plan, **pending) for m in (0, 1, 3)] + [report(4, plan, round_seen=2)]
+    roster, outs = rebuilt(reports)
+    assert ops(outs, "round")[0].msg["generation"] == 2 and not ops(outs, "plan")
+    assert sorted(roster.round.checkins) == [0, 1, 3]
+    new = plan_of(roster.checkin(4, 0, False, now=101.0, for_generation=2))
+    assert new.replacements == {2: 4} and new.lost == [2] and new.dead == [2] and new.resume_step == 9
+
+
+def test_a_member_that_missed_the_newest_plan_makes_everyone_agree_again():
+    r, plan1 = started()
+    r.disconnected(2, now=5.0)
+    outs = []
+    for mid in (0, 1, 3, 4):
+        outs += r.checkin(mid, 8, mid != 4, now=5.1, for_generation=2)
+    plan2 = plan_of(outs)
+    # plan 2 reached members 0, 1, 4; member 3 was still waiting for it when the coordinator died
+    reports = [report(m, plan2, steps=8) for m in (0, 1, 4)]
+    reports.append(report(3, plan1, steps=8, checkin=CheckIn(8, True), checked_in_for=2, round_seen=2))
+    roster, outs = rebuilt(reports)
+    assert roster.generation == 2 and roster.roles == plan2.roles
+    (rnd,) = ops(outs, "round")
+    assert rnd.msg["generation"] == 3 and rnd.to == [0, 1, 3, 4] and not roster.round.checkins
+    outs = []
+    for mid in (0, 1, 3, 4):
+        outs += roster.checkin(mid, 8, True, now=101.0, for_generation=3)
+    plan3 = plan_of(outs)
+    assert plan3.lost == [] and plan3.roles == plan2.roles and plan3.resume_step == 9
+
+
+def test_a_finished_report_ends_the_job_for_everyone():
+    _, plan = started()
+    roster, outs = rebuilt([report(m, plan, finished=(m == 0)) for m in range(5)])
+    (done,) = ops(outs, "done")
+    assert done.to == [0, 1, 2, 3, 4] and roster.phase == "done"
+
+
+def test_a_member_the_newest_plan_dropped_is_evicted_again():
+    r, plan1 = started()
+    r.disconnected(1, now=5.0)
+    outs = []
+    for mid in (0, 2, 3, 4):
+        outs += r.checkin(mid, 8, mid != 4, now=5.1, for_generation=2)
+    plan2 = plan_of(outs)
+    # member 1 had been evicted while stopped; it wakes as the coordinator dies and reports
+    roster, outs = rebuilt([report(m, plan2) for m in (0, 2, 3, 4)] + [report(1, plan1)])
+    (ev,) = ops(outs, "evicted")
+    assert ev.to == [1] and ev.close and 1 not in roster.members and not ops(outs, "round")
+
+
+def test_a_late_member_is_refused_once_the_roster_was_rebuilt_and_a_present_one_taken_back():
+    _, plan = started()
+    roster, _ = rebuilt([report(m, plan) for m in (1, 2, 3, 4)])
+    ok, outs = rejoin(roster, report(0, plan), now=101.0)
+    assert not ok and outs == []
+    ok, outs = rejoin(roster, report(2, plan, standby_port=41002), now=101.0)
+    assert ok and roster.members[2].standby_port == 41002
+
+
+def test_lost_while_the_job_was_forming_the_start_up_goes_on():
+    empty = Plan(0, {}, {}, {}, [], [], [], {}, 1, True)
+    reports = [report(m, empty, steps=0, checkin=CheckIn(0, False), checked_in_for=1, round_seen=1) for m in range(4)]
+    roster, outs = rebuilt(reports + [report(4, empty, steps=0, round_seen=1)])
+    assert roster.phase == "gathering" and ops(outs, "round")[0].to == [0, 1, 2, 3, 4]
+    plan = plan_of(roster.checkin(4, 0, False, now=100.5, for_generation=1))
+    assert plan.fresh and plan.roles == {0: 0, 1: 1, 2: 2, 3: 3, 4: None}
+
+
+def test_the_collection_is_complete_once_every_member_of_the_newest_plan_reported():
+    _, plan = started()
+    assert expected_members([report(m, plan) for m in (1, 2)]) == {0, 1, 2, 3, 4}
+    assert expected_members([]) == set()
+
+
+def test_standbys_are_the_members_with_a_reserved_port_in_id_order():
+    r = Roster(4, 5, dead_after=10.0, startup_wait_s=30.0, join_wait_s=0.0, now=0.0)
+    for mid, port in ((3, 4003), (0, None), (1, 4001)):
+        r.hello(mid, "h", mid, f"10.0.0.{mid}", now=1.0, standby_port=port)
+    assert r.standbys() == [[1, "10.0.0.1", 4001], [3, "10.0.0.3", 4003]]
+    r.disconnected(1, now=2.0)
+    assert r.standbys() == [[3, "10.0.0.3", 4003]]
+
+
+def test_a_loaded_hand_off_is_settled_once_every_stage_holder_is_past_it():
+    """Preemption hygiene: the hand-off the plan told member 4 to load (slot 2, after step 8)
+    is deleted once every stage holder completed step 9, not before (a slower member may still
+    ask whether it exists)."""
+    r, _ = started()
+    r.disconnected(2, now=5.0)
+    for mid in (0, 1, 3, 4):
+        r.checkin(mid, 8, mid != 4, now=5.1, for_generation=2)
+    assert r.pending_handoffs == [(2, 2, 8)]
+    for mid in (0, 1, 3, 4):
+        r.beat(mid, 6.0, steps_done=9 if mid != 3 else 8)
+    assert r.settled_handoffs() == [] and r.pending_handoffs
+    r.beat(3, 6.5, steps_done=9)
+    assert r.settled_handoffs() == [(2, 8)] and r.pending_handoffs == []
+
+
+def test_a_later_plan_or_the_end_settles_every_earlier_hand_off():
+    r, _ = started(expect=6)
+    r.disconnected(2, now=5.0)
+    for mid in (0, 1, 3, 4, 5):
+        r.checkin(mid, 8, mid < 4, now=5.1, for_generation=2)
+    r.disconnected(1, now=6.0)  # before anyone completed a step
+    for mid in (0, 3, 4, 5):
+        r.checkin(mid, 8, mid != 5, now=6.1, for_generation=3)
+    assert r.settled_handoffs() == [(2, 8)] and r.pending_handoffs == [(3, 1, 8)]
+    r.finished(0, now=7.0)
+    assert r.settled_handoffs() == [(1, 8)]

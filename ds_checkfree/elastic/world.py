@@ -15,6 +15,12 @@ each member tears its group down (a member blocked on the stalled peer is woken 
 checks in, and receives one plan: who holds which stage, which stages lost their state, the
 step to resume from. The caller rebuilds the DeepSpeed engine around the kept state and
 lets the CheckFree rules re-materialise the lost stages.
+
+Losing the coordinator is survived without touching the data plane: each member walks the
+standby list the coordinator handed out (``membership.failover``), the first live member starts
+a standby coordinator on the port it reserved at start-up (``membership.standby``), and every
+member re-registers there with its report (``report``: id, generation, roles, slot, steps),
+from which the standby rebuilds the roster (``membership.rebuild``).
 """
 from __future__ import annotations
 
@@ -27,9 +33,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from ds_checkfree.elastic.membership import standby
 from ds_checkfree.elastic.membership.client import CoordinatorLost, MemberClient
 from ds_checkfree.elastic.membership.discovery import locate
-from ds_checkfree.elastic.membership.roster import Plan
+from ds_checkfree.elastic.membership.rebuild import Report
+from ds_checkfree.elastic.membership.roster import CheckIn, Plan
+from ds_checkfree.elastic.plane_sockets import socket_inodes
 
 
 class NoSpareLeft(RuntimeError):
@@ -72,6 +81,7 @@ class ElasticWorld:
         """``dp`` data-parallel replicas per stage: a role is a slot, ``stage * dp + replica``
         (DeepSpeed's rank order), and the data plane has ``num_stages * dp`` ranks."""
         self.num_stages, self.dp_timeout_s, self.dp = num_stages, dp_timeout_s, dp
+        self.expect, self.cf, self.log_dir = num_stages * dp + spares, cf, log_dir
         self.roles: dict[int, int | None] = {}
         self.generation = 0
         self._lock = threading.Lock()
@@ -79,16 +89,35 @@ class ElasticWorld:
         self._plane_formed = False  # a data plane formed or forming that a round must wake
         self._round_announced = 0  # the highest generation a round was announced for
         self._checked_in_for = 0   # the generation this member last checked in for
+        self._pending_checkin: CheckIn | None = None  # sent, its plan not received yet
+        self._plan_steps = 0       # steps completed when the current plan was made
+        self._finished = False     # training completed here (told to the coordinator)
+        self.progress = lambda: 0  # this member's last completed step (the trainer's, ``set_progress``)
         mpi_rank = os.environ.get("OMPI_COMM_WORLD_RANK")
         id_hint = None if joining or mpi_rank is None else int(mpi_rank)
         address, addr = locate(num_stages, spares, dp, cf, log_dir, coordinator, joining)
-        self.address = address
-        self._shared_store = None
+        self.addr = addr
+        self._shared_store, self._shared_store_at = None, None
+        # the port this member offers for a standby coordinator, held for the process's life
+        self._standby, why_no_standby = standby.reserve(addr) if cf is not None else (None, "no configuration")
         self.client = MemberClient(address, id_hint=id_hint, num_stages=num_stages, addr=addr, dp=dp,
-                                   connect_timeout_s=max(60.0, dp_timeout_s), on_round=self._on_round)
+                                   connect_timeout_s=max(60.0, dp_timeout_s), on_round=self._on_round,
+                                   standby_port=self._standby_port(), hooks=self)
         self.rank = self.client.id
+        self.client.progress = lambda: self.progress()
         print(f"[member {self.rank}] {socket.gethostname()} pid {os.getpid()}: member of the job at "
               f"{address[0]}:{address[1]} (advertising {addr})", flush=True)
+        self._say_failover(why_no_standby)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The coordinator this member is registered with (a standby's after a failover)."""
+        return self.client.address
+
+    def set_progress(self, steps_done) -> None:
+        """``steps_done()``: this member's last completed step (beaten to the coordinator, and
+        reported to a standby after a failover)."""
+        self.progress = steps_done
 
     # -- roles ---------------------------------------------------------------------------
     @property
@@ -118,7 +147,7 @@ class ElasticWorld:
                                            f"generation {self.generation}'s data plane formed")
             self.plane.prepare()
             self._plane_formed = True
-        host, port = self.address[0], self.client.store_port
+        host, port = self.client.address[0], self.client.store_port
         os.environ.update({"RANK": str(self.slot), "WORLD_SIZE": str(self.num_stages * self.dp), "MASTER_ADDR": host,
                            "MASTER_PORT": str(port),
                            "LOCAL_RANK": os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")})
@@ -134,13 +163,27 @@ class ElasticWorld:
 
     def shared_store(self):
         """The coordinator's store outside every generation's prefix (where a preempted member
-        publishes its stage, ``ds_checkfree.elastic.preemption``); one client for the member's life,
-        made before its first data plane forms (the gloo plane shuts every socket opened since)."""
-        if self._shared_store is None:
+        publishes its stage, ``ds_checkfree.elastic.preemption``); one client per coordinator,
+        made before the data plane forms (the gloo plane shuts every socket opened since), or,
+        after a failover, exempted from that."""
+        where = (self.client.address[0], self.client.store_port)
+        if self._shared_store is None or self._shared_store_at != where:
             import torch.distributed as tdist
-            self._shared_store = tdist.TCPStore(self.address[0], self.client.store_port, is_master=False,
+            before = set(socket_inodes().values())
+            self._shared_store = tdist.TCPStore(where[0], where[1], is_master=False,
                                                 timeout=timedelta(seconds=self.dp_timeout_s), wait_for_workers=False)
+            self._shared_store_at = where
+            self._exempt_from_wake(set(socket_inodes().values()) - before)
         return self._shared_store
+
+    def _exempt_from_wake(self, inodes: set[str]) -> None:
+        """Sockets opened while a gloo data plane is formed that are not the plane's (a
+        connection to a standby coordinator): a round's wake-up must not shut them. (Reads the
+        gloo plane's record of the sockets it leaves alone, ``data_plane.GlooPlane._before``.)"""
+        with self._lock:
+            before = getattr(self.plane, "_before", None)
+            if isinstance(before, set):
+                before.update(inodes)
 
     def _plane(self):
         from deepspeed.accelerator import get_accelerator
@@ -217,17 +260,26 @@ class ElasticWorld:
                                       "closed: membership can no longer be agreed")
 
     def _checkin(self, steps_done: int, has_state: bool) -> None:
-        self._checked_in_for = self.generation + 1
-        try:
-            self.client.send({"op": "checkin", "steps_done": steps_done, "has_state": has_state,
-                              "for_generation": self._checked_in_for})
-        except OSError:
-            pass  # the reader reports the lost coordinator
+        with self._lock:
+            self._checked_in_for = self.generation + 1
+            self._pending_checkin = CheckIn(steps_done, has_state)
+        self._send_checkin()
+
+    def _send_checkin(self) -> None:
+        """(Again after a failover: the report may have been made before the check-in.)"""
+        with self._lock:
+            pending, for_generation = self._pending_checkin, self._checked_in_for
+        if pending is not None:  # dropped while the coordinator is lost: the report carries it
+            self.client.send({"op": "checkin", "steps_done": pending.steps_done, "has_state": pending.has_state,
+                              "for_generation": for_generation})
 
     def _apply(self, plan: Plan, revoked_at: float) -> Agreement:
         roles_before = dict(self.roles)
         with self._lock:
             self.roles, self.generation = dict(plan.roles), plan.generation
+            self._plan_steps = plan.resume_step - 1
+            if plan.generation >= self._checked_in_for:
+                self._pending_checkin = None
         return Agreement(plan.dead, plan.lost, plan.replacements, plan.resume_step, revoked_at, time.time(),
                          roles_before=roles_before, generation=plan.generation, evicted=plan.evicted,
                          fresh=plan.fresh, dp=self.dp)
@@ -235,11 +287,13 @@ class ElasticWorld:
     # -- the end -------------------------------------------------------------------------
     def release_spares(self) -> None:
         """End of training (called by the lowest stage holder): the coordinator tells every
-        member, spares leave; processes evicted while stopped are killed on this host."""
-        try:
+        member, spares leave; processes evicted while stopped are killed on this host. While the
+        coordinator is being replaced, the report to the standby carries it (waited for)."""
+        self._finished = True
+        if not self.client.send({"op": "finished"}):
+            if not self.client.wait_connected((self.client.silence_s or 10.0) + 60.0):
+                return
             self.client.send({"op": "finished"})
-        except OSError:
-            return
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
             msg = self.client.next_message(timeout=max(0.0, deadline - time.monotonic()))
@@ -264,3 +318,56 @@ class ElasticWorld:
 
     def close(self) -> None:
         self.client.close()
+
+    # -- coordinator failover (the client's hooks, on its reader thread) -------------------
+    def _standby_port(self) -> int | None:
+        return None if self._standby is None else self._standby.getsockname()[1]
+
+    def _say_failover(self, why_no_standby: str) -> None:
+        """What a lost coordinator would do to this job, said once at start-up."""
+        where = f"{self.address[0]}:{self.address[1]}"
+        if self.client.standbys is None:
+            print(f"[member {self.rank}] WARNING: coordinator failover is off: the coordinator at {where} hands out "
+                  "no standby list (started with --no_failover). If it is lost, training goes on until the next "
+                  "membership change (a lost or joining process), which then stops the job (exit 3): the job "
+                  "would not survive the coordinator's loss, nor the loss of its host", file=sys.stderr, flush=True)
+        elif self._standby is None:
+            print(f"[member {self.rank}] coordinator failover: on, but this member cannot host a standby "
+                  f"coordinator ({why_no_standby}); the other members can", file=sys.stderr, flush=True)
+        else:
+            print(f"[member {self.rank}] coordinator failover: on; standby coordinator reserved at "
+                  f"{self.addr}:{self._standby_port()} (the lowest-id live member takes over)", flush=True)
+
+    def report(self) -> dict:
+        """This member's account of the job for a standby coordinator (``rebuild.Report``)."""
+        with self._lock:
+            report = Report(id=self.rank, host=socket.gethostname(), pid=os.getpid(), addr=self.addr,
+                            standby_port=self._standby_port(), generation=self.generation, roles=dict(self.roles),
+                            plan_steps=self._plan_steps, steps_done=int(self.progress() or 0),
+                            checkin=self._pending_checkin, checked_in_for=self._checked_in_for,
+                            round_seen=self._round_announced, finished=self._finished)
+        return dict(report.as_message(), num_stages=self.num_stages, dp=self.dp)
+
+    def start_standby(self, position: int) -> bool:
+        """This member is the first live one in the standby list: start the coordinator on its
+        reserved port, and reserve a fresh one for a later failover."""
+        if self._standby is None or self.cf is None:
+            return False
+        listener = self._standby
+        pid, announce = standby.start(listener, self.rank, position, self.expect, self.cf, self.dp, self.log_dir)
+        print(f"[member {self.rank}] started the standby coordinator (pid {pid}) at "
+              f"{self.addr}:{listener.getsockname()[1]} ({announce})", file=sys.stderr, flush=True)
+        listener.close()  # the coordinator holds it now: if it dies, a connect is refused at once
+        self._standby, _ = standby.reserve(self.addr)
+        return True
+
+    def reconnected(self, sock, welcome: dict, address) -> None:
+        """Registered with a standby coordinator: keep its connection out of a round's wake-up,
+        and repeat a check-in or a finish its report may not have carried."""
+        try:
+            self._exempt_from_wake({os.readlink(f"/proc/self/fd/{sock.fileno()}")})
+        except OSError:
+            pass
+        self._send_checkin()
+        if self._finished:
+            self.client.send({"op": "finished"})

@@ -4,6 +4,9 @@ Each member beats to the coordinator only (one small message per interval, not o
 peer); the coordinator turns silences into verdicts and tells every member which peer it
 lost (``member_lost``), which this monitor reports as its events. A closed connection is
 a verdict at once, so a killed process is known before its heartbeat would be missed.
+Each beat carries the member's last completed step (the coordinator deletes a preemption
+hand-off once every stage holder is past it). While the coordinator is being replaced the
+client drops the beats (``MemberClient.send``): the thread goes on beating.
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ class CoordinatorHeartbeat(HeartbeatThread):
         client.on_member_lost = self.member_lost
 
     def _send_all(self, now: float) -> None:
-        self.client.send({"op": "beat"})
-        self.beats_sent += 1
+        if self.client.send({"op": "beat", "steps": self.client.progress()}):
+            self.beats_sent += 1
 
     def _drain(self, now: float) -> None:
         pass  # verdicts arrive from the coordinator (``member_lost``), on the client's reader thread

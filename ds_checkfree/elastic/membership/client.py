@@ -6,6 +6,11 @@ thread: ``round`` (a membership change is coming) calls ``on_round`` at once, so
 thread blocked in a collective on a stalled peer is woken instead of waiting for the
 data-plane timeout; ``evicted`` (this process was declared dead while stopped or hung)
 ends the process: the job has already continued without it.
+
+Losing the coordinator (the connection closes, or no ``alive`` for ``heartbeat_timeout_s``)
+is not a membership change: the data plane is left alone and training goes on, while the
+reader thread finds the standby coordinator (``failover``) and re-registers there with this
+member's report; meanwhile ``send`` drops messages (the report carries what matters).
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import socket
 import sys
 import threading
 import time
+
+from ds_checkfree.elastic.membership import failover
 
 EXIT_EVICTED = 4
 
@@ -28,29 +35,57 @@ class JoinRefused(RuntimeError):
     """The coordinator would not take this process (wrong configuration, job over)."""
 
 
+def _leave(member, why: str) -> None:
+    """The job went on without this process: under mpirun the job's exit status is the
+    survivors' (this process's work was taken over), so it leaves quietly; started by hand
+    it says it was evicted."""
+    print(f"[member {member} pid {os.getpid()}] {why}: the others continued without this process; exiting",
+          file=sys.stderr, flush=True)
+    os._exit(0 if "OMPI_COMM_WORLD_RANK" in os.environ else EXIT_EVICTED)
+
+
 class MemberClient:
     def __init__(self, address: tuple[str, int], *, id_hint: int | None, num_stages: int, addr: str,
-                 connect_timeout_s: float = 60.0, on_round=None, on_member_lost=None, dp: int = 1):
-        self.address = address
+                 connect_timeout_s: float = 60.0, on_round=None, on_member_lost=None, dp: int = 1,
+                 standby_port: int | None = None, hooks=None):
+        """``hooks``: the member's side of a failover (``ElasticWorld``): ``report()``,
+        ``start_standby(position)``, ``reconnected(sock, welcome, address)``; None: no failover."""
         self.on_round = on_round or (lambda msg: None)
         self.on_member_lost = on_member_lost or (lambda msg: None)
+        self.hooks = hooks
         self.inbox: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
+        self._connected = threading.Event()
         self.finished = False
-        self.sock = self._connect(address, connect_timeout_s)
-        self._reader = self.sock.makefile("r", encoding="utf-8")
-        self.send({"op": "hello", "id_hint": id_hint, "host": socket.gethostname(), "pid": os.getpid(),
-                   "addr": addr, "num_stages": num_stages, "dp": dp})
-        self.sock.settimeout(connect_timeout_s)
-        line = self._reader.readline()
-        self.sock.settimeout(None)
+        self.job_over = False  # done or stop received: a closed connection then is the end, not a loss
+        self.progress = lambda: None  # this member's last completed step, sent with each beat
+        sock = self._connect(address, connect_timeout_s)
+        reader = sock.makefile("r", encoding="utf-8")
+        sock.sendall((json.dumps({"op": "hello", "id_hint": id_hint, "host": socket.gethostname(),
+                                  "pid": os.getpid(), "addr": addr, "num_stages": num_stages, "dp": dp,
+                                  "standby_port": standby_port}) + "\n").encode())
+        sock.settimeout(connect_timeout_s)
+        line = reader.readline()
+        sock.settimeout(None)
         welcome = json.loads(line) if line else {"op": "refused", "why": "the coordinator closed the connection"}
         if welcome.get("op") != "welcome":
             raise JoinRefused(f"coordinator {address[0]}:{address[1]} refused this process: {welcome.get('why')}")
         self.id: int = welcome["id"]
-        self.store_port: int = welcome["store_port"]
+        self._adopt(sock, reader, welcome, address)
         self._thread = threading.Thread(target=self._read, name="checkfree-membership", daemon=True)
         self._thread.start()
+
+    def _adopt(self, sock: socket.socket, reader, welcome: dict, address: tuple[str, int]) -> None:
+        with self._send_lock:
+            self.sock, self._reader, self.address = sock, reader, tuple(address)
+            self.store_port: int = welcome["store_port"]
+            #: the standby addresses, [id, addr, port] by id; None: the coordinator has no failover
+            self.standbys: list | None = welcome.get("standbys")
+            #: the coordinator beats back: silent this long, it is lost (None: an older coordinator)
+            self.silence_s: float | None = welcome.get("dead_after_s")
+            if self.silence_s:
+                sock.settimeout(self.silence_s)
+            self._connected.set()
 
     @staticmethod
     def _connect(address, timeout_s: float) -> socket.socket:
@@ -68,34 +103,83 @@ class MemberClient:
         raise CoordinatorLost(f"no coordinator at {address[0]}:{address[1]} after {timeout_s:g} s ({last}). Fix: "
                               "start it (python -m ds_checkfree.elastic.membership.coordinator ...) or check the address")
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict) -> bool:
+        """Send one message; False (dropped) while the coordinator is lost."""
         data = (json.dumps(msg) + "\n").encode()
         with self._send_lock:
-            self.sock.sendall(data)
+            if not self._connected.is_set():
+                return False
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError:
+                return False
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
 
     def _read(self) -> None:
+        while True:
+            self._read_messages()
+            if self.finished or self.job_over:
+                return
+            self._connected.clear()
+            if not self._fail_over():
+                self.inbox.put({"op": "coordinator_lost"})
+                return
+
+    def _read_messages(self) -> None:
+        """Hand the coordinator's messages on until its connection closes or goes silent."""
         try:
             for line in self._reader:
                 msg = json.loads(line)
                 op = msg.get("op")
+                if op == "alive":
+                    continue
                 if op == "evicted":
-                    print(f"[member {self.id} pid {os.getpid()}] evicted from the job by the coordinator "
-                          f"({msg.get('why')}): the others continued without this process; exiting",
-                          file=sys.stderr, flush=True)
-                    # under mpirun the job's exit status is the survivors': this process's work was
-                    # taken over, so it leaves quietly; started by hand it says it was evicted
-                    os._exit(0 if "OMPI_COMM_WORLD_RANK" in os.environ else EXIT_EVICTED)
+                    _leave(self.id, f"evicted from the job by the coordinator ({msg.get('why')})")
+                if op == "standbys":
+                    self.standbys = msg["list"]
+                    continue
                 if op == "member_lost":
                     self.on_member_lost(msg)
                     continue
+                if op in ("done", "stop"):
+                    self.job_over = True
                 if op == "round":
                     self.on_round(msg)
                 self.inbox.put(msg)
         except (OSError, ValueError):
             pass
-        if not self.finished:
-            self.on_round({"op": "coordinator_lost"})
-        self.inbox.put({"op": "coordinator_lost"})
+
+    def _warn(self, msg: str) -> None:
+        print(f"[member {self.id}] {msg}", file=sys.stderr, flush=True)
+
+    def _fail_over(self) -> bool:
+        """Find the standby coordinator and re-register there; False when there is none."""
+        lost, t0 = f"{self.address[0]}:{self.address[1]}", time.monotonic()
+        if self.standbys is None or self.hooks is None:
+            self._warn(f"the coordinator at {lost} was lost and this job has no standby coordinator (failover "
+                       "off): training goes on, and the next membership change stops the job")
+            return False
+        self._warn(f"the coordinator at {lost} was lost: training goes on; reconnecting to the first live "
+                   f"standby in member-id order {[s[0] for s in self.standbys]}")
+        position = next((i for i, s in enumerate(self.standbys) if s[0] == self.id), len(self.standbys))
+        try:
+            found = failover.walk(list(self.standbys), self.id, lambda: self.hooks.start_standby(position),
+                                  self.hooks.report, (self.silence_s or 10.0) + failover.WELCOME_SLACK_S, self._warn)
+        except failover.Refused as err:
+            _leave(self.id, f"the standby coordinator refused this member ({err})")
+        if found is None:
+            self._warn("no standby coordinator answered: training goes on without membership; the next "
+                       "membership change stops the job")
+            return False
+        sock, reader, welcome, address = found
+        self._adopt(sock, reader, welcome, address)
+        self.hooks.reconnected(sock, welcome, address)
+        self._warn(f"re-registered with the coordinator at {address[0]}:{address[1]} "
+                   f"{time.monotonic() - t0:.1f} s after losing {lost}")
+        return True
 
     @staticmethod
     def query_job(address: tuple[str, int], timeout_s: float = 60.0) -> dict:

@@ -125,25 +125,35 @@ def _advertised_addrs(comm, rank: int, hosts: list[str]) -> list[str]:
     return [a for a, _ in results]
 
 
-def start_coordinator(expect: int, cf, log_dir: str | None, timeout_s: float = 60.0,
-                      announce: str | None = None, dp: int = 1) -> int:
-    """Start ``membership.coordinator`` as a process of its own session (it outlives this
-    one) and return its port."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    log_dir = log_dir or tempfile.gettempdir()
-    os.makedirs(log_dir, exist_ok=True)
-    announce = announce or os.path.join(log_dir, f"coordinator-{os.getpid()}.json")
-    log_path = announce[:-len(".json")] + ".log" if announce.endswith(".json") else announce + ".log"
-    cmd = [sys.executable, "-m", "ds_checkfree.elastic.membership.coordinator", "--expect", str(expect),
-           "--num_stages", str(cf.num_stages), "--heartbeat_timeout_s", str(cf.heartbeat_timeout_s),
-           "--startup_wait_s", str(cf.startup_wait_s), "--join_wait_s", str(cf.join_wait_s),
-           "--dp", str(dp), "--port", "0", "--announce", announce]
+def coordinator_command(expect: int, cf, dp: int) -> list[str]:
+    """``python -m ds_checkfree.elastic.membership.coordinator`` with the job's shape and timings."""
+    return [sys.executable, "-m", "ds_checkfree.elastic.membership.coordinator", "--expect", str(expect),
+            "--num_stages", str(cf.num_stages), "--heartbeat_timeout_s", str(cf.heartbeat_timeout_s),
+            "--heartbeat_interval_s", str(cf.heartbeat_interval_s), "--startup_wait_s", str(cf.startup_wait_s),
+            "--join_wait_s", str(cf.join_wait_s), "--dp", str(dp)]
+
+
+def spawn_coordinator(cmd: list[str], log_path: str, pass_fds: tuple = ()) -> subprocess.Popen:
+    """Start a coordinator as a process of its own session (it outlives its starter), not an MPI
+    process, its output in ``log_path``."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for key in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PRTE_"))]:
         del env[key]  # not an MPI process
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds)
+
+
+def start_coordinator(expect: int, cf, log_dir: str | None, timeout_s: float = 60.0,
+                      announce: str | None = None, dp: int = 1) -> int:
+    """Start ``membership.coordinator`` as a process of its own session (it outlives this
+    one) and return its port."""
+    log_dir = log_dir or tempfile.gettempdir()
+    os.makedirs(log_dir, exist_ok=True)
+    announce = announce or os.path.join(log_dir, f"coordinator-{os.getpid()}.json")
+    log_path = announce[:-len(".json")] + ".log" if announce.endswith(".json") else announce + ".log"
+    proc = spawn_coordinator(coordinator_command(expect, cf, dp) + ["--port", "0", "--announce", announce], log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if os.path.exists(announce):

@@ -30,6 +30,8 @@ class Member:
     last_beat: float
     joined_at: float
     joiner: bool = False
+    #: the port this member reserved for a standby coordinator at ``addr`` (None: it cannot host one)
+    standby_port: int | None = None
 
 
 @dataclass
@@ -111,9 +113,14 @@ class Roster:
         self.phase = "gathering"               # gathering | running | stopped | done
         self.stop_reason: dict | None = None
         self._next_joiner = expect
+        #: hand-offs a plan told a member to load, (generation, slot, after_step), until every
+        #: stage holder is past them (``settled_handoffs``); and each member's last completed step
+        self.pending_handoffs: list[tuple[int, int, int]] = []
+        self.progress: dict[int, int] = {}
 
     # -- arrivals ----------------------------------------------------------------------
-    def hello(self, id_hint: int | None, host: str, pid: int, addr: str, now: float) -> tuple[int | None, list[Out]]:
+    def hello(self, id_hint: int | None, host: str, pid: int, addr: str, now: float,
+              standby_port: int | None = None) -> tuple[int | None, list[Out]]:
         """A process asks to be a member: its id (None: refused) and the messages it causes."""
         if self.phase in ("stopped", "done"):
             return None, []
@@ -122,7 +129,8 @@ class Roster:
             mid, self._next_joiner = self._next_joiner, self._next_joiner + 1
         else:
             mid = id_hint
-        self.members[mid] = Member(mid, host, pid, addr, last_beat=now, joined_at=now, joiner=joiner)
+        self.members[mid] = Member(mid, host, pid, addr, last_beat=now, joined_at=now, joiner=joiner,
+                                   standby_port=standby_port)
         out = []
         if self.round is not None:  # start-up, or a round open: check in to take part in it
             out.append(Out([mid], {"op": "round", "generation": self.round.generation, "why": self.round.why}))
@@ -130,10 +138,12 @@ class Roster:
             out += self.admit_spare(mid, now)
         return mid, out + self.tick(now)
 
-    def beat(self, mid: int, now: float) -> None:
+    def beat(self, mid: int, now: float, steps_done: int | None = None) -> None:
         m = self.members.get(mid)
         if m is not None:
             m.last_beat = now
+            if steps_done is not None:
+                self.progress[mid] = int(steps_done)
 
     # -- departures --------------------------------------------------------------------
     def disconnected(self, mid: int, now: float) -> list[Out]:
@@ -164,12 +174,6 @@ class Roster:
         return out + self.tick(now)
 
     # -- rounds ------------------------------------------------------------------------
-    def suspect(self, mid: int, why: str, now: float) -> list[Out]:
-        """A member's data plane broke: start a round (if none is open)."""
-        if self.phase != "running" or self.round is not None:
-            return []
-        return self._start_round(now, f"member {mid}: {why}")
-
     def _start_round(self, now: float, why: str) -> list[Out]:
         self.round = _Round(self.generation + 1, now, why)
         return [Out(self._live_admitted(), {"op": "round", "generation": self.round.generation, "why": why})]
@@ -261,6 +265,7 @@ class Roster:
                     lost=lost, replacements=replacements, resume_step=best + 1, fresh=fresh, why=rnd.why)
         self.roles, self.generation, self.round, self.best_steps = new_roles, rnd.generation, None, best
         self.since_plan_dead, self.since_plan_evicted = [], []
+        self.pending_handoffs += [(plan.generation, slot, plan.resume_step - 1) for slot in lost]
         self.phase = "running"
         # a joiner that arrived during the round and has not checked in yet is admitted as a
         # spare when its check-in comes (``checkin``)
@@ -291,6 +296,28 @@ class Roster:
         self.round = None
         evicted = [{"id": m.id, "host": m.host, "pid": m.pid} for m in self.evicted.values()]
         return [Out(sorted(self.members), {"op": "done", "evicted": evicted, "by": mid})]
+
+    # -- failover and hygiene ------------------------------------------------------------
+    def standbys(self) -> list[list]:
+        """Where a standby coordinator may start, in the order members try them after losing
+        this coordinator: ``[id, addr, port]`` of every member that reserved a port, by id."""
+        return [[m.id, m.addr, m.standby_port] for _, m in sorted(self.members.items())
+                if m.standby_port is not None]
+
+    def settled_handoffs(self) -> list[tuple[int, int]]:
+        """(slot, after_step) of hand-offs no member will ask for again, removed from the pending
+        list: a later plan was made (every member checked in after that rebuild), the job is over,
+        or every stage holder completed a step after the one the hand-off resumes (each asks the
+        store whether it exists before its first step of the generation, so none asks later)."""
+        holders = [m for m, slot in self.roles.items() if slot is not None and m in self.members]
+        settled, keep = [], []
+        for generation, slot, after in self.pending_handoffs:
+            done = (self.phase in ("done", "stopped") or generation < self.generation
+                    or (generation == self.generation and self.round is None and holders
+                        and all(self.progress.get(m, 0) > after for m in holders)))
+            (settled if done else keep).append((generation, slot, after))
+        self.pending_handoffs = keep
+        return [(slot, after) for _, slot, after in settled]
 
     # -- helpers -----------------------------------------------------------------------
     def _live_admitted(self) -> list[int]:

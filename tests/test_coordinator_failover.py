@@ -1,0 +1,180 @@
+"""The coordinator is not a single point of failure (``membership.failover``, ``standby``, ``rebuild``).
+
+Real processes: the coordinator of a ``mpirun --with-ft ulfm`` job (4 stages + 1 spare, tiny
+model) is SIGKILLed mid-run: training goes on, the lowest live member starts a standby
+coordinator on the port it reserved, every member re-registers there and the roster is rebuilt
+from their reports, with no stage lost and no recovery; a stage killed 8 steps later is
+replaced by the spare as before. Sockets, no training: the standby walk's order, and the
+coordinator's per-member send queues (a member that stops reading stalls no one else).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import events_of, read_metrics, steps_accounted, steps_of, write_config
+from ds_checkfree.elastic.membership import failover
+from test_elastic import ElasticJob, _check_survived, exit_pids
+
+STEPS = 40
+
+
+def coordinator_pid(out) -> int:
+    """The first coordinator's pid, from the announce file the rank that started it waited for."""
+    (announce,) = list(out.glob("coordinator-*.json"))
+    return json.loads(announce.read_text())["pid"]
+
+
+def standby_logs(out) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(out.glob("failover-coordinator-*.log")))
+
+
+def kill_the_coordinator(tmp_path, seed: int, **checkfree):
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", spares=1, **checkfree)
+    job = ElasticJob(tmp_path, 5, cfg, STEPS)
+    kill_step = random.Random(seed).randint(5, 12)
+    job.wait_for_step(kill_step)
+    before = job.rank_pids()
+    assert sorted(before) == [0, 1, 2, 3, 4], before
+    os.kill(coordinator_pid(job.out), signal.SIGKILL)
+    killed_at = time.time()
+    return job, before, killed_at
+
+
+def _check_failover(job, before: dict[int, int]) -> None:
+    """Every member re-registered with member 0's standby, which rebuilt the roster from the reports."""
+    log, standby = job.log(), standby_logs(job.out)
+    rejoined = re.findall(r"\[member (\d+)\] re-registered with the coordinator", log)
+    assert sorted(map(int, rejoined)) == sorted(before), log[-6000:]
+    assert "[member 0] started the standby coordinator" in log
+    assert "roster rebuilt from 5 member reports: generation 1" in standby, standby[-3000:]
+    assert "no round needed (the data plane is untouched)" in standby, standby[-3000:]
+
+
+def test_the_coordinator_sigkilled_alone_the_job_finishes_every_step(tmp_path):
+    job, before, killed_at = kill_the_coordinator(tmp_path, seed=1)
+    done = max(r["step"] for r in steps_of(read_metrics(job.out)))
+    assert done < STEPS, f"the kill came too late (step {done} of {STEPS}): the test proves nothing"
+    rc = job.wait()
+    log = job.log()
+    assert rc == 0, log[-6000:]
+    assert exit_pids(log) == before  # no process restarted, none lost
+    records = read_metrics(job.out)
+    assert steps_accounted(records) == list(range(1, STEPS + 1))
+    assert not events_of(records, "failure") and not events_of(records, "recovery")  # no stage was lost
+    _check_failover(job, before)
+    assert "the coordinator at 127.0.0.1:" in log and "was lost: training goes on" in log
+    assert "Traceback" not in log
+
+
+def test_a_stage_killed_after_the_coordinator_is_replaced_by_the_spare(tmp_path):
+    job, before, _ = kill_the_coordinator(tmp_path, seed=2)
+    stage_step = max(r["step"] for r in steps_of(read_metrics(job.out))) + 8
+    job.wait_for_step(stage_step)
+    killed = job.kill(2)
+    killed_at = time.time()
+    done = max(r["step"] for r in steps_of(read_metrics(job.out)))
+    assert done < STEPS, f"the kill came too late (step {done} of {STEPS}): the test proves nothing"
+    rc = job.wait()
+    records = _check_survived(job, rc, before, killed, killed_at, victim_stage=2, steps=STEPS,
+                              method="weighted_average")
+    (recovery,) = events_of(records, "recovery")
+    assert recovery["sources"] == [1, 3]
+    _check_failover(job, before)
+    assert "spare: taking the place of stage 2" in job.log()
+    assert "generation 2: roles" in standby_logs(job.out)  # the standby made the recovery's plan
+
+
+# -- the standby walk and the send queues, over real sockets -------------------------------------------
+def _answering(reply: dict | None):
+    """A listener that answers one hello with ``reply`` (None: accepts and never answers)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = server.accept()
+        conn.makefile("r").readline()
+        if reply is not None:
+            conn.sendall((json.dumps(reply) + "\n").encode())
+        time.sleep(5)
+        conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_walk_skips_dead_and_silent_standbys_and_stops_at_the_first_live_one():
+    silent = _answering(None)
+    live = _answering({"op": "welcome", "id": 3, "store_port": 1})
+    later = _answering({"op": "welcome", "id": 3, "store_port": 2})
+    standbys = [[0, "127.0.0.1", _closed_port()], [1, "127.0.0.1", silent.getsockname()[1]],
+                [2, "127.0.0.1", live.getsockname()[1]], [3, "127.0.0.1", later.getsockname()[1]]]
+    started, said = [], []
+    sock, _, welcome, address = failover.walk(standbys, 3, lambda: started.append(1) or True,
+                                              lambda: {"op": "rejoin", "id": 3}, 1.0, said.append)
+    sock.close()
+    assert welcome["store_port"] == 1 and address == ("127.0.0.1", live.getsockname()[1])
+    assert started == []  # member 3 comes after a live standby: it starts none
+    assert len(said) == 2 and "unreachable" in said[0] and "did not answer" in said[1]
+
+
+def test_the_walk_starts_this_members_standby_when_every_earlier_one_is_dead():
+    own = _answering({"op": "welcome", "id": 1, "store_port": 5})
+    standbys = [[0, "127.0.0.1", _closed_port()], [1, "127.0.0.1", own.getsockname()[1]]]
+    started = []
+    sock, _, welcome, _ = failover.walk(standbys, 1, lambda: started.append(1) or True, lambda: {"op": "rejoin"},
+                                        1.0, lambda m: None)
+    sock.close()
+    assert started == [1] and welcome["store_port"] == 5
+
+
+def test_a_standby_that_refuses_the_member_ends_the_walk():
+    refusing = _answering({"op": "refused", "why": "declared lost"})
+    with pytest.raises(failover.Refused, match="declared lost"):
+        failover.walk([[0, "127.0.0.1", refusing.getsockname()[1]]], 2, lambda: True, lambda: {}, 1.0,
+                      lambda m: None)
+    assert failover.walk([[0, "127.0.0.1", _closed_port()]], 2, lambda: True, lambda: {}, 1.0, lambda m: None) is None
+
+
+def _member(port: int, mid: int) -> tuple[socket.socket, object]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall((json.dumps({"op": "hello", "id_hint": mid, "host": "h", "pid": mid, "addr": "127.0.0.1",
+                              "num_stages": 4, "dp": 1, "standby_port": 40000 + mid}) + "\n").encode())
+    return sock, sock.makefile("r")
+
+
+def test_a_member_that_stops_reading_stalls_no_other_members_messages():
+    """The coordinator only queues under its lock: 64 MB for a member that never reads (its socket
+    buffers fill) must not keep the next message from reaching another member."""
+    from ds_checkfree.elastic.membership.coordinator import Coordinator, JobShape
+    from ds_checkfree.elastic.membership.roster import Out
+    coord = Coordinator(JobShape(4, 5), host="127.0.0.1", log=lambda m: None)
+    threading.Thread(target=coord.run, daemon=True).start()
+    stuck, _ = _member(coord.port, 0)
+    other, reader = _member(coord.port, 1)
+    assert json.loads(reader.readline())["op"] == "welcome"
+    flood = threading.Thread(target=coord._apply, daemon=True,
+                             args=(lambda: [Out([0], {"op": "pad", "x": "y" * (64 << 20)})],))
+    flood.start()
+    flood.join(timeout=30)
+    # with a blocking send under the lock this call would wait on the stuck member forever
+    threading.Thread(target=coord._apply, daemon=True, args=(lambda: [Out([1], {"op": "after_the_flood"})],)).start()
+    other.settimeout(30)
+    seen = []
+    while not seen or seen[-1] != "after_the_flood":
+        seen.append(json.loads(reader.readline())["op"])
+    assert "after_the_flood" in seen
+    stuck.close()
+    other.close()
