@@ -7,7 +7,11 @@ is first used. The pure planners (``config``, ``modes``, ``layout``, ``failures`
 DeepSpeed.
 """
 
+from ds_checkfree.pipe.ds_private import check_deepspeed_version as _check_deepspeed_version
+
 __version__ = "0.1.0"
+
+_check_deepspeed_version()  # warns outside the DeepSpeed versions the private members were tested on
 
 __all__ = ["initialize", "CheckFreePipelineEngine", "CheckFreePipelineModule", "__version__"]
 

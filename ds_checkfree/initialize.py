@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError, check_against_deepspeed
 from ds_checkfree.config.deepspeed_checks import micro_batches_per_step, split_deepspeed_config, validate_world
-from ds_checkfree.pipe.ds_private import world_sized_groups_are_default
+from ds_checkfree.pipe.ds_private import require_members, world_sized_groups_are_default
 from ds_checkfree.models import ModelConfig, load_model_config
 
 
@@ -138,10 +138,7 @@ def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | N
 def _skip_shm_comm_build() -> None:
     """Pipeline training never uses DeepSpeed's shared-memory all-reduce; skip its g++ JIT build."""
     import deepspeed.ops
-    try:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    except Exception:  # pragma: no cover - layout of deepspeed.ops changed
-        pass
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # private: ds_private.MEMBERS
 
 
 def warm_up_first_build() -> None:
@@ -189,6 +186,7 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
     from ds_checkfree.pipe.engine import CheckFreePipelineEngine
     from ds_checkfree.pipe.module import CheckFreePipelineModule
 
+    require_members()  # a DeepSpeed without a private member we rely on is refused before any group forms
     if get_accelerator().device_name() == "cpu":
         _skip_shm_comm_build()
     deepspeed.init_distributed(timeout=timedelta(seconds=dist_timeout_s))
@@ -210,8 +208,7 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
         t_module = time.perf_counter()
         mpu = module.mpu()
         config_class = DeepSpeedConfig(setup.ds_config, mpu)
-        if hasattr(deepspeed, "set_optimizer_flags"):
-            deepspeed.set_optimizer_flags(config_class, module)
+        deepspeed.set_optimizer_flags(config_class, module)  # undocumented: ds_private.MEMBERS
         engine_class = engine_class or CheckFreePipelineEngine
         kwargs = {}
         if issubclass(engine_class, CheckFreePipelineEngine):

@@ -152,9 +152,9 @@ class ElasticWorld:
                            "MASTER_PORT": str(port),
                            "LOCAL_RANK": os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")})
         # backstop: DeepSpeed's subgroups are created without a timeout (30 min by default);
-        # make any op on them fail after the data-plane timeout instead
-        from torch.distributed import distributed_c10d
-        distributed_c10d.default_pg_timeout = timedelta(seconds=self.dp_timeout_s)
+        # make any op on them fail after the data-plane timeout instead (gloo; NCCL groups are aborted)
+        from ds_checkfree.pipe.ds_private import set_default_group_timeout
+        set_default_group_timeout(timedelta(seconds=self.dp_timeout_s))
         store = tdist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.dp_timeout_s),
                                wait_for_workers=False)
         prefixed = tdist.PrefixStore(f"gen{self.generation}/", store)

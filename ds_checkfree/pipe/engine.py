@@ -140,10 +140,10 @@ class CheckFreePipelineEngine(StageWeightsMixin, PipelineEngine):
         called): it multiplies the fp32 gradients by ``min(1, clip / (norm + 1e-6))`` with the
         global norm it keeps, so the post-clip norms follow from that, as in fp32. A step it
         skipped (an infinite norm) changed nothing: the norms stay pre-clip."""
-        clip = float(getattr(self.optimizer, "clip_grad", 0.0) or 0.0)
-        norm = getattr(self.optimizer, "_global_grad_norm", None)
-        if clip > 0.0 and norm is not None and math.isfinite(float(norm)):
-            self.stage_state.record_clip_factor(min(1.0, clip / (float(norm) + 1e-6)))
+        clip = float(self.optimizer.clip_grad)  # private members: ds_private.MEMBERS (no silent default)
+        norm = float(self.optimizer._global_grad_norm)  # set by every BF16_Optimizer step
+        if clip > 0.0 and math.isfinite(norm):
+            self.stage_state.record_clip_factor(min(1.0, clip / (norm + 1e-6)))
 
     def clip_fp32_gradients(self):
         max_norm = self.gradient_clipping()

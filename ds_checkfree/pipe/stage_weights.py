@@ -18,8 +18,9 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 def _master_share(param):
     """This replica's share of ``param``'s fp32 master under DeepSpeed's BF16_Optimizer (None:
-    the whole master lives on other replicas). Private: ``ds_private`` lists ``_hp_mapping``."""
-    mapping = getattr(param, "_hp_mapping", None)
+    the whole master lives on other replicas). Private: ``ds_private.MEMBERS`` lists ``_hp_mapping``,
+    which BF16_Optimizer sets on every parameter it steps (None where the share is elsewhere)."""
+    mapping = param._hp_mapping
     return None if mapping is None else mapping.get_hp_fragment()
 
 
@@ -28,12 +29,7 @@ class StageWeightsMixin:
 
     def reset_optimizer_state(self) -> None:
         """Drop Adam moments and step counts of this rank: a fresh node starts from nothing."""
-        opt = self.optimizer
-        while opt is not None:
-            state = getattr(opt, "state", None)
-            if isinstance(state, dict):
-                state.clear()
-            opt = getattr(opt, "optimizer", None)
+        self._base_optimizer().state.clear()
 
     @property
     def has_fp32_masters(self) -> bool:

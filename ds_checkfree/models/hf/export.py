@@ -116,9 +116,9 @@ def _dtype_of(state: dict[str, torch.Tensor]) -> torch.dtype | None:
 
 
 def _writes_shard(module) -> bool:
-    """One copy per stage: the first data-parallel replica writes it."""
-    grid = getattr(module, "_grid", None)
-    return grid is None or grid.get_data_parallel_rank() == 0
+    """One copy per stage: the first data-parallel replica writes it (``module``: a pipeline
+    module, whose grid is a private member: ``ds_private.MEMBERS``)."""
+    return module._grid.get_data_parallel_rank() == 0
 
 
 def _export_distributed(module, src: Path, out: Path, group) -> Path:
