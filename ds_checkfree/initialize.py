@@ -15,22 +15,7 @@ from datetime import timedelta
 from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError, check_against_deepspeed
 from ds_checkfree.config.deepspeed_checks import micro_batches_per_step, split_deepspeed_config, validate_world
 from ds_checkfree.pipe.ds_private import require_members, world_sized_groups_are_default
-from ds_checkfree.models import ModelConfig, load_model_config
-
-
-def _model_config(model: str, overrides: dict | None) -> ModelConfig:
-    """The model preset or YAML, with every way it can be wrong turned into a ConfigError."""
-    import yaml
-    try:
-        return load_model_config(model, **(overrides or {}))
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1} column {where.column + 1}" if where is not None else ""
-        raise ConfigError(f"--model = {model!r}: malformed YAML{at} ({getattr(err, 'problem', None) or err}). "
-                          "Fix: correct the file's YAML syntax.") from None
-    except (OSError, ValueError, TypeError) as err:
-        raise ConfigError(f"--model = {model!r}: {err}. Fix: pass a preset name or the path of a model YAML.") \
-            from None
+from ds_checkfree.models.sources import resolve_model
 
 
 def _check_failure_schedule(cf: CheckFreeConfig) -> None:
@@ -91,7 +76,8 @@ class Setup:
     """Everything validated before the process group starts."""
     ds_config: dict
     checkfree: CheckFreeConfig
-    model: ModelConfig
+    #: the model source (``models.sources``): a ModelConfig (built-in LLaMA), an HF directory, user parts
+    model: object
     world_size: int
     dp_size: int
     micro_batches: int
@@ -104,19 +90,19 @@ def _env_world_size() -> int | None:
     return None
 
 
-def prepare(config, model: str | ModelConfig = "tiny", model_overrides: dict | None = None,
+def prepare(config, model="tiny", model_overrides: dict | None = None,
             world_size: int | None = None, elastic: bool = False) -> Setup:
     """Parse and cross-check the DeepSpeed JSON, the checkfree section and the model.
 
     ``world_size`` counts every launched rank, spares included; ``elastic`` says the job
     runs under the MPI fault-tolerant launch, the only one where spares make sense."""
     ds_config, cf = split_deepspeed_config(config)
-    model_cfg = model if isinstance(model, ModelConfig) else _model_config(model, model_overrides)
+    model_cfg = resolve_model(model, model_overrides)
     _check_failure_schedule(cf)
     world = world_size if world_size is not None else (_env_world_size() or 1)
     provisional_dp = max(1, (world - cf.spares) // cf.num_stages)
     micro = micro_batches_per_step(ds_config, provisional_dp)
-    dp = validate_world(cf, world, model_cfg.num_layers, micro)
+    dp = validate_world(cf, world, model_cfg.num_blocks, micro)
     _check_zero(ds_config, cf)
     _check_precision(ds_config, cf, dp)
     check_against_deepspeed(cf, ds_config)
@@ -160,8 +146,8 @@ def warm_up_first_build() -> None:
         _skip_shm_comm_build()
 
 
-def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict | None = None,
-               base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None, elastic: bool = False):
+def build(config, model="tiny", model_overrides: dict | None = None,
+          base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None, elastic: bool = False):
     """Build the CheckFree pipeline engine; returns ``(engine, setup)``.
 
     ``config`` is a ``Setup`` already validated by ``prepare`` (what ``launch/train.py``
@@ -201,8 +187,8 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
     # elastic: a group of every rank is the default group, not a new one (fewer connections to
     # form on each rebuild; the default group is the one a recovery tears down anyway)
     with (world_sized_groups_are_default() if elastic else nullcontext()):
-        module = CheckFreePipelineModule(setup.model, setup.checkfree.num_stages, setup.checkfree.mode,
-                                         base_seed=base_seed, layout=setup.checkfree.layout)
+        module = CheckFreePipelineModule(setup.model.parts(base_seed), setup.checkfree.num_stages,
+                                         setup.checkfree.mode, layout=setup.checkfree.layout, checked=True)
         if elastic:
             module.route_collectives_over_world()
         t_module = time.perf_counter()
@@ -221,4 +207,19 @@ def initialize(config, model: str | ModelConfig = "tiny", model_overrides: dict 
                               mpu=mpu, config=setup.ds_config, config_class=config_class, **kwargs)
     #: where the build's time went (a recovery's phase table splits its engine rebuild with it)
     engine.build_seconds = {"module_s": round(t_module - t0, 4), "engine_s": round(time.perf_counter() - t_module, 4)}
+    engine.setup = setup
     return engine, setup
+
+
+def initialize(config, model="tiny", model_overrides: dict | None = None, base_seed: int = 1234,
+               dist_timeout_s: float = 120.0):
+    """The counterpart of ``deepspeed.initialize`` for a fault-tolerant pipeline.
+
+    ``config``: the DeepSpeed config (dict or JSON path) with its ``checkfree`` section.
+    ``model``: ``ds_checkfree.PipelineParts`` (your own layers: head, blocks, tail, loss_fn),
+    ``"hf:DIR"`` (a local Hugging Face causal LM), a built-in preset name or model YAML.
+    Returns ``(engine, optimizer, None, lr_scheduler)`` as ``deepspeed.initialize`` does (no
+    dataloader: feed ``engine.train_batch(data_iter)``); ``engine.setup`` holds the validated
+    configuration. Logical failures and real deaths are handled by ``ds_checkfree.Manager``."""
+    engine, _ = build(config, model, model_overrides, base_seed=base_seed, dist_timeout_s=dist_timeout_s)
+    return engine, engine.optimizer, None, engine.lr_scheduler

@@ -12,14 +12,20 @@ def fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def replica_parameters(setup) -> int:
-    """Extra parameters held because CheckFree+ replicates the (de)embeddings."""
+def replica_parameters(setup) -> int | None:
+    """Extra parameters held because CheckFree+ replicates the head and tail (embedding, LM
+    head): counted on the meta device; None when a layer cannot be built there."""
     if setup.checkfree.mode != "checkfree_plus":
         return 0
-    from ds_checkfree.models import EmbeddingPipe, NormHeadPipe
-    with torch.device("meta"):
-        return sum(p.numel() for mod in (EmbeddingPipe(setup.model), NormHeadPipe(setup.model))
-                   for p in mod.parameters())
+    parts = setup.model.parts()
+    total = 0
+    for spec in parts.head + parts.tail:
+        try:
+            with torch.device("meta"):
+                total += sum(p.numel() for p in spec.build().parameters())
+        except Exception:  # noqa: BLE001 - a layer class that loads weights at build
+            return None
+    return total
 
 
 def failure_rate_label(cf) -> dict | None:
@@ -45,7 +51,8 @@ def run_info(engine, setup, options, data, seq_len: int) -> dict:
         "world": {"world_size": setup.world_size, "num_stages": e.num_stages,
                   "dp_size": e.grid.get_data_parallel_world_size(), "micro_batches": e.micro_batches,
                   "micro_batch_size": e.train_micro_batch_size_per_gpu(),
-                  "stage_layers": [[s.role if s.decoder < 0 else f"decoder{s.decoder}" for s in stage]
+                  "stage_layers": [[f"decoder{s.index}" if s.role == "decoder" else s.role + (f"{s.index}" if s.index else "")
+                                    for s in stage]
                                    for stage in e.module.slots]},
         "data": {"source": data.source, "train_tokens": data.num_train_tokens, "val_tokens": data.num_val_tokens,
                  "seq_len": seq_len},

@@ -17,7 +17,8 @@ from ds_checkfree.recovery.checkpoints import Checkpointer
 from ds_checkfree.data import build_data
 from ds_checkfree.debug_dump import dump_stage
 from ds_checkfree.recovery.injection import FailurePlan
-from ds_checkfree.initialize import initialize
+from ds_checkfree.initialize import build
+from ds_checkfree.recovery.driver import RecoveryDriver
 from ds_checkfree.recovery.logical import LogicalFailures
 from ds_checkfree.metrics import MetricsWriter, write_run_json
 from ds_checkfree.elastic.preemption import EXIT_HANDED_OFF, PreemptionNotice, publish
@@ -38,7 +39,9 @@ class Trainer:
         self.monitor = None
         torch.manual_seed(options.seed)
         self.checkpoints = Checkpointer(self.cf)
-        self.process_loss = ProcessLossRecovery(world, self._build_engine, self.checkpoints, self.warn) \
+        #: the one recovery driver, shared by logical failures and real process losses
+        self.driver = RecoveryDriver(self.checkpoints)
+        self.process_loss = ProcessLossRecovery(world, self._build_engine, self.driver, self.warn) \
             if world is not None else None
         outcome = self.process_loss.join(joined) if joined is not None else None
         if outcome is not None:
@@ -62,11 +65,13 @@ class Trainer:
         if self.cf.mode == "redundant":
             from ds_checkfree.baselines import RedundantShadow
             self.redundant = RedundantShadow(e, elastic=world is not None)
+            self.driver.redundant = self.redundant
         plan = FailurePlan.from_config(self.cf, e.num_stages)
         if options.save_failure_schedule and e.global_rank == 0:
             plan.save(options.save_failure_schedule, options.steps)
         copies = StageCopies(e.num_stages, self.cf.layout, self.cf.mode, self.cf.stage_copy_every)
-        self.failures = LogicalFailures(plan, self.checkpoints, self.redundant, copies if copies.active else None)
+        self.driver.stage_copies = copies if copies.active else None
+        self.failures = LogicalFailures(plan, self.driver)
         self.tokens_per_step = e.train_batch_size() * self.seq_len
         self._timeline = None  # the last process-loss recovery, until the next step completes
         if self.is_writer and options.output_dir and joined is None:
@@ -80,7 +85,7 @@ class Trainer:
 
     def _build_engine(self):
         timeout = self.world.dp_timeout_s if self.world is not None else 120.0
-        return initialize(self.setup, base_seed=1234 + self.options.seed,
+        return build(self.setup, base_seed=1234 + self.options.seed,
                           elastic=self.world is not None, dist_timeout_s=timeout)[0]
 
     # ------------------------------------------------------------------ the loop

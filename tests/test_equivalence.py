@@ -11,8 +11,7 @@ import torch
 
 from conftest import run_job, write_config
 from ds_checkfree.data import build_data
-from ds_checkfree.models import lm_loss, load_model_config
-from ds_checkfree.pipe.module import build_reference
+from ds_checkfree.models import build_reference, lm_loss, load_model_config
 from ds_checkfree.pipe.schedule import stage_route
 
 TOL = 1e-5
@@ -40,11 +39,11 @@ def reference_step(num_layers: int, num_stages: int, micro_batches: int, micro_b
 
 def reference_name(local: str, stage: int, per: int, num_layers: int) -> str:
     prefix, rest = local.split(".", 1)
+    j, rest = rest.split(".", 1)
     if prefix == "embed":
         return f"0.{rest}"
     if prefix == "head":
         return f"{num_layers + 1}.{rest}"
-    j, rest = rest.split(".", 1)
     return f"{1 + stage * per + int(j)}.{rest}"
 
 

@@ -9,6 +9,7 @@ from conftest import events_of, read_metrics, run_job, steps_of, write_config
 from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError
 from ds_checkfree.config.modes import RATE_PRESETS
 from ds_checkfree.recovery.injection import FailurePlan, hourly_rate_percent, rate_label, step_failure_probability
+from ds_checkfree.recovery.driver import RecoveryDriver
 from ds_checkfree.recovery.logical import LogicalFailures
 
 
@@ -81,12 +82,13 @@ def _redone_fails(events):
 
 
 def test_a_redone_step_can_fail_again_only_with_executed_draws():
-    seeds = [s for s in range(300) if _redone_fails(_simulate(LogicalFailures(_plan("executed_step", s), None), 8, 2))]
+    seeds = [s for s in range(300)
+             if _redone_fails(_simulate(LogicalFailures(_plan("executed_step", s), RecoveryDriver(None)), 8, 2))]
     assert seeds  # the executed-step model lets a redone step fail again ...
     for s in range(300):  # ... the logical-step model never does
-        assert not _redone_fails(_simulate(LogicalFailures(_plan("logical_step", s), None), 8, 2))
-    a = _simulate(LogicalFailures(_plan("executed_step", seeds[0]), None), 8, 2)
-    assert a == _simulate(LogicalFailures(_plan("executed_step", seeds[0]), None), 8, 2)  # reproducible
+        assert not _redone_fails(_simulate(LogicalFailures(_plan("logical_step", s), RecoveryDriver(None)), 8, 2))
+    a = _simulate(LogicalFailures(_plan("executed_step", seeds[0]), RecoveryDriver(None)), 8, 2)
+    assert a == _simulate(LogicalFailures(_plan("executed_step", seeds[0]), RecoveryDriver(None)), 8, 2)  # reproducible
 
 
 def test_executed_schedule_file_round_trips(tmp_path):
@@ -105,8 +107,8 @@ def test_rollback_run_redraws_redone_steps_and_labels_the_rate(tmp_path):
     trainer's loop gives with the same plan, including a redone step failing again."""
     steps, every, p = 6, 2, 0.06
     seed = next(s for s in range(300) if _redone_fails(ev := _simulate(
-        LogicalFailures(_plan("executed_step", s, p), None), steps, every)) and len(ev) <= 4)
-    expected = _simulate(LogicalFailures(_plan("executed_step", seed, p), None), steps, every)
+        LogicalFailures(_plan("executed_step", s, p), RecoveryDriver(None)), steps, every)) and len(ev) <= 4)
+    expected = _simulate(LogicalFailures(_plan("executed_step", seed, p), RecoveryDriver(None)), steps, every)
     cfg = write_config(tmp_path / "ds.json", mode="off", checkpoint_every=every, checkpoint_dir=str(tmp_path / "ck"),
                        failure_probability=p, assumed_step_seconds=60.0, failure_seed=seed,
                        failure_draws="executed_step")

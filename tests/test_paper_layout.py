@@ -19,7 +19,7 @@ from ds_checkfree.recovery.rules import UnrecoverableFailure, plan_recovery
 def test_stage_slots_put_embedding_and_head_alone():
     slots = L.stage_slots(8, 6, "checkfree", "paper")
     assert slots[0] == [L.Slot(L.EMBED)] and slots[5] == [L.Slot(L.HEAD)]
-    assert [[s.decoder for s in st] for st in slots[1:5]] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [[s.index for s in st] for st in slots[1:5]] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert L.block_stages(6, "paper") == [1, 2, 3, 4] and L.never_fail_stages(6, "paper") == [0, 5]
     assert L.never_fail_stages(6) == [] and L.stage_slots(8, 4, "checkfree")[0][0] == L.Slot(L.EMBED)
     assert L.copy_holders(6, "paper") == {1: 0, 4: 5}

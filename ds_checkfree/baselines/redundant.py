@@ -269,12 +269,11 @@ class RedundantShadow:
         """The successor's layers, built once on this rank (same specs, same global layer
         names as on the successor), by parameter name; their weights are overwritten next."""
         if self.shadow_module is None:
-            from ds_checkfree.pipe.module import make_spec
             m = self.engine.module
             container = torch.nn.Module()
             first = m.parts[self.succ_stage]
             for k, slot in enumerate(m.slots[self.succ_stage]):
-                layer = make_spec(slot, m.model_config, m.base_seed, replicated=False).build()
+                layer = m.spec_for(slot).build()
                 container.add_module(str(first + k), layer)
                 self.shadow_layers.append(layer)
             self.shadow_module = container.to(self.engine.device)

@@ -1,9 +1,11 @@
 """Which layers live on which pipeline stage, as pure data.
 
-The recovery rules need to know, for every stage, which decoder layers it holds and
-whether it carries the (de)embedding or a replica of it. Keeping that as a pure function
-of (layers, stages, mode) lets the module, the recovery code and the tests agree without
-a process group.
+A model is three parts (``pipe.parts.PipelineParts``): the head (embedding, ...), the run of
+repeated blocks that CheckFree averages, and the tail (final norm, LM head). Their roles here
+are ``EMBED`` (a head layer), ``DECODER`` (a block) and ``HEAD`` (a tail layer: the LM head's
+side). The recovery rules need to know, for every stage, which blocks it holds and whether it
+carries the head/tail or a replica of them. Keeping that as a pure function of (blocks,
+stages, mode) lets the module, the recovery code and the tests agree without a process group.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ SKIP_SWAPPED = frozenset({EMBED, HEAD})
 
 @dataclass(frozen=True)
 class Slot:
-    """One entry of a stage's layer list: a role and, for decoders, the global layer index."""
+    """One entry of a stage's layer list: a role and the layer's index within its part (for
+    blocks the global block number, for head/tail layers the position in the head/tail)."""
     role: str
-    decoder: int = -1
+    index: int = 0
 
 
 def block_stages(num_stages: int, layout: str = "all_stages_fail") -> list[int]:
@@ -51,15 +54,16 @@ def copy_holders(num_stages: int, layout: str = "all_stages_fail", mode: str = "
     return {num_stages - 2: num_stages - 1, 1: 0}
 
 
-def stage_slots(num_layers: int, num_stages: int, mode: str, layout: str = "all_stages_fail") -> list[list[Slot]]:
+def stage_slots(num_layers: int, num_stages: int, mode: str, layout: str = "all_stages_fail",
+                head_len: int = 1, tail_len: int = 1) -> list[list[Slot]]:
     """Per-stage layer lists.
 
-    Every decoder stage holds the same number of consecutive decoder layers (the alignment
-    rule that lets neighbours be averaged key by key). Layout ``all_stages_fail``: stage 0
-    adds the embedding in front, the last stage the final norm + LM head behind; under
-    ``checkfree_plus`` stage 1 also carries an embedding replica and stage S-2 a norm + head
-    replica. Layout ``paper``: stage 0 holds the embedding alone, stage S-1 the norm + head
-    alone, the decoder layers are split over stages 1..S-2.
+    Every block stage holds the same number of consecutive blocks (the alignment rule that lets
+    neighbours be averaged key by key). Layout ``all_stages_fail``: stage 0 adds the
+    ``head_len`` head layers in front, the last stage the ``tail_len`` tail layers behind; under
+    ``checkfree_plus`` stage 1 also carries a replica of the head and stage S-2 one of the tail.
+    Layout ``paper``: stage 0 holds the head alone, stage S-1 the tail alone, the blocks are
+    split over stages 1..S-2.
     """
     if mode not in MIN_STAGES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MIN_STAGES)}")
@@ -72,16 +76,18 @@ def stage_slots(num_layers: int, num_stages: int, mode: str, layout: str = "all_
         raise ValueError(f"mode {mode!r} with layout {layout!r} needs at least {need} stages, got {num_stages}")
     blocks = block_stages(num_stages, layout)
     if num_layers < len(blocks) or num_layers % len(blocks):
-        raise ValueError(f"{num_layers} decoder layers cannot be split evenly over {len(blocks)} decoder stages")
+        raise ValueError(f"{num_layers} blocks (decoder layers) cannot be split evenly over {len(blocks)} block "
+                         "stages: CheckFree averages neighbouring stages block by block, so every block stage holds "
+                         "the same number")
     per = num_layers // len(blocks)
     slots: list[list[Slot]] = [[] for _ in range(num_stages)]
     for k, s in enumerate(blocks):
         slots[s] = [Slot(DECODER, k * per + j) for j in range(per)]
-    slots[0].insert(0, Slot(EMBED))
-    slots[-1].append(Slot(HEAD))
+    slots[0][:0] = [Slot(EMBED, k) for k in range(head_len)]
+    slots[-1].extend(Slot(HEAD, k) for k in range(tail_len))
     if mode == "checkfree_plus":
-        slots[1].insert(0, Slot(EMBED_REPLICA))
-        slots[-2].append(Slot(HEAD_REPLICA))
+        slots[1][:0] = [Slot(EMBED_REPLICA, k) for k in range(head_len)]
+        slots[-2].extend(Slot(HEAD_REPLICA, k) for k in range(tail_len))
     return slots
 
 

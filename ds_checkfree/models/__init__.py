@@ -1,4 +1,4 @@
-"""Model definitions: LLaMA as a flat list of pipeline layers."""
+"""Model definitions: the built-in LLaMA (``llama``) as pipeline parts; Hugging Face models in and out (``hf``)."""
 
 from ds_checkfree.models.llama import (
     PRESET_DIR,
@@ -6,7 +6,9 @@ from ds_checkfree.models.llama import (
     EmbeddingPipe,
     ModelConfig,
     NormHeadPipe,
+    build_reference,
     build_sequential,
+    llama_parts,
     init_weights_,
     list_presets,
     lm_loss,
@@ -20,7 +22,9 @@ __all__ = [
     "EmbeddingPipe",
     "ModelConfig",
     "NormHeadPipe",
+    "build_reference",
     "build_sequential",
+    "llama_parts",
     "init_weights_",
     "list_presets",
     "lm_loss",

@@ -26,6 +26,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
+from ds_checkfree.pipe.parts import PipelineParts, SeededLayerSpec
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 _INT_FIELDS = (
@@ -141,6 +143,15 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def num_blocks(self) -> int:
+        """The repeated blocks (decoder layers) a pipeline splits over its stages."""
+        return self.num_layers
+
+    def parts(self, base_seed: int = 1234):
+        """This model as ``PipelineParts`` (``llama_parts``)."""
+        return llama_parts(self, base_seed)
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
@@ -288,6 +299,31 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels.reshape(-1).long(),
         ignore_index=-100,
     )
+
+
+def layer_seed(base_seed: int, part: str, index: int, num_layers: int) -> int:
+    """Seed of one layer: a function of the layer, not of the stage it lands on, so any stage
+    can be rebuilt bit-identically by a single-process reference (``build_reference``)."""
+    offset = {"head": 0, "block": index + 1, "tail": num_layers + 1}[part]
+    return base_seed * 10007 + offset
+
+
+def llama_parts(cfg: ModelConfig, base_seed: int = 1234):
+    """The built-in LLaMA as a user of the generic API: embedding | decoder x N | norm + head,
+    each layer built under its own seed."""
+    n = cfg.num_layers
+    return PipelineParts(
+        head=[SeededLayerSpec(layer_seed(base_seed, "head", 0, n), EmbeddingPipe, cfg)],
+        blocks=[SeededLayerSpec(layer_seed(base_seed, "block", i, n), DecoderLayerPipe, cfg, i) for i in range(n)],
+        tail=[SeededLayerSpec(layer_seed(base_seed, "tail", 0, n), NormHeadPipe, cfg)],
+        loss_fn=lm_loss, name=cfg.name, init_std=cfg.init_std,
+        info={"max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size, "num_parameters": cfg.num_parameters()})
+
+
+def build_reference(cfg: ModelConfig, base_seed: int) -> nn.Sequential:
+    """Single-process model with exactly the weights the pipeline builds (equivalence tests)."""
+    parts = llama_parts(cfg, base_seed)
+    return nn.Sequential(*[spec.build() for spec in parts.head + parts.blocks + parts.tail])
 
 
 def build_sequential(cfg: ModelConfig) -> nn.Sequential:

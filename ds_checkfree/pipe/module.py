@@ -1,10 +1,12 @@
 """CheckFreePipelineModule: a DeepSpeed PipelineModule that knows its stage layout.
 
-Beyond stock DeepSpeed it (1) partitions by our explicit layout instead of a heuristic,
-(2) keeps a role per local layer so the engine can run the swapped order of CheckFree+,
-(3) builds every layer from its own seed so that any stage can be rebuilt bit-identically
-by a single-process reference, and (4) exposes the state that recovery moves between
-stages under stage-independent names (``decoder.<local index>.<param>``).
+It takes a model in DeepSpeed's own terms, split by ``PipelineParts`` into head, repeated
+blocks and tail (``pipe.parts``; the built-in LLaMA is one user of it). Beyond stock DeepSpeed
+it (1) partitions by the CheckFree layout (head on stage 0, blocks evenly over the block stages,
+tail on the last) instead of a heuristic, (2) keeps a role per local layer so the engine can
+run the swapped order of CheckFree+ (whose head/tail replicas it builds as tied layers), and
+(3) exposes the state that recovery moves between stages under stage-independent names
+(``decoder.<local block>.<param>``, ``embed.<k>.<param>``, ``head.<k>.<param>``).
 """
 from __future__ import annotations
 
@@ -12,96 +14,65 @@ from collections import OrderedDict
 
 import torch
 from deepspeed import comm as dist
-from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 from torch import nn
 
 from ds_checkfree.config import layout as L
-from ds_checkfree.models import DecoderLayerPipe, EmbeddingPipe, ModelConfig, NormHeadPipe, lm_loss
+from ds_checkfree.config.checkfree import ConfigError
+from ds_checkfree.pipe.parts import PipelineParts, ReplicatedSpec, check_parts
 
 _PARTITION_METHOD = "checkfree_layout"
 
 
-def layer_seed(base_seed: int, slot: L.Slot, num_layers: int) -> int:
-    """Seed of one layer: a function of the layer, not of the stage it lands on."""
-    if slot.role in (L.EMBED, L.EMBED_REPLICA):
-        return base_seed * 10007 + 0
-    if slot.role in (L.HEAD, L.HEAD_REPLICA):
-        return base_seed * 10007 + num_layers + 1
-    return base_seed * 10007 + slot.decoder + 1
-
-
-def _build_seeded(build, seed: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-class SeededLayerSpec(LayerSpec):
-    """LayerSpec that builds under a fixed seed (same weights whichever stage builds it)."""
-
-    def __init__(self, seed, typename, *args, **kwargs):
-        super().__init__(typename, *args, **kwargs)
-        self.seed = seed
-
-    def build(self, log=False):
-        return _build_seeded(lambda: super(SeededLayerSpec, self).build(log), self.seed)
-
-
-class SeededTiedLayerSpec(TiedLayerSpec):
-    """TiedLayerSpec (a replicated layer kept identical by DeepSpeed) with a fixed seed."""
-
-    def __init__(self, seed, key, typename, *args, **kwargs):
-        super().__init__(key, typename, *args, **kwargs)
-        self.seed = seed
-
-    def build(self, log=False):
-        return _build_seeded(lambda: super(SeededTiedLayerSpec, self).build(log), self.seed)
-
-
-def _param_names(module_cls, cfg) -> list[str]:
-    with torch.device("meta"):
-        return [name for name, _ in module_cls(cfg).named_parameters()]
-
-
-def make_spec(slot: L.Slot, cfg: ModelConfig, base_seed: int, replicated: bool) -> LayerSpec:
-    """The DeepSpeed layer spec for one slot; replicated (de)embeddings become tied specs."""
-    seed = layer_seed(base_seed, slot, cfg.num_layers)
-    if slot.role == L.DECODER:
-        return SeededLayerSpec(seed, DecoderLayerPipe, cfg, slot.decoder)
-    cls, key = (EmbeddingPipe, "embed") if slot.role in (L.EMBED, L.EMBED_REPLICA) else (NormHeadPipe, "head")
-    if replicated:
-        return SeededTiedLayerSpec(seed, key, cls, cfg, tied_weight_attr=_param_names(cls, cfg))
-    return SeededLayerSpec(seed, cls, cfg)
-
-
-def build_reference(cfg: ModelConfig, base_seed: int) -> nn.Sequential:
-    """Single-process model with exactly the weights the pipeline builds (for equivalence tests)."""
-    layers = [_build_seeded(lambda: EmbeddingPipe(cfg), layer_seed(base_seed, L.Slot(L.EMBED), cfg.num_layers))]
-    for i in range(cfg.num_layers):
-        slot = L.Slot(L.DECODER, i)
-        layers.append(_build_seeded(lambda: DecoderLayerPipe(cfg, i), layer_seed(base_seed, slot, cfg.num_layers)))
-    layers.append(_build_seeded(lambda: NormHeadPipe(cfg), layer_seed(base_seed, L.Slot(L.HEAD), cfg.num_layers)))
-    return nn.Sequential(*layers)
-
-
 class CheckFreePipelineModule(PipelineModule):
-    """PipelineModule over the LLaMA layers with the CheckFree stage layout."""
+    """PipelineModule over a head / blocks / tail model with the CheckFree stage layout."""
 
-    def __init__(self, model_config: ModelConfig, num_stages: int, mode: str = "checkfree", base_seed: int = 1234,
-                 topology=None, activation_checkpoint_interval: int = 0, layout: str = "all_stages_fail"):
-        slots = L.stage_slots(model_config.num_layers, num_stages, mode, layout)
+    def __init__(self, parts: PipelineParts, num_stages: int | None = None, mode: str = "checkfree",
+                 topology=None, activation_checkpoint_interval: int = 0, layout: str = "all_stages_fail",
+                 checked: bool = False):
+        """``checked``: ``check_parts`` already ran (``initialize.prepare``), skip it."""
+        if not checked:
+            check_parts(parts)
+        stages = topology.get_dim("pipe") if topology is not None else num_stages
+        try:
+            slots = L.stage_slots(parts.num_blocks, stages, mode, layout, len(parts.head), len(parts.tail))
+        except ValueError as err:
+            raise ConfigError(f"{parts.name}: {err}. Fix: choose a number of blocks divisible by the block stages, "
+                              "or another number of stages.") from None
         replicated = mode == "checkfree_plus"
-        specs = [make_spec(slot, model_config, base_seed, replicated) for stage in slots for slot in stage]
+        by_role = {L.EMBED: ("embed", parts.head), L.EMBED_REPLICA: ("embed", parts.head),
+                   L.DECODER: (None, parts.blocks), L.HEAD: ("head", parts.tail), L.HEAD_REPLICA: ("head", parts.tail)}
+        tied = {}
+
+        def spec_for(slot):
+            key, layers = by_role[slot.role]
+            spec = layers[slot.index]
+            if key is None or not replicated or isinstance(spec, TiedLayerSpec):
+                return spec  # a user's TiedLayerSpec keeps its own key: its replica is tied by it
+            return tied.setdefault((key, slot.index), ReplicatedSpec(f"cf_{key}_{slot.index}", spec))
+
+        specs = [spec_for(slot) for stage in slots for slot in stage]
         # Set before PipelineModule.__init__, which calls _partition_layers.
         object.__setattr__(self, "_cf_slots", slots)
         object.__setattr__(self, "_cf_mode", mode)
         object.__setattr__(self, "_cf_layout", layout)
-        super().__init__(layers=specs, num_stages=None if topology else num_stages, topology=topology, loss_fn=lm_loss,
-                         partition_method=_PARTITION_METHOD, activation_checkpoint_interval=activation_checkpoint_interval)
-        self.model_config = model_config
-        self.base_seed = base_seed
+        super().__init__(layers=specs, num_stages=None if topology else num_stages, topology=topology,
+                         loss_fn=parts.loss_fn, partition_method=_PARTITION_METHOD,
+                         activation_checkpoint_interval=activation_checkpoint_interval)
+        #: the head / blocks / tail description (``self.parts`` is DeepSpeed's partition bounds)
+        self.model_parts = parts
+        #: std of a "random" recovery's re-initialisation (an ablation)
+        self.init_std = parts.init_std
         self.local_slots: list[L.Slot] = slots[self.stage_id]
         self._skip_roles = L.SKIP_NORMAL if replicated else frozenset()
+
+    def spec_for(self, slot: L.Slot):
+        """The (unreplicated) spec a slot is built from: the redundant baseline builds its shadow
+        of the successor stage from it."""
+        p = self.model_parts
+        part = {L.EMBED: p.head, L.EMBED_REPLICA: p.head, L.DECODER: p.blocks, L.HEAD: p.tail,
+                L.HEAD_REPLICA: p.tail}[slot.role]
+        return part[slot.index]
 
     #: the elastic launch: tied gradients travel over p2p on the default group
     tied_gradients_point_to_point = False
@@ -205,9 +176,9 @@ class CheckFreePipelineModule(PipelineModule):
                 out.append((f"decoder.{j}", module))
                 j += 1
             elif slot.role in (L.EMBED, L.EMBED_REPLICA):
-                out.append(("embed", module))
+                out.append((f"embed.{slot.index}", module))
             else:
-                out.append(("head", module))
+                out.append((f"head.{slot.index}", module))
         return out
 
     def recovery_state(self, include_replicated: bool) -> "OrderedDict[str, torch.Tensor]":
@@ -218,3 +189,13 @@ class CheckFreePipelineModule(PipelineModule):
                 for name, p in module.named_parameters():
                     state[f"{prefix}.{name}"] = p
         return state
+
+    def owned_layers(self) -> list[tuple[str, int, nn.Module]]:
+        """(part, index, module) of the layers this stage owns, CheckFree+ replicas left out:
+        what an export writes (``part``: "head", "block" or "tail"; a block's index is global)."""
+        part = {L.EMBED: "head", L.DECODER: "block", L.HEAD: "tail"}
+        out = []
+        for func, slot in zip(self.forward_funcs, self.local_slots):
+            if slot.role in part:
+                out.append((part[slot.role], slot.index, func if isinstance(func, nn.Module) else func.args[0]))
+        return out

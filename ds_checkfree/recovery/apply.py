@@ -74,7 +74,7 @@ def _receive_and_install(engine, action: RecoveryAction, source_ranks: list[int]
         norms.append(float(norm))
         states.append(unpack_like(flat, template))
     cf = engine.checkfree
-    init_std = getattr(engine.module.model_config, "init_std", 0.02)
+    init_std = engine.module.init_std
     combined, weights = combine(action.method, states, norms, cf.epsilon, template, generator, init_std)
     engine.install_recovered(combined, cf.lr_scale, include_replicated=action.method == "copy")
     return RecoveryRecord(stage=action.stage, method=action.method, sources=list(action.sources), weights=weights,

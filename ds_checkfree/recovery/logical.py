@@ -2,18 +2,18 @@
 
 Failures are decided by a seeded ``FailurePlan`` that every rank evaluates identically, so
 all ranks agree on who is lost at a step boundary without exchanging a message. Recovery
-then runs the CheckFree rules, the redundant baseline's exact restore, or a rollback to the
-last DeepSpeed checkpoint where no rule applies; or stops with an error that says why.
+then goes through the one ``RecoveryDriver`` (the CheckFree rules, the redundant baseline's
+exact restore, or a rollback to the last DeepSpeed checkpoint where no rule applies; or an
+error that says why).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ds_checkfree.recovery.apply import RecoveryRecord, stable_seed
 from ds_checkfree.recovery.checkpoints import Loaded
+from ds_checkfree.recovery.driver import RecoveryDriver
 from ds_checkfree.recovery.injection import Failure, FailurePlan
-from ds_checkfree.recovery.rules import UnrecoverableFailure
-from ds_checkfree.recovery.apply import RecoveryRecord, apply_plan, plan_for, stable_seed
-from ds_checkfree.recovery.stage_copies import StageCopies
 
 
 @dataclass
@@ -30,13 +30,13 @@ class LogicalFailures:
     """Fires each planned failure once per logical step (a step redone after a rollback does
     not fail again), except rate draws under ``failure_draws: "executed_step"``, which are
     drawn afresh for every executed step, redone ones included. Under the paper's layout it
-    also keeps the first/last block stage's in-memory copies fresh (``StageCopies``)."""
+    also keeps the first/last block stage's in-memory copies fresh (the driver's ``StageCopies``)."""
 
-    def __init__(self, plan: FailurePlan, checkpointer, redundant=None, stage_copies: StageCopies | None = None):
+    def __init__(self, plan: FailurePlan, driver: RecoveryDriver):
         self.plan = plan
-        self.checkpointer = checkpointer
-        self.redundant = redundant
-        self.stage_copies = stage_copies
+        self.driver = driver
+        self.redundant = driver.redundant
+        self.stage_copies = driver.stage_copies
         self._fired: set[tuple[int, int, int | None]] = set()
         #: loop iterations so far (every rank counts alike): the key of executed-step draws
         self.executed = 0
@@ -73,28 +73,11 @@ class LogicalFailures:
             if self.redundant is not None:
                 self.redundant.wipe(seed=stable_seed("wipe-shadow", step, engine.stage_id))
             dump("wiped")
-        actions = plan_for(engine, pairs)  # UnrecoverableFailure: the same verdict on every rank
-        if any(a.method == "checkpoint_stage" for a in actions) and not self.checkpointer.exists():
-            raise UnrecoverableFailure(f"stages {lost} lost at step {step} are restored from the checkpoint "
-                                       f"(checkpoint_restore 'lost_stage'), but none exists yet in "
-                                       f"{self.checkpointer.directory!r}")
-        if any(a.method == "checkpoint" for a in actions):
-            loaded = self.checkpointer.load_latest(engine, why=f"stages {lost} lost at step {step}")
-            if self.redundant is not None:
-                self.redundant.resync()  # shadows must mirror the reloaded state
-            if self.stage_copies is not None:
-                self.stage_copies.copy_step = None  # copies newer than the checkpoint: retake them
+        # UnrecoverableFailure: the same verdict on every rank
+        done = self.driver.recover(engine, pairs, step, why=f"stages {lost} lost at step {step}")
+        if done.rollback is not None:
             dump("rollback")
-            return Handled(lost, [], rollback=loaded, lost_replicas=pairs)
-        copies = [a for a in actions if a.method == "replica"]
-        records = apply_plan(engine, copies, step)
-        rest = [a for a in actions if a.method != "replica"]
-        if self.redundant is not None and any(a.method == "redundant" for a in rest):
-            records += self.redundant.recover(rest, step)
-        else:
-            records += apply_plan(engine, rest, step, copies=self.stage_copies, checkpointer=self.checkpointer)
-        if self.redundant is not None and copies:
-            self.redundant.resync()  # the restored replica's shadow of its successor was lost too
+            return Handled(lost, [], rollback=done.rollback, lost_replicas=pairs)
         dump("after")
-        return Handled(lost, records, lost_replicas=pairs)
+        return Handled(lost, done.records, lost_replicas=pairs)
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from ds_checkfree.pipe.ds_private import release_engine
 from ds_checkfree.elastic.world import Agreement, NoSpareLeft
 from ds_checkfree.elastic.membership.client import CoordinatorLost
+from ds_checkfree.recovery.apply import RecoveryRecord, share_record
+from ds_checkfree.recovery.driver import RecoveryDriver
 from ds_checkfree.recovery.rules import UnrecoverableFailure
-from ds_checkfree.recovery.apply import RecoveryRecord, apply_plan, plan_for, share_record
 
 
 #: what a lost peer raises while a data plane forms or an engine is built over it (torch's
@@ -66,11 +67,13 @@ def freeze_startup_objects() -> None:
 class ProcessLossRecovery:
     """Owns the elastic world's side of a run: the first data plane, and every recovery."""
 
-    def __init__(self, world, build_engine, checkpointer, warn):
-        """``build_engine()`` returns a new engine over the current data plane."""
+    def __init__(self, world, build_engine, driver: RecoveryDriver, warn):
+        """``build_engine()`` returns a new engine over the current data plane; ``driver``
+        re-materialises the lost stages on it (the same driver logical failures use)."""
         self.world = world
         self.build_engine = build_engine
-        self.checkpointer = checkpointer
+        self.driver = driver
+        self.checkpointer = driver.checkpointer
         self.warn = warn
         #: world rank -> stage before the last agreement (names the dead in heartbeat events)
         self.roles_before: dict = dict(world.roles)
@@ -171,16 +174,15 @@ class ProcessLossRecovery:
         events, resume_step = [], agreement.resume_step
         try:
             handed, lost = self._take_handoffs(engine, agreement.lost_pairs(), resume_step - 1)
-            actions = plan_for(engine, lost) if lost else []  # same verdict on every rank
-            if any(a.method == "checkpoint" for a in actions):
-                records = []
-                loaded = self.checkpointer.load_latest(engine, why=f"stages {agreement.lost_stages} lost")
+            # same verdict on every rank
+            done = self.driver.recover(engine, lost, resume_step, why=f"stages {agreement.lost_stages} lost")
+            records = handed + done.records
+            if done.rollback is not None:
+                loaded = done.rollback
                 events.append(("checkpoint_load", loaded.event(stages=agreement.lost_stages,
                                                                steps_lost=resume_step - loaded.resume_step)))
                 self.warn(f"rolled back to the checkpoint of step {loaded.resume_step - 1} ({loaded.seconds:.2f} s)")
                 resume_step = loaded.resume_step
-            else:
-                records = handed + apply_plan(engine, actions, agreement.resume_step)
         except UnrecoverableFailure as err:
             raise StoppedForGood(err, agreement.lost_stages, agreement.dead_ranks) from None
         t_remat = time.time()

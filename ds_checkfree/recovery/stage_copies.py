@@ -14,7 +14,7 @@ from deepspeed import comm as dist
 
 from ds_checkfree.pipe.devices import comm_empty, pack_fp32, unpack_like
 from ds_checkfree.config.layout import copy_holders
-from ds_checkfree.models import DecoderLayerPipe
+from ds_checkfree.pipe.parts import block_parameter_count
 
 
 class StageCopies:
@@ -55,10 +55,12 @@ class StageCopies:
 
     def _numel(self, engine, stage: int) -> int:
         """Parameters of block ``stage``: block stages are alike (the alignment rule), so the
-        holder counts them from the model config without asking."""
-        with torch.device("meta"):
-            layer = DecoderLayerPipe(engine.module.model_config, 0)
-        return len(engine.module.slots[stage]) * sum(p.numel() for p in layer.parameters())
+        holder (which holds no block itself) counts them from the block spec on the meta device."""
+        per_block = block_parameter_count(engine.module.model_parts.blocks)
+        if per_block is None:
+            raise RuntimeError(f"layout 'paper' keeps copies of block stages, but a block of "
+                               f"{engine.module.model_parts.name} cannot be built on the meta device to size them")
+        return len(engine.module.slots[stage]) * per_block
 
     def send_back(self, stage: int, target_rank: int) -> None:
         """The holder's half of a restore."""

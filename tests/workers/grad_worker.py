@@ -18,7 +18,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
 
 from ds_checkfree.data import build_data  # noqa: E402
 from ds_checkfree.pipe.engine import CheckFreePipelineEngine  # noqa: E402
-from ds_checkfree.initialize import initialize  # noqa: E402
+from ds_checkfree.initialize import build  # noqa: E402
 
 
 def _capture(engine):
@@ -52,7 +52,7 @@ def main():
     with open(args.config) as f:
         cfg = json.load(f)
     cls = CapturingStock if args.engine == "stock" else CapturingCheckFree
-    engine, setup = initialize(cfg, "tiny", {"num_layers": args.num_layers}, engine_class=cls)
+    engine, setup = build(cfg, "tiny", {"num_layers": args.num_layers}, engine_class=cls)
     data = build_data(None, setup.model.max_seq_len, engine.train_micro_batch_size_per_gpu(), seed=0)
     params = {k: p.detach().clone() for k, p in engine.module.recovery_state(True).items()}
     loss = float(engine.train_batch(data.train.iterator(0)))

@@ -13,14 +13,14 @@ from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
 
 from ds_checkfree.data import build_data  # noqa: E402
 from ds_checkfree.pipe.ds_private import release_engine  # noqa: E402
-from ds_checkfree.initialize import initialize  # noqa: E402
+from ds_checkfree.initialize import build  # noqa: E402
 
 
 def main():
     cfg = json.load(open(sys.argv[1]))
     out = sys.argv[2]
-    dropped, setup = initialize(cfg, "tiny", {"num_layers": 4})
-    kept, _ = initialize(cfg, "tiny", {"num_layers": 4}, engine_class=PipelineEngine)
+    dropped, setup = build(cfg, "tiny", {"num_layers": 4})
+    kept, _ = build(cfg, "tiny", {"num_layers": 4}, engine_class=PipelineEngine)
     data = build_data(None, 32, kept.train_micro_batch_size_per_gpu(), seed=0)
     losses = [float(kept.train_batch(data.train.iterator(0)))]
     float(dropped.train_batch(data.train.iterator(0)))

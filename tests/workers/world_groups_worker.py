@@ -18,7 +18,7 @@ import torch.distributed as tdist  # noqa: E402
 from ds_checkfree import data_plane  # noqa: E402
 from ds_checkfree.data import build_data  # noqa: E402
 from ds_checkfree.pipe.ds_private import world_sized_groups_are_default  # noqa: E402
-from ds_checkfree.initialize import initialize  # noqa: E402
+from ds_checkfree.initialize import build  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
         ds_comm.new_group([1])
     x = torch.tensor([float(me + 1)])
     tdist.all_reduce(x, group=everyone)
-    engine, _ = initialize(cfg, "tiny", {"num_layers": 4}, elastic=True)
+    engine, _ = build(cfg, "tiny", {"num_layers": 4}, elastic=True)
     data = build_data(None, 32, engine.train_micro_batch_size_per_gpu(), seed=0)
     losses = [float(engine.train_batch(data.train.iterator(0))) for _ in range(2)]
     grid = engine.grid
