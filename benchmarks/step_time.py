@@ -228,7 +228,7 @@ def worker(args) -> int:
     from deepspeed.runtime.pipe.engine import PipelineEngine
     from ds_checkfree.data import build_data
     from ds_checkfree.pipe.engine import CheckFreePipelineEngine
-    from ds_checkfree.initialize import initialize
+    from ds_checkfree.initialize import build
 
     if not args.verbose:
         from deepspeed.utils import logger as ds_logger
@@ -241,8 +241,8 @@ def worker(args) -> int:
     engines, setups, t_build, shadows = {}, {}, {}, {}
     for v in VARIANTS:
         t0 = time.perf_counter()
-        # initialize() validates a copy; DeepSpeed may annotate the dict it is given.
-        engines[v], setups[v] = initialize(copy.deepcopy(cfgs[v]), args.model, overrides, engine_class=classes[v])
+        # build() validates a copy; DeepSpeed may annotate the dict it is given.
+        engines[v], setups[v] = build(copy.deepcopy(cfgs[v]), args.model, overrides, engine_class=classes[v])
         if v in REDUNDANT_VARIANTS:
             from ds_checkfree.baselines import RedundantShadow
             shadows[v] = RedundantShadow(engines[v])  # redundant_forward from the engine's config
@@ -525,11 +525,11 @@ def memory_worker(args) -> int:
     from deepspeed.utils import logger as ds_logger
     from ds_checkfree.data import build_data
     from ds_checkfree.pipe.engine import CheckFreePipelineEngine
-    from ds_checkfree.initialize import initialize
+    from ds_checkfree.initialize import build
     ds_logger.setLevel(logging.WARNING)
     v = args.only
     cfg = build_configs(args)[v]
-    engine, setup = initialize(cfg, args.model, {"num_layers": args.num_layers},
+    engine, setup = build(cfg, args.model, {"num_layers": args.num_layers},
                                engine_class=PipelineEngine if v == "stock" else CheckFreePipelineEngine)
     seq_len = args.seq_len or setup.model.max_seq_len
     data = build_data(None, seq_len, engine.train_micro_batch_size_per_gpu(), seed=args.seed)
