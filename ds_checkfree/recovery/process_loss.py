@@ -25,6 +25,10 @@ from ds_checkfree.recovery.rules import UnrecoverableFailure
 #: DistError and gloo's errors are RuntimeErrors, ``DataPlaneInterrupted`` too); anything
 #: else (an ImportError, a TypeError) is a bug that no new generation fixes: it propagates
 DATA_PLANE_ERRORS = (RuntimeError, OSError)
+def short_reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+
 #: consecutive re-forms without a completed one before the error propagates: each needs a
 #: new death (or a stalled peer's eviction), so more than this is a fault that repeats
 MAX_REFORMS = 8
@@ -80,6 +84,30 @@ class ProcessLossRecovery:
         self._close_s: dict = {}  # the last recovery's snapshot and socket-close times
         self._without_progress = (-1, 0)  # (steps done, recoveries since a step last completed)
 
+    def evidence(self, err: BaseException) -> str | None:
+        """The reason to recover from ``err``, or None when it is no evidence of a lost peer.
+
+        Evidence: the data plane aborted or interrupted by a membership round, or a
+        communication error that the coordinator confirms by opening a round within the
+        heartbeat timeout (a death closes the member's connection at once; a stall is declared
+        after ``heartbeat_timeout_s``). An out-of-memory, a bug, anything else is not: it must
+        surface once, where it happened, not as up to ``MAX_REFORMS`` re-agreements."""
+        import torch
+
+        from ds_checkfree.elastic.data_plane import DataPlaneAborted
+        from ds_checkfree.elastic.world import DataPlaneInterrupted
+        if isinstance(err, (DataPlaneAborted, DataPlaneInterrupted)):
+            return short_reason(err)
+        if isinstance(err, torch.OutOfMemoryError) or not isinstance(err, DATA_PLANE_ERRORS):
+            return None
+        cf = self.world.cf
+        confirm_s = (cf.heartbeat_timeout_s + 4 * cf.heartbeat_interval_s) if cf is not None else 15.0
+        if self.world.wait_for_round(confirm_s):
+            return short_reason(err)
+        self.warn(f"{short_reason(err)}: no member was lost (no membership round within {confirm_s:.1f} s): "
+                  "not recovering")
+        return None
+
     def start(self):
         """The launch-time data plane and engine of a stage holder. A member lost before the
         first step only changes who builds which stage from the seed: agree and form again."""
@@ -89,7 +117,7 @@ class ProcessLossRecovery:
                 self.world.init_data_plane()
                 return self.build_engine()
             except DATA_PLANE_ERRORS as err:  # a peer lost while the job was forming
-                if attempt == MAX_REFORMS:
+                if attempt == MAX_REFORMS or self.evidence(err) is None:
                     raise
                 self.warn(f"the data plane broke while forming ({_short(err)}); agreeing on the members again")
                 self.world.tear_down_data_plane()
@@ -147,7 +175,7 @@ class ProcessLossRecovery:
             except (StoppedForGood, UnrecoverableFailure):
                 raise
             except DATA_PLANE_ERRORS as err:  # a second failure during the rebuild
-                if attempt == MAX_REFORMS:
+                if attempt == MAX_REFORMS or self.evidence(err) is None:
                     raise
                 self.warn(f"generation {agreement.generation}: rebuild interrupted ({_short(err)}); agreeing again")
                 self.world.tear_down_data_plane()
@@ -226,5 +254,4 @@ class ProcessLossRecovery:
         return records, [p for p in lost if p not in handed]
 
 
-def _short(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+_short = short_reason
