@@ -9,6 +9,9 @@ with ``DS_ACCELERATOR=cuda``), captures the log to ``output_dir/train.log``,
 raises ``RunFailed`` (with the log tail) on a non-zero exit, and returns the parsed
 ``metrics.jsonl`` records.
 
+Launchers, metrics records and recovery phases come from ``ds_checkfree.testing`` (the harness
+the tests share); this module holds what only the benchmarks need.
+
 ``stop_when(records) -> bool`` (optional) is polled on the records written so far every
 ``poll_s`` seconds; when it returns True the run is ended (its own process group only) and
 counts as finished: ``run_train`` returns the records, and ``last_run_stopped_early()`` says so.
@@ -18,14 +21,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import signal
-import socket
+import statistics
 import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ds_checkfree.testing import REPO, TRAIN, job_env, launcher_cmd, read_metrics
+from ds_checkfree.testing.procs import kill_group
+
+ROOT = str(REPO)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
@@ -43,39 +46,6 @@ def base_config(mode: str = "checkfree", **checkfree) -> dict:
     return cfg
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed_cmd() -> list[str]:
-    local = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    if os.path.exists(local):
-        return [local]
-    found = shutil.which("deepspeed")
-    return [found] if found else [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def parse_metrics_lines(lines) -> list[dict]:
-    """Records of a metrics.jsonl; a torn last line (a run ended while writing) is skipped."""
-    out = []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if line.endswith("\n"):
-                raise
-    return out
-
-
-def read_metrics(output_dir: str) -> list[dict]:
-    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return parse_metrics_lines(f)
-
-
 _STOPPED_EARLY = [False]
 
 
@@ -84,24 +54,34 @@ def last_run_stopped_early() -> bool:
     return _STOPPED_EARLY[0]
 
 
-def _stop(proc) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # our own launcher's process group only
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def launch_cmd(num_ranks: int, accelerator: str = "cpu") -> list[str]:
-    """The launcher prefix for ``num_ranks`` ranks of ``launch/train.py`` (then its arguments)."""
-    train = os.path.join(ROOT, "launch", "train.py")
-    if accelerator == "cpu":
-        return _deepspeed_cmd() + ["--num_gpus", str(num_ranks), "--master_port", str(free_port()), train]
-    if accelerator == "cuda":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_ranks),
-                "--no-python", os.path.join(ROOT, "scripts", "one_gpu_rank.sh"), sys.executable, train]
-    raise ValueError(f"accelerator {accelerator!r}: choose cpu or cuda")
+    """The launcher prefix for ``num_ranks`` ranks of ``launch/train.py`` (then its arguments):
+    DeepSpeed's launcher on CPU, torchrun with every rank on GPU 0 on CUDA."""
+    if accelerator not in ("cpu", "cuda"):
+        raise ValueError(f"accelerator {accelerator!r}: choose cpu or cuda")
+    return launcher_cmd("deepspeed" if accelerator == "cpu" else "torchrun", num_ranks,
+                        accelerator=accelerator) + [str(TRAIN)]
+
+
+def add_failure_run_args(p, *, steps: int, fail_step: int) -> None:
+    """The options of a benchmark that loses a stage once: model, length, which step and stage."""
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--num_layers", type=int, default=None)
+    p.add_argument("--seq_len", type=int, default=None)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--fail_step", type=int, default=fail_step)
+    p.add_argument("--fail_stage", type=int, default=1)
+
+
+def mean_sd(values, digits: int = 3) -> str:
+    """``mean ± sd`` of the finite values (one value alone; ``n/a`` for none)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
+    m = statistics.mean(values)
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny", num_gpus: int = 4,
@@ -116,7 +96,7 @@ def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny",
         os.remove(metrics_path)
     cmd = launch_cmd(num_gpus, accelerator) + ["--deepspeed_config", cfg_path, "--model", model, "--steps",
                                                str(steps), "--output_dir", output_dir, *map(str, extra_args)]
-    env = dict(os.environ, DS_ACCELERATOR=accelerator, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = job_env(accelerator)
     log_path = os.path.join(output_dir, "train.log")
     t0 = time.time()
     if not quiet:
@@ -135,14 +115,12 @@ def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny",
                 rc = proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
                 if deadline is not None and time.time() >= deadline:
-                    _stop(proc)
+                    kill_group(proc, grace_s=15)
                     rc = "timeout"
-                elif stop_when is not None and os.path.exists(metrics_path):
-                    with open(metrics_path, encoding="utf-8") as f:
-                        if stop_when(parse_metrics_lines(f)):
-                            _stop(proc)
-                            _STOPPED_EARLY[0] = True
-                            rc = 0
+                elif stop_when is not None and stop_when(read_metrics(metrics_path, missing_ok=True)):
+                    kill_group(proc, grace_s=15)  # our own launcher's process group only
+                    _STOPPED_EARLY[0] = True
+                    rc = 0
     if rc != 0 or not os.path.exists(metrics_path):
         with open(log_path, encoding="utf-8", errors="replace") as f:
             tail = "".join(f.readlines()[-40:])
@@ -151,45 +129,3 @@ def run_train(config: dict, output_dir: str, *, steps: int, model: str = "tiny",
     if not quiet:
         print(f"  done in {time.time() - t0:.0f} s -> {output_dir}", flush=True)
     return read_metrics(output_dir)
-
-
-def split(records: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
-    """(step records, validation records, events), each in file order."""
-    steps = [r for r in records if "event" not in r and "loss" in r]
-    vals = [r for r in records if "event" not in r and "val_loss" in r]
-    events = [r for r in records if "event" in r]
-    return steps, vals, events
-
-
-def recovery_phases(records: list[dict], killed_at: float, backend: str = "gloo") -> list[tuple[str, float]]:
-    """Where the time from a real kill (or a SIGTERM answered by a hand-off) to the next
-    completed step went, from the survivors' first ``recovery`` and ``recovery_timeline``
-    events (``killed_at``: when the signal was sent)."""
-    rec = next(r for r in records if r.get("event") == "recovery")
-    line = next(r for r in records if r.get("event") == "recovery_timeline")
-    if rec["method"] == "handoff":  # a SIGTERM (``killed_at``) answered by a hand-off (ds_checkfree.elastic.preemption)
-        return [("the preempted stage finishes its step (SIGTERM -> step done)", rec["step_done_at"] - killed_at),
-                ("hand-off published, process gone -> error seen by the last stage",
-                 rec["failed_at"] - rec["step_done_at"]),
-                *_rebuild_phases(rec, line, backend, "re-materialisation (load the hand-off)"),
-                ("total: SIGTERM -> next completed step", line["next_step_done_at"] - killed_at)]
-    return [("detection (kill -> error seen by the last stage)", rec["failed_at"] - killed_at),
-            *_rebuild_phases(rec, line, backend, "re-materialisation (CheckFree)"),
-            ("total: kill -> next completed step", line["next_step_done_at"] - killed_at)]
-
-
-def _rebuild_phases(rec, line, backend, remat) -> list[tuple[str, float]]:
-    """The survivors' side, the same for a death and a hand-off."""
-    nan = float("nan")
-    leave = "close sockets" if backend == "gloo" else "abort + forget groups"
-    return [(f"snapshot + {leave}", rec["revoked_at"] - rec["failed_at"]),
-            ("  of which the in-memory snapshot", rec.get("snapshot_s", nan)),
-            (f"  of which engine release + {backend} teardown", rec.get("close_s", nan)),
-            ("agreement (coordinator round -> plan)", rec["agreed_at"] - rec["revoked_at"]),
-            (f"data plane (new {backend} group)", rec["data_plane_s"]),
-            ("engine rebuild (in-memory state)", rec["engine_rebuild_s"]),
-            ("  of which module + its process groups", rec.get("rebuild_module_s", nan)),
-            ("  of which DeepSpeed engine (config, optimizer)", rec.get("rebuild_engine_s", nan)),
-            ("  of which loading the kept state", rec.get("rebuild_state_load_s", nan)),
-            (remat, rec["rematerialise_s"]),
-            ("redo the interrupted step", line["next_step_done_at"] - rec["rematerialised_at"])]

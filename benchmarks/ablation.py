@@ -11,9 +11,9 @@ written once to the runs folder). ``--clip_scope stage`` clips each stage's own 
 ``gradient_clipping`` as the paper's reference code does (default: DeepSpeed's global norm);
 the neighbour weights of the weighted average depend on it.
 
-    python benchmarks/ablation.py                         # tiny, 1 seed: 5 runs, ~5 min on 2 cores
-    python benchmarks/ablation.py --seeds 0 1 2           # mean ± std over seeds
-    python benchmarks/ablation.py --num_stages 6 --num_layers 12 --clip_scope stage --seeds 0 1 2 \
+    python -m benchmarks.ablation                         # tiny, 1 seed: 5 runs, ~5 min on 2 cores
+    python -m benchmarks.ablation --seeds 0 1 2           # mean ± std over seeds
+    python -m benchmarks.ablation --num_stages 6 --num_layers 12 --clip_scope stage --seeds 0 1 2 \
         --data python-docs --out benchmarks/results/ablation_6st_stage_pydocs
 
 Finished runs are kept under ``--runs_dir`` and reused (``--rerun`` to redo them), so seeds
@@ -30,8 +30,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runs import RESULTS, base_config, read_metrics, run_train, split  # noqa: E402
+from benchmarks._runs import RESULTS, add_failure_run_args, base_config, mean_sd, run_train
+from ds_checkfree.testing import read_metrics, split
 
 METHODS = ("weighted_average", "mean", "copy_prev", "random")
 NONE = "no_failure"
@@ -56,7 +56,7 @@ def python_docs_corpus(directory: str) -> str:
 def complete(out: str, steps: int) -> bool:
     try:
         recs = read_metrics(out)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return False
     return any(r.get("val_loss") is not None and r["step"] == steps for r in recs)
 
@@ -67,23 +67,9 @@ def val_at(vals: dict[int, float], step: int) -> tuple[int, float]:
     return (later[0], vals[later[0]]) if later else (step, float("nan"))
 
 
-def ms(values, digits=3):
-    values = [v for v in values if v == v]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--num_layers", type=int, default=None)
-    p.add_argument("--seq_len", type=int, default=None)
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--fail_step", type=int, default=60)
-    p.add_argument("--fail_stage", type=int, default=1)
+    add_failure_run_args(p, steps=120, fail_step=60)
     p.add_argument("--num_stages", type=int, default=4, help="pipeline stages (= processes)")
     p.add_argument("--clip_scope", choices=("global", "stage"), default="global",
                    help="checkfree.clip_scope: DeepSpeed's global norm, or each stage's own (the reference code)")
@@ -179,7 +165,7 @@ def main(argv=None) -> int:
     print("|---" * (len(cols) + 1) + "|")
     for m in methods:
         rs = [by[(m, s)] for s in a.seeds]
-        print(f"| {m} | " + " | ".join(ms([r[k] for r in rs]) for _, k in cols) + " |")
+        print(f"| {m} | " + " | ".join(mean_sd([r[k] for r in rs]) for _, k in cols) + " |")
     print(f"\nPre-failure check: max |val loss - no_failure| before step {a.fail_step}: {dev:.2e}")
     failed = [m for m in methods if m != NONE]
     for label, key in ([(f"right after (val @{steps_for[a.after[0]]})", f"val@K+{a.after[0]}")] +

@@ -26,9 +26,9 @@ Protocol (every choice printed in the ``.md``):
   charged checkpoint bytes at ``--storage_bandwidth_mb_s`` + ``--replacement_delay_s`` per lost stage.
 * Projection (labelled as such) to the paper's sizes: see ``project`` and the ``.md``.
 
-    python benchmarks/convergence.py --quick   # rate 10 %/h, 2 schedules x 1 seed, 100-step reference,
+    python -m benchmarks.convergence --quick   # rate 10 %/h, 2 schedules x 1 seed, 100-step reference,
                                                # every available strategy: ~15 runs, ~10-15 min on 2 cores
-    python benchmarks/convergence.py           # rates 0/5/10/16, 3 schedules x 2 seeds, 400-step reference:
+    python -m benchmarks.convergence           # rates 0/5/10/16, 3 schedules x 2 seeds, 400-step reference:
                                                # hours on 2 cores (do not run on a shared machine casually)
 
 Outputs (``--out`` prefix, default ``benchmarks/results/convergence`` or ``..._quick``): ``.csv``
@@ -50,15 +50,13 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _runs import RESULTS, RunFailed, last_run_stopped_early, read_metrics, run_train  # noqa: E402
-from convergence_report import write_outputs  # noqa: E402
-from convergence_stats import _is_step, _is_val, default_target, wall_clock_curve  # noqa: E402
-from convergence_strategies import Strategy, select_strategies, strategy_config, strategy_registry  # noqa: E402
-
-from ds_checkfree.config.checkfree import CheckFreeConfig  # noqa: E402
-from ds_checkfree.recovery.injection import FailurePlan, step_failure_probability  # noqa: E402
+from benchmarks._runs import RESULTS, RunFailed, last_run_stopped_early, run_train
+from benchmarks.convergence_report import write_outputs
+from benchmarks.convergence_stats import _is_step, _is_val, default_target, wall_clock_curve
+from benchmarks.convergence_strategies import Strategy, select_strategies, strategy_config, strategy_registry
+from ds_checkfree.config.checkfree import CheckFreeConfig
+from ds_checkfree.recovery.injection import FailurePlan, step_failure_probability
+from ds_checkfree.testing import read_metrics
 
 
 def load_step_ratios(path: str) -> dict[str, tuple[float, float, float]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from convergence_stats import extra_steps_per_failure
-from convergence_strategies import NO_FAILURE
+from benchmarks.convergence_stats import extra_steps_per_failure
+from benchmarks.convergence_strategies import NO_FAILURE
 
 #: nominal parameter counts and failing (block) stages of the paper's models; per-iteration
 #: failure probabilities hard-coded in the reference code (gensyn-ai/CheckFree), with the %/h they label

@@ -12,12 +12,12 @@ import statistics
 import subprocess
 import time
 
-from _runs import RESULTS
-from convergence_plots import draw
-from convergence_projection import projection_section
-from convergence_stats import (charged_at_target, fmt_summary, gap_vs, modelled_wall, run_outcomes,
-                               summarize_outcomes)
-from convergence_strategies import NO_FAILURE
+from benchmarks._runs import RESULTS
+from benchmarks.convergence_plots import draw
+from benchmarks.convergence_projection import projection_section
+from benchmarks.convergence_stats import (charged_at_target, fmt_summary, gap_vs, modelled_wall, run_outcomes,
+                                          summarize_outcomes)
+from benchmarks.convergence_strategies import NO_FAILURE
 
 
 def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, schedules, probs, prefix,
@@ -74,7 +74,7 @@ def write_outputs(a, strategies, unavailable, rates, runs, target, ref_targets, 
          f"{elapsed_s / 60:.1f} min this invocation; the runs' own launches took "
          f"{sum(v['status'].get('launch_s', 0) for v in runs.values()) / 60:.1f} min (finished runs are reused); "
          "this machine: 2 shared CPU cores, no GPU.", "",
-         f"Command: `python benchmarks/convergence.py {' '.join(a.argv)}`; outputs written "
+         f"Command: `python -m benchmarks.convergence {' '.join(a.argv)}`; outputs written "
          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
          + (f"; runs started {min(v['started'] for v in runs.values() if v.get('started'))} to "
             f"{max(v['started'] for v in runs.values() if v.get('started'))}, 1-min load at their starts "
@@ -239,7 +239,7 @@ def write_meta(prefix, a, strategies, runs, target, t_ref, ratios) -> None:
     meta = {
         "benchmark": f"convergence under failures ({'quick' if a.quick else 'full'} protocol)",
         "files": [os.path.basename(prefix) + ext for ext in (".csv", "_runs.csv", ".md", ".png", "_bars.png")],
-        "command": f"python benchmarks/convergence.py {' '.join(a.argv)}".strip(),
+        "command": f"python -m benchmarks.convergence {' '.join(a.argv)}".strip(),
         "protocol": (f"model {a.model}" + (f" with {a.num_layers} decoder layers" if a.num_layers else "")
                      + f"; reference {a.steps} steps; rates {a.rates} % per stage per hour at an assumed "
                      f"{a.assumed_step_seconds:g} s per step; failure schedules {a.failure_seeds} x training seeds "

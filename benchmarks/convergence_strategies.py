@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _runs import base_config  # noqa: E402
-
-from ds_checkfree.config.checkfree import CheckFreeConfig  # noqa: E402
+from benchmarks._runs import base_config
+from ds_checkfree.config.checkfree import CheckFreeConfig
 
 NO_FAILURE = "no_failure"
 

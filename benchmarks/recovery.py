@@ -23,9 +23,9 @@ Everything is read from metrics.jsonl (``time`` fields are wall-clock of the las
   by bytes / bandwidth (a remote store; the local disk here is far faster), plus the
   modelled cost of every checkpoint save.
 
-    python benchmarks/recovery.py                      # tiny, ~5 min on 2 CPU cores
-    python benchmarks/recovery.py --strategies checkfree checkpoint   # the two original rows
-    python benchmarks/recovery.py --model 124m --num_layers 4 --seq_len 128 --steps 14 \
+    python -m benchmarks.recovery                      # tiny, ~5 min on 2 CPU cores
+    python -m benchmarks.recovery --strategies checkfree checkpoint   # the two original rows
+    python -m benchmarks.recovery --model 124m --num_layers 4 --seq_len 128 --steps 14 \
         --fail_step 8 --checkpoint_every 5
 """
 from __future__ import annotations
@@ -35,13 +35,13 @@ import csv
 import os
 import shutil
 import statistics
-import subprocess
 import sys
+import subprocess
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runs import RESULTS, base_config, run_train, split  # noqa: E402
+from benchmarks._runs import RESULTS, add_failure_run_args, base_config, mean_sd, run_train
+from ds_checkfree.testing import split
 
 #: name -> (checkfree mode, data-parallel replicas, replica lost (None: every replica), top-level config)
 STRATEGIES = {
@@ -103,24 +103,9 @@ def analyse(records: list[dict], strategy: str, fail_step: int, bw_mb_s: float) 
     return row
 
 
-def fmt(values, digits=3):
-    values = [v for v in values if v == v]
-    if not values:
-        return "n/a"
-    m = statistics.mean(values)
-    if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--num_layers", type=int, default=None)
-    p.add_argument("--seq_len", type=int, default=None)
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--fail_step", type=int, default=16)
-    p.add_argument("--fail_stage", type=int, default=1)
+    add_failure_run_args(p, steps=24, fail_step=16)
     p.add_argument("--checkpoint_every", type=int, default=10)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--bandwidth_mb_s", type=float, default=100.0, help="modelled remote-storage bandwidth")
@@ -190,16 +175,16 @@ def main(argv=None) -> int:
     print("|---" * (len(cols) + 1) + "|")
     for s in a.strategies:
         rs = [r for r in rows if r["strategy"] == s]
-        cells = [fmt([r[k] / (1e6 if k == "bytes" else 1) for r in rs], d) for _, k, d in cols]
+        cells = [mean_sd([r[k] / (1e6 if k == "bytes" else 1) for r in rs], d) for _, k, d in cols]
         print(f"| {s} ({rs[0]['detail']}) | " + " | ".join(cells) + " |")
     ck = [r for r in rows if r["strategy"] == "checkpoint"]
     print("\ndp2 rows: 8 ranks (4 stages x 2 replicas) on the same cores as the others' 4; bytes are what the "
           "rank that logs the event received (a whole-column rebuild moves that much to each replica).")
     if ck:
         print(f"Checkpoint saves (baseline, paid even without failures): {ck[0]['saves']} per run, "
-              f"{ck[0]['save_bytes'] / 1e6:.2f} MB each, measured {fmt([r['save_s_mean'] for r in ck])} s each "
+              f"{ck[0]['save_bytes'] / 1e6:.2f} MB each, measured {mean_sd([r['save_s_mean'] for r in ck])} s each "
               f"(modelled {ck[0]['modelled_save_s']:.3f} s at {a.bandwidth_mb_s:g} MB/s), i.e. "
-              f"{fmt([r['save_s_mean'] / a.checkpoint_every for r in ck])} s/step amortised measured, "
+              f"{mean_sd([r['save_s_mean'] / a.checkpoint_every for r in ck])} s/step amortised measured, "
               f"{ck[0]['modelled_save_s'] / a.checkpoint_every:.3f} s/step modelled")
     print(f"Wall time of the benchmark: {time.time() - t_start:.0f} s")
 

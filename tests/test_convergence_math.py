@@ -1,11 +1,9 @@
 """The convergence benchmark's bookkeeping, on synthetic curves with known answers."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,15 +11,11 @@ import pytest
 
 from ds_checkfree.config.deepspeed_checks import split_deepspeed_config
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("convergence", ROOT / "benchmarks" / "convergence.py")
-conv = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("convergence", conv)  # dataclasses look their module up by name
-_spec.loader.exec_module(conv)
-import convergence_projection as proj  # noqa: E402  (benchmarks/ is on the path now)
-import convergence_stats as stats  # noqa: E402
-import convergence_strategies as strategies  # noqa: E402
+from benchmarks import _runs
+from benchmarks import convergence as conv
+from benchmarks import convergence_projection as proj
+from benchmarks import convergence_stats as stats
+from benchmarks import convergence_strategies as strategies
 
 Point = stats.Point
 
@@ -201,7 +195,6 @@ def test_progress_counts_every_run_and_estimates_from_launched_ones_only():
 
 
 def test_cuda_runs_share_gpu_0_through_the_rank_wrapper():
-    import _runs
     cuda = _runs.launch_cmd(6, "cuda")
     assert cuda[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "6"]
     assert cuda[6] == "--no-python" and cuda[7].endswith("scripts/one_gpu_rank.sh") and cuda[-1].endswith("train.py")
@@ -248,7 +241,7 @@ def test_report_sets_unrecoverable_runs_apart_from_slow_ones(tmp_path):
     """Three CheckFree runs: two reach the target (at 100 and 120 executed steps), one stops at step 60
     (an unrecoverable loss). The cell is censored (a lower bound), and the two that recovered are
     summarised apart; the stop's reason is printed under the table."""
-    import convergence_report as report
+    from benchmarks import convergence_report as report
     a = conv.parse_args(["--quick", "--strategies", "checkfree", "--out", str(tmp_path / "r")])
     chosen = strategies.select_strategies(strategies.strategy_registry([5], 20), ["checkfree"])
 

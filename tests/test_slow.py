@@ -36,7 +36,7 @@ def test_quick_convergence_harness_writes_every_strategy(tmp_path):
     ~10 min on 2 cores): every strategy gets a row with mean ± sd or a cut-off, and the
     projection is written with its inputs."""
     prefix = tmp_path / "conv"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/convergence.py"), "--quick", "--steps", "40",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.convergence", "--quick", "--steps", "40",
                            "--strategies", "checkfree", "checkfree_plus", "checkfree_plus_6", "checkpoint",
                            "redundant", "redundant_lb", "--out", str(prefix), "--runs_dir", str(tmp_path / "runs")],
                           cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=3600)
@@ -54,12 +54,12 @@ def test_quick_convergence_harness_writes_every_strategy(tmp_path):
 
 @pytest.mark.slow  # two launches of the restart baseline and one hand-started CheckFree job: ~50 s
 def test_real_failure_benchmark_without_mpi(tmp_path):
-    """``benchmarks/real_failure.py --launcher manual`` (what a GPU machine without MPI runs, here
+    """``python -m benchmarks.real_failure --launcher manual`` (what a GPU machine without MPI runs, here
     on gloo): CheckFree's hand-started job survives the kill with no step lost, the torchrun
     restart loses the steps since its checkpoint and is slower end to end."""
     import csv
     out = tmp_path / "rf.csv"
-    proc = subprocess.run([sys.executable, "benchmarks/real_failure.py", "--launcher", "manual", "--overhead_pairs",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.real_failure", "--launcher", "manual", "--overhead_pairs",
                            "0", "--repeats", "1", "--preempt_repeats", "1", "--steps", "24", "--kill_step", "12", "--checkpoint_every", "5",
                            "--out", str(out)], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
