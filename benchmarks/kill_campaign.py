@@ -34,19 +34,17 @@ time of the run); join runs are reported by their join latency (their recovery w
 process to be started 2 s later and to import torch/DeepSpeed, which the goal's bound does
 not cover).
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/kill_campaign.py --runs 20
+    flock /tmp/heavy.lock .venv/bin/python -m benchmarks.kill_campaign --runs 20
 
 Writes ``benchmarks/results/kill_campaign.csv`` (one row per run) and ``kill_campaign.md``
-(table + protocol); each run's log.txt, joiner log, metrics.jsonl and coordinator log stay
+(table + protocol, ``benchmarks/kill_campaign_report.py``); each run's log.txt, joiner log, metrics.jsonl and coordinator log stay
 in the work directory it prints.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -57,11 +55,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runs import RESULTS, ROOT, base_config  # noqa: E402
+from benchmarks._runs import RESULTS, base_config
+from benchmarks.kill_campaign_report import report
+from ds_checkfree.elastic.membership.client import EXIT_EVICTED
+from ds_checkfree.testing import (REPO, Job, events_of, last_step, mpirun_cmd, read_metrics, standalone_env,
+                                  steps_of, train_args, wait_gone)
+from ds_checkfree.testing.procs import command_line, kill_group
 
-BIN = Path(sys.executable).parent
-TRAIN = os.path.join(ROOT, "launch", "train.py")
 NUM_STAGES = 4
 SCENARIOS = ("one_kill", "two_at_once", "second_kill", "startup_kill", "sigstop", "join")
 DESCRIBE = {
@@ -74,37 +74,6 @@ DESCRIBE = {
 }
 NON_ADJACENT = [(0, 2), (1, 3), (0, 3)]
 DEFAULT_HB_TIMEOUT = 10.0
-EXIT_EVICTED = 4  # ds_checkfree.elastic.membership.client.EXIT_EVICTED (mirrored: the harness imports no ds_checkfree)
-
-
-def job_env() -> dict:
-    env = dict(os.environ)
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def read_metrics(out: Path) -> list[dict]:
-    try:
-        text = (out / "metrics.jsonl").read_text()
-    except OSError:
-        return []
-    records = []
-    for line in text.splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written
-    return records
-
-
-def steps_of(records):
-    return [r for r in records if "loss" in r and "event" not in r]
-
-
-def events_of(records, name):
-    return [r for r in records if r.get("event") == name]
 
 
 class Deadline(Exception):
@@ -120,66 +89,34 @@ class Run:
         self.index, self.seed, self.scenario, self.steps = index, seed, scenario, steps
         self.rng = random.Random(seed)
         self.timeout_s = timeout_s
-        self.proc = self.joiner = None
+        self.job = self.proc = self.joiner = None
         self.joiner_started_at = None
         self.row = {"run": index, "scenario": scenario, "seed": seed}
 
-    # -- plumbing ------------------------------------------------------------------------
+    # -- plumbing (the job itself: ds_checkfree.testing) -----------------------------------
     def launch(self, mode: str, spares: int, **checkfree) -> None:
         cfg = base_config(mode, spares=spares, **checkfree)
         self.cfg_path = self.dir / "ds.json"
         self.cfg_path.write_text(json.dumps(cfg))
         self.hb_timeout = float(cfg["checkfree"].get("heartbeat_timeout_s", DEFAULT_HB_TIMEOUT))
         self.row.update(mode=mode, spares=spares)
-        cmd = [str(BIN / "mpirun"), "--with-ft", "ulfm", "--oversubscribe", "--map-by", "slot", "--bind-to", "none",
-               "-n", str(NUM_STAGES + spares), "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH",
-               "-x", "PYTHONUNBUFFERED", sys.executable, TRAIN, *self.train_args()]
+        cmd = mpirun_cmd(NUM_STAGES + spares, fault_tolerant=True) + self.train_args()
         if spares == 0:
             cmd.append("--fault_tolerant")
-        self.log_file = open(self.dir / "log.txt", "w")
-        self.started_at = time.time()
+        self.job = Job(cmd, self.out, self.dir / "log.txt")
+        self.proc, self.started_at = self.job.proc, self.job.started_at
         self.deadline = self.started_at + self.timeout_s
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
 
     def train_args(self) -> list[str]:
-        return ["--deepspeed_config", str(self.cfg_path), "--model", "tiny", "--steps", str(self.steps),
-                "--eval_every", "0", "--output_dir", str(self.out)]
+        return train_args(self.cfg_path, self.out, self.steps)
 
     def check_deadline(self) -> None:
         if time.time() > self.deadline:
             raise Deadline()
 
     def rank_pids(self) -> dict[int, int]:
-        """MPI rank -> PID of this run's training processes (through /proc)."""
-        pids = {}
-        key = str(self.out).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if key not in (entry / "cmdline").read_bytes().split(b"\0"):
-                    continue
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for var in env:
-                if var.startswith(b"OMPI_COMM_WORLD_RANK="):
-                    pids[int(var.split(b"=")[1])] = int(entry.name)
-        return pids
-
-    def all_pids(self) -> list[int]:
-        """Every live process of this run: ranks, joiner, anything with the output dir in its command line."""
-        key = str(self.out).encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if key in (entry / "cmdline").read_bytes():
-                        found.append(int(entry.name))
-                except OSError:
-                    pass
-        return found
+        """MPI rank -> PID of this run's training processes."""
+        return self.job.rank_pids()
 
     def wait_until(self, predicate, poll: float = 0.02):
         while True:
@@ -190,18 +127,14 @@ class Run:
             time.sleep(poll)
 
     def last_step(self) -> dict | None:
-        steps = steps_of(read_metrics(self.out))
-        return max(steps, key=lambda s: s["step"]) if steps else None
+        return last_step(read_metrics(self.out, missing_ok=True))
 
     def wait_for_step(self, step: int) -> dict | None:
         """The record of step >= ``step``; None if the job ended first."""
-        def seen():
-            if self.proc.poll() is not None:
-                return "ended"
-            last = self.last_step()
-            return last if last is not None and last["step"] >= step else None
-        got = self.wait_until(seen)
-        return None if got == "ended" else got
+        try:
+            return self.job.wait_for_step(step, max(0.0, self.deadline - time.time()), poll=0.02)
+        except TimeoutError:
+            raise Deadline() from None
 
     def coordinator_info(self) -> dict | None:
         found = sorted(self.out.glob("coordinator-*.json")) if self.out.exists() else []
@@ -225,23 +158,19 @@ class Run:
         return rec["step"], delay
 
     def signal_rank(self, rank: int, sig=signal.SIGKILL) -> float:
-        pid = self.rank_pids().get(rank)
-        if pid is None:
-            raise RuntimeError(f"rank {rank} not found")
-        os.kill(pid, sig)
+        self.job.signal_rank(rank, sig)
         return time.time()
 
     def start_joiner(self, address: str) -> None:
-        env = {k: v for k, v in job_env().items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
         self.joiner_log = open(self.dir / "joiner.txt", "w")
         self.joiner_started_at = time.time()
-        self.joiner = subprocess.Popen([sys.executable, TRAIN, *self.train_args(), "--join", address], cwd=ROOT,
-                                       env=env, stdout=self.joiner_log, stderr=subprocess.STDOUT,
+        self.joiner = subprocess.Popen([sys.executable, *self.train_args(), "--join", address], cwd=REPO,
+                                       env=standalone_env(), stdout=self.joiner_log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
 
     def wait_job(self) -> tuple[int, int | None]:
         self.wait_until(lambda: self.proc.poll() is not None, poll=0.1)
-        rc = self.proc.returncode
+        rc = self.job.wait(timeout=None)
         jrc = None
         if self.joiner is not None:
             self.wait_until(lambda: self.joiner.poll() is not None, poll=0.1)
@@ -249,55 +178,27 @@ class Run:
         return rc, jrc
 
     def kill_everything(self, dump_stacks: bool) -> None:
-        """Hang: stacks of every rank into the log (SIGUSR1; SIGCONT first), then SIGKILL by pid."""
-        pids = self.all_pids()
-        if dump_stacks:
-            for pid in pids:
-                for sig in (signal.SIGCONT, signal.SIGUSR1):
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-            time.sleep(2.0)
-        for proc in (self.proc, self.joiner):
-            if proc is not None and proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for pid in self.all_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in (self.proc, self.joiner):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
+        """Hang: stacks of every process of the run into its log (SIGCONT, SIGUSR1), then SIGKILL:
+        the job's group, the joiner's, anything else with the run's output dir in its command line."""
+        if self.job is not None:
+            self.job.stop(dump_stacks=dump_stacks)
+        if self.joiner is not None and self.joiner.poll() is None:
+            kill_group(self.joiner)
 
     def finish_coordinator(self, grace_s: float = 15.0) -> None:
         """The coordinator leaves by itself once every member is gone; kill it (by pid) if it lingers."""
         info = self.coordinator_info()
         if not info or not info.get("pid"):
             return
-        pid, deadline = info["pid"], time.time() + grace_s
-        while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        pid = info["pid"]
+        if not wait_gone(pid, grace_s, poll=0.2) and \
+                "ds_checkfree.elastic.membership.coordinator" in command_line(pid):
             try:
-                if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                    break
-            except OSError:
-                break
-            time.sleep(0.2)
-        if Path(f"/proc/{pid}").exists():
-            try:
-                if "ds_checkfree.elastic.membership.coordinator" in Path(f"/proc/{pid}/cmdline").read_text():
-                    os.kill(pid, signal.SIGKILL)
-                    self.row["note"] = (self.row.get("note", "") + f" coordinator still up {grace_s:g} s after "
-                                        "the job; killed").strip()
-            except (OSError, ProcessLookupError):
-                pass
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            self.row["note"] = (self.row.get("note", "") + f" coordinator still up {grace_s:g} s after "
+                                "the job; killed").strip()
 
     # -- scenarios -----------------------------------------------------------------------
     def draw_single(self) -> tuple[str, int]:
@@ -371,22 +272,14 @@ class Run:
             if self.proc.poll() is not None:
                 return True
             return any(t["next_step_done_at"] > self.kills[0]
-                       for t in events_of(read_metrics(self.out), "recovery_timeline"))
+                       for t in events_of(read_metrics(self.out, missing_ok=True), "recovery_timeline"))
         try:
             self.wait_until(recovered_or_over, poll=0.05)
         finally:
             os.kill(self.stopped_pid, signal.SIGCONT)
         cont_at = time.time()
         # does the evicted process leave by itself once continued?
-        while time.time() < min(self.deadline, cont_at + 30):
-            try:
-                if Path(f"/proc/{self.stopped_pid}/stat").read_text().split()[2] == "Z":
-                    break
-            except OSError:
-                break
-            time.sleep(0.1)
-        gone = not Path(f"/proc/{self.stopped_pid}").exists() or \
-            Path(f"/proc/{self.stopped_pid}/stat").read_text().split()[2] == "Z"
+        gone = wait_gone(self.stopped_pid, max(0.0, min(self.deadline, cont_at + 30) - time.time()), poll=0.1)
         self.row["note"] = (f"stopped process {'exited' if gone else 'still alive'} "
                             f"{time.time() - cont_at:.1f} s after SIGCONT")
 
@@ -420,7 +313,6 @@ class Run:
             self.row["note"] = f"harness: {type(err).__name__}: {err}"
             self.kill_everything(dump_stacks=False)
         self.finish_coordinator()
-        self.log_file.close()
         if self.joiner is not None:
             self.joiner_log.close()
         self.row.update(rc=rc, joiner_rc=jrc, wall_s=round(time.time() - self.started_at, 1))
@@ -434,7 +326,10 @@ class Run:
         return text
 
     def classify(self, outcome, rc, jrc) -> None:
-        records = read_metrics(self.out)
+        try:
+            records, damaged = read_metrics(self.out, missing_ok=True), ""
+        except ValueError as err:  # a broken line before the last: a finding, not a harness crash
+            records, damaged = [], str(err)
         steps = steps_of(records)
         done = sorted({s["step"] for s in steps})
         log = self.logs()
@@ -454,7 +349,9 @@ class Run:
             else:
                 outcome = "unclean"
         reason = ""
-        if unrec:
+        if damaged:
+            outcome, reason = ("unclean" if outcome not in ("hang", "harness_error") else outcome), damaged
+        elif unrec:
             reason = unrec[-1].get("reason", "")
         elif fatal:
             reason = fatal[0]
@@ -484,91 +381,6 @@ class Run:
                                     "after the kill").strip("; ")
         self.row["log_dir"] = str(self.dir)
 
-
-# --------------------------------------------------------------------------- report
-COLUMNS = ["run", "scenario", "seed", "mode", "spares", "victims", "kill_step", "kill_moment_s", "kill_moment_frac",
-           "kill_at_s", "outcome", "reason", "rc", "joiner_rc", "steps_done", "recovery_rounds", "recovery_s",
-           "join_latency_s", "step_time_s", "hb_timeout_s", "wall_s", "note", "log_dir"]
-
-
-def fmt(values, f=statistics.median):
-    return f"{f(values):.2f}" if values else "-"
-
-
-def summary_rows(rows: list[dict], scenarios) -> list[list[str]]:
-    table = []
-    groups = [(s, [r for r in rows if r["scenario"] == s]) for s in scenarios] + [("overall", rows)]
-    for name, rs in groups:
-        if not rs:
-            continue
-        rec = [r["recovery_s"] for r in rs if r.get("recovery_s") is not None]
-        join = [r["join_latency_s"] for r in rs if r.get("join_latency_s") is not None]
-        count = {o: sum(r["outcome"] == o for r in rs) for o in ("survived", "survived_rc4", "clean_stop", "hang",
-                                                                   "unclean", "harness_error")}
-        table.append([name if name == "overall" else f"{name}: {DESCRIBE[name]}", str(len(rs)),
-                      str(count["survived"]), str(count["survived_rc4"]), str(count["clean_stop"]), str(count["hang"]),
-                      str(count["unclean"] + count["harness_error"]), fmt(rec), fmt(rec, max), fmt(join),
-                      fmt(join, max)])
-    return table
-
-
-def goal_check(rows: list[dict]) -> tuple[bool, list[str]]:
-    lines, ok = [], True
-    hangs = [r for r in rows if r["outcome"] == "hang"]
-    lines.append(f"hangs: {len(hangs)} (goal 0) -> {'OK' if not hangs else 'FAILED'}")
-    ok &= not hangs
-    over = []
-    checked = 0
-    for r in rows:
-        if r["scenario"] == "join" or r.get("recovery_s") is None or not r.get("step_time_s"):
-            continue
-        checked += 1
-        bound = r["hb_timeout_s"] + 2 * r["step_time_s"]
-        if r["recovery_s"] >= bound:
-            over.append(f"run {r['run']} ({r['scenario']}): {r['recovery_s']:.2f} s >= {bound:.2f} s")
-    lines.append(f"recoveries under heartbeat timeout + 2 step times: {checked - len(over)} of {checked} "
-                 f"-> {'OK' if not over else 'FAILED: ' + '; '.join(over)}")
-    ok &= not over
-    no_rec = [r for r in rows if r["outcome"] in ("survived", "survived_rc4") and r.get("recovery_s") is None
-              and r["scenario"] not in ("startup_kill",)]
-    if no_rec:
-        lines.append("survived without a measured recovery (kill after the last step?): runs "
-                     + ", ".join(str(r["run"]) for r in no_rec))
-    return ok, lines
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = []
-    try:
-        import torch
-        versions.append(f"torch {torch.__version__}")
-    except ImportError:
-        pass
-    try:
-        from importlib.metadata import version
-        versions.append(f"deepspeed {version('deepspeed')}")
-        versions.append(f"mpi4py {version('mpi4py')}")
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        ompi = subprocess.run([str(BIN / "mpirun"), "--version"], capture_output=True, text=True, timeout=30,
-                              env=job_env()).stdout.splitlines()[0]
-        versions.append(ompi)
-    except Exception:  # noqa: BLE001
-        pass
-    return (f"{platform.node()}: {cpu}, {len(os.sched_getaffinity(0))} cores usable, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, " + ", ".join(versions))
-
-
-def markdown_table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -611,84 +423,8 @@ def main(argv=None) -> int:
               f"{row['steps_done']} steps), recovery {rec}{join}, {row['wall_s']} s"
               f"{'; ' + row['reason'][:160] if row.get('reason') and row['outcome'] != 'survived' else ''}"
               f"{'; ' + row['note'] if row.get('note') else ''}", flush=True)
-        ok = report(args, scenarios, rows, t0, started, final=i + 1 == len(order))
+        ok = report(args, scenarios, rows, t0, started, final=i + 1 == len(order), describe=DESCRIBE)
     return 0 if ok else 1
-
-
-def report(args, scenarios, rows, t0, started, final: bool) -> bool:
-    """Write the CSV and the .md (after every run, so an interrupted campaign leaves its runs); print at the end."""
-    elapsed = time.time() - t0
-
-    header = ["scenario", "runs", "survived", "all steps but rc 4 (evicted process's exit)", "clean stops", "hangs", "unclean", "recovery median (s)",
-              "recovery max (s)", "join latency median (s)", "join latency max (s)"]
-    table = markdown_table(header, summary_rows(rows, scenarios))
-    ok, goal_lines = goal_check(rows)
-    if final:
-        print("\n" + table + "\n")
-        print("goal (0 hangs, every recovery under heartbeat timeout + 2 step times): " + ("MET" if ok else "NOT MET"))
-    if final:
-        for line in goal_lines:
-            print("  " + line)
-
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    step_times = [r["step_time_s"] for r in rows if r.get("step_time_s")]
-    per_run = markdown_table(
-        ["run", "scenario", "mode", "victims", "kill after step (+s)", "outcome", "recovery (s)", "join latency (s)",
-         "reason / note"],
-        [[str(r["run"]), r["scenario"], str(r.get("mode")), str(r.get("victims")),
-          f"{r.get('kill_step')} (+{r.get('kill_moment_s')})", r["outcome"],
-          "-" if r.get("recovery_s") is None else f"{r['recovery_s']:.2f}",
-          "-" if r.get("join_latency_s") is None else f"{r['join_latency_s']:.2f}",
-          "; ".join(x for x in (r.get("reason", "") if r["outcome"] != "survived" else "", r.get("note", ""))
-                    if x).replace("|", "/")] for r in rows])
-    md = f"""# Kill campaign (issue #12)
-
-`benchmarks/kill_campaign.py --runs {args.runs} --seed {args.seed} --steps {args.steps} --timeout_s {args.timeout_s:g}`
-(scenarios: {', '.join(scenarios)}), started {started}, {elapsed / 60:.1f} min{'' if final else f', INTERRUPTED after {len(rows)} runs'}.{(' Code: ' + args.code_note) if args.code_note else ''}
-
-{table}
-
-Goal (0 hangs, every recovery under heartbeat timeout + 2 step times): **{'met' if ok else 'not met'}**
-{chr(10).join('- ' + line for line in goal_lines)}
-
-## Protocol
-
-- Machine: {machine()}. Other engineers' heavy jobs were serialised with this one by
-  `flock /tmp/heavy.lock`; the machine may still carry light load.
-- Each run: `mpirun --with-ft ulfm --oversubscribe --map-by slot --bind-to none -n 4+spares
-  python launch/train.py --model tiny --steps {args.steps} --eval_every 0` (`--fault_tolerant` with no spare),
-  `DS_ACCELERATOR=cpu OMP_NUM_THREADS=1`, config `ds_configs/checkfree.json` with the scenario's mode, spares
-  and timeouts (heartbeat interval 0.5 s, heartbeat timeout 10 s unless stated, data-plane timeout 30 s).
-  Median step time over the runs: {fmt(step_times)} s.
-- Scenarios (drawn balanced: the list repeated to {args.runs} runs, shuffled with seed {args.seed}; each run's
-  victim(s), mode, kill step and moment from its own seed, in the CSV): {'; '.join(f'`{s}`: {DESCRIBE[s]}' for s in scenarios)}.
-  Single-victim draws: CheckFree (victim stage 1 or 2) or CheckFree+ (any stage). Non-adjacent pairs: (0,2),
-  (1,3), (0,3). `second_kill`'s second victim: a stage not adjacent to the first, or spare rank 4 (the one
-  taking the first victim's place).
-- Moment: mid-run kills after step k ~ U[5, 25] plus a delay ~ U[0, 1) x that step's time (forward, backward
-  or optimizer step); start-up kills 1-8 s after the victim's process appeared.
-- Hard timeout {args.timeout_s:g} s per run (launch to exit of mpirun and any joiner); past it the run is a hang.
-- Outcomes: survived = rc 0 and steps 1..{args.steps} all in metrics.jsonl (and the joiner exited 0);
-  "all steps but rc 4" = every step done, no Traceback, and mpirun's non-zero status is the exit status 4
-  (`EXIT_EVICTED`) of the stopped process, which left by itself after SIGCONT once evicted; clean stop = non-zero rc with an `unrecoverable` event or a `fatal:` line and no Traceback; unclean = the rest.
-- Recovery = kill (the first one; the SIGSTOP) -> `next_step_done_at` of the first `recovery_timeline` after the
-  last kill; join latency = joiner command start -> that same event. The goal's bound is per run (its heartbeat
-  timeout + 2 x its median step time); join runs are judged by their join latency instead (their recovery
-  includes the 2 s wait and the joiner's start-up).
-
-## Runs
-
-{per_run}
-"""
-    md_path = os.path.splitext(args.out)[0] + ".md"
-    Path(md_path).write_text(md)
-    if final:
-        print(f"\nwrote {args.out} and {md_path} ({elapsed / 60:.1f} min); logs in {args.work}")
-    return ok
 
 
 if __name__ == "__main__":
