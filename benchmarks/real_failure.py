@@ -33,9 +33,9 @@ Also measured: the failure-free step-time overhead of the heartbeat thread, in o
 launch whose heartbeat runs in alternate wall-clock windows (``heartbeat_overhead``: paired,
 randomly ordered on/off windows, bootstrap CI over pairs).
 
-    python benchmarks/real_failure.py                  # tiny, ~3 min on 2 cores
-    python benchmarks/real_failure.py --overhead_pairs 0 --kill_step 30 --steps 60
-    python benchmarks/real_failure.py --launcher manual --accelerator cuda --overhead_pairs 0
+    python -m benchmarks.real_failure                  # tiny, ~3 min on 2 cores
+    python -m benchmarks.real_failure --overhead_pairs 0 --kill_step 30 --steps 60
+    python -m benchmarks.real_failure --launcher manual --accelerator cuda --overhead_pairs 0
 
 Writes ``benchmarks/results/real_failure.csv`` (one row per phase) and prints a table.
 """
@@ -54,38 +54,22 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runs import RESULTS, ROOT, base_config, recovery_phases, split  # noqa: E402
+from benchmarks._runs import RESULTS, ROOT, base_config
+from ds_checkfree.testing import Job, job_env, mpirun_cmd, read_metrics, recovery_phases, split, torchrun_cmd
+from ds_checkfree.testing import train_args as train_script_args
 
-BIN = Path(sys.executable).parent
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-           OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 #: the environment variable that carries a process's rank, per launcher
 RANK_VAR = {"mpirun": "OMPI_COMM_WORLD_RANK", "manual": "RANK"}
 
 
 def train_args(cfg_path: str, out: str, args, extra=()) -> list[str]:
     """``launch/train.py`` and its arguments, the same under every launcher."""
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--deepspeed_config", cfg_path,
-           "--model", args.model, "--steps", str(args.steps), "--eval_every", "0", "--output_dir", out]
-    if args.num_layers:
-        cmd += ["--num_layers", str(args.num_layers)]
-    return cmd + list(extra)
+    layers = ["--num_layers", str(args.num_layers)] if args.num_layers else []
+    return train_script_args(cfg_path, out, args.steps, model=args.model, extra=[*layers, *extra])
 
 
 def mpirun(n: int, ft: bool, cfg_path: str, out: str, args, extra=()) -> list[str]:
-    return [str(BIN / "mpirun")] + (["--with-ft", "ulfm"] if ft else []) + [
-        "--oversubscribe", "--map-by", "slot", "--bind-to", "none", "-n", str(n),
-        "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONUNBUFFERED",
-        *train_args(cfg_path, out, args, extra)]
-
-
-def torchrun(n: int, cfg_path: str, out: str, args, extra=()) -> list[str]:
-    """``torchrun --standalone`` (no restarts: a dead rank ends the job, as under plain mpirun);
-    on CUDA every rank goes through ``scripts/one_gpu_rank.sh`` (GPU 0, its own NCCL host)."""
-    wrap = [os.path.join(ROOT, "scripts", "one_gpu_rank.sh")] if args.accelerator == "cuda" else []
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-            "--max_restarts", "0", "--no-python", *wrap, *train_args(cfg_path, out, args, extra)]
+    return mpirun_cmd(n, fault_tolerant=ft) + train_args(cfg_path, out, args, extra)
 
 
 def launch_cmd(args, n: int, fault_tolerant: bool, cfg_path: str, out: str, extra=()) -> list[str]:
@@ -93,54 +77,31 @@ def launch_cmd(args, n: int, fault_tolerant: bool, cfg_path: str, out: str, extr
         return mpirun(n, fault_tolerant, cfg_path, out, args, extra)
     if fault_tolerant:
         raise ValueError("the manual launcher starts CheckFree's job by hand (scripts/kill_check.py)")
-    return torchrun(n, cfg_path, out, args, extra)
+    # torchrun: a dead rank ends the job, as under plain mpirun; on CUDA every rank on GPU 0
+    return torchrun_cmd(n, args.accelerator) + train_args(cfg_path, out, args, extra)
 
 
 def read(out: str) -> list[dict]:
+    return read_metrics(out, missing_ok=True)
+
+
+def start(args, cmd, out: str, log_path: str) -> Job:
+    return Job(cmd, out, log_path, env=job_env(args.accelerator), rank_var=RANK_VAR[args.launcher])
+
+
+def wait_step(job: Job, step: int, timeout: float = 600) -> None:
     try:
-        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError):
-        return []
+        if job.wait_for_step(step, timeout, poll=0.02) is None:
+            raise SystemExit(f"job ended (rc={job.proc.returncode}) before step {step}; see {job.log_path}")
+    except TimeoutError:
+        raise SystemExit(f"step {step} not reached in {timeout} s") from None
 
 
-def rank_pid(out: str, rank: int, var: str = "OMPI_COMM_WORLD_RANK") -> int | None:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if out.encode() not in (entry / "cmdline").read_bytes().split(b"\0"):
-                continue
-            if f"{var}={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                return int(entry.name)
-        except OSError:
-            continue
-    return None
-
-
-def start(cmd, log_path, accelerator: str = "cpu") -> subprocess.Popen:
-    log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, DS_ACCELERATOR=accelerator), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_step(proc, out: str, step: int, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"job ended (rc={proc.returncode}) before step {step}; see {out}/../*.log")
-        steps, _, _ = split(read(out))
-        if any(s["step"] >= step for s in steps):
-            return
-        time.sleep(0.02)
-    raise SystemExit(f"step {step} not reached in {timeout} s")
-
-
-def kill_rank(out: str, rank: int, var: str = "OMPI_COMM_WORLD_RANK", sig: str = "KILL") -> float:
-    pid = rank_pid(out, rank, var)
-    if pid is None:
-        raise SystemExit(f"rank {rank} of {out} not found")
-    os.kill(pid, getattr(signal, f"SIG{sig}"))
+def kill_rank(job: Job, rank: int, sig: str = "KILL") -> float:
+    try:
+        job.signal_rank(rank, getattr(signal, f"SIG{sig}"))
+    except LookupError:
+        raise SystemExit(f"rank {rank} of {job.out} not found") from None
     return time.time()
 
 
@@ -151,14 +112,13 @@ def median_step(records, first: int = 5) -> float:
 
 def launch_and_kill(args, work: str, name: str, cfg: dict, n: int, fault_tolerant: bool, sig: str = "KILL"):
     """Start the job, wait for ``--kill_step``, signal the victim (SIGKILL; SIGTERM: a preemption
-    notice); (proc, out, config path, signal time)."""
+    notice); (job, out, config path, signal time)."""
     cfg_path = os.path.join(work, f"{name}.json")
     Path(cfg_path).write_text(json.dumps(cfg))
     out = os.path.join(work, name)
-    proc = start(launch_cmd(args, n, fault_tolerant, cfg_path, out), os.path.join(work, f"{name}.log"),
-                 args.accelerator)
-    wait_step(proc, out, args.kill_step)
-    return proc, out, cfg_path, kill_rank(out, args.victim, RANK_VAR[args.launcher], sig)
+    job = start(args, launch_cmd(args, n, fault_tolerant, cfg_path, out), out, os.path.join(work, f"{name}.log"))
+    wait_step(job, args.kill_step)
+    return job, out, cfg_path, kill_rank(job, args.victim, sig)
 
 
 def run_checkfree_repeated(args, work: str, sig: str = "KILL",
@@ -177,8 +137,8 @@ def run_checkfree(args, work: str, name: str = "checkfree", sig: str = "KILL") -
     if args.launcher == "manual":
         records, phases = run_checkfree_by_hand(args, work, name, sig)
     else:
-        proc, out, _, killed_at = launch_and_kill(args, work, name, base_config("checkfree", spares=1), 5, True, sig)
-        if proc.wait(timeout=600) != 0:
+        job, out, _, killed_at = launch_and_kill(args, work, name, base_config("checkfree", spares=1), 5, True, sig)
+        if job.wait(timeout=600) != 0:
             raise SystemExit(f"the CheckFree job did not survive; see {work}/checkfree.log")
         records = read(out)
         phases = recovery_phases(records, killed_at)
@@ -190,18 +150,24 @@ def run_checkfree(args, work: str, name: str = "checkfree", sig: str = "KILL") -
 
 
 def run_checkfree_by_hand(args, work: str, name: str, sig: str = "KILL") -> tuple[list[dict], list[tuple[str, float]]]:
-    """No MPI: ``scripts/kill_check.py``'s coordinator, 4 stage processes and a spare, the
-    victim's process SIGKILLed once ``--kill_step`` completed; its phases and the records."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import kill_check
+    """No MPI: ``scripts/kill_check.py`` (a coordinator, 4 stage processes and a spare started by
+    hand, the victim's process signalled once ``--kill_step`` completed); its phases and the records."""
     out = os.path.join(work, name)
-    r = kill_check.run(argparse.Namespace(
-        out=out, stages=4, heartbeat_timeout_s=10.0, python=sys.executable, model=args.model,
-        num_layers=args.num_layers, steps=args.steps, kill_step=args.kill_step, victim=args.victim,
-        timeout=600.0, accelerator=args.accelerator, signal=sig))
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "kill_check.py"), "--out", out, "--stages", "4",
+           "--heartbeat_timeout_s", "10.0", "--python", sys.executable, "--model", args.model, "--steps",
+           str(args.steps), "--kill_step", str(args.kill_step), "--victim", str(args.victim), "--timeout", "600",
+           "--accelerator", args.accelerator, "--signal", sig]
+    if args.num_layers:
+        cmd += ["--num_layers", str(args.num_layers)]
+    with open(out + ".log", "w") as log:
+        subprocess.run(cmd, cwd=ROOT, env=job_env(args.accelerator), stdout=log, stderr=subprocess.STDOUT)
+    result = Path(out, "kill_check.json")
+    if not result.exists():
+        raise SystemExit(f"the CheckFree job started by hand failed; see {out}.log")
+    r = json.loads(result.read_text())
     if r["failed"]:
         raise SystemExit(f"the CheckFree job did not survive ({'; '.join(r['failed'])}); see {out}")
-    return read(out), list(r["phases"])
+    return read(out), [tuple(phase) for phase in r["phases"]]
 
 
 def run_restart(args, work: str) -> list[tuple[str, float]]:
@@ -209,17 +175,17 @@ def run_restart(args, work: str) -> list[tuple[str, float]]:
     cfg = base_config("off", checkpoint_every=args.checkpoint_every, checkpoint_dir=ckpt)
     cfg["checkfree"] = {k: v for k, v in cfg["checkfree"].items() if k in ("mode", "num_stages", "checkpoint_every",
                                                                            "checkpoint_dir")}
-    proc, out1, cfg_path, killed_at = launch_and_kill(args, work, "restart_first", cfg, 4, False)
-    proc.wait(timeout=300)
+    job, out1, cfg_path, killed_at = launch_and_kill(args, work, "restart_first", cfg, 4, False)
+    job.wait(timeout=300)
     down_at = time.time()
     first = read(out1)
     last_done = max(s["step"] for s in split(first)[0])
     saved = max(e["step"] for e in split(first)[2] if e["event"] == "checkpoint_save")
     relaunch_at = time.time()
     out2 = os.path.join(work, "restart_second")
-    proc = start(launch_cmd(args, 4, False, cfg_path, out2, ["--resume_from", ckpt]),
-                 os.path.join(work, "restart.log"), args.accelerator)
-    if proc.wait(timeout=600) != 0:
+    job = start(args, launch_cmd(args, 4, False, cfg_path, out2, ["--resume_from", ckpt]), out2,
+                os.path.join(work, "restart.log"))
+    if job.wait(timeout=600) != 0:
         raise SystemExit(f"the restarted job failed; see {work}/restart.log")
     second = read(out2)
     _, _, events = split(second)
@@ -266,9 +232,9 @@ def heartbeat_overhead(args, work: str, step_s: float) -> dict:
     ab = argparse.Namespace(**{**vars(args), "steps": steps})
     out = os.path.join(work, "hb_ab")
     t0 = time.time()
-    proc = start(mpirun(5, True, cfg_path, out, ab, ["--heartbeat_ab_window_s", str(window)]), out + ".log")
+    job = start(ab, mpirun(5, True, cfg_path, out, ab, ["--heartbeat_ab_window_s", str(window)]), out, out + ".log")
     # the run's own length (+100% and 10 min of start-up slack): long A/Bs must not be cut off
-    if proc.wait(timeout=2 * steps * step_s + 600) != 0:
+    if job.wait(timeout=2 * steps * step_s + 600) != 0:
         raise SystemExit(f"heartbeat A/B run failed; see {out}.log")
     records = read(out)
     steps_rec = split(records)[0]

@@ -24,16 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _runs import recovery_phases  # noqa: E402
-
-
-def read_metrics(out: Path) -> list[dict]:
-    try:
-        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    except (OSError, json.JSONDecodeError):
-        return []
+from ds_checkfree.testing import REPO as ROOT
+from ds_checkfree.testing import events_of, read_metrics, recovery_phases, standalone_env, steps_of, train_args
+from ds_checkfree.testing.procs import dump_stacks, kill_group
 
 
 def wait_for(what: str, cond, timeout: float, procs) -> None:
@@ -67,13 +60,12 @@ def start_up_roles(coordinator_log: Path) -> dict[int, int | None]:
 
 
 def member_env(i: int, accelerator: str) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR=accelerator, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    if accelerator == "cuda":  # every member on GPU 0, each its own host to NCCL
-        env.update(NCCL_HOSTID=f"host{i}", CUDA_VISIBLE_DEVICES="0", LOCAL_RANK="0", NCCL_SOCKET_IFNAME="lo")
-    return env
+    """A process started by hand: no launcher's variables; on CUDA every member on GPU 0, each
+    its own host to NCCL."""
+    if accelerator == "cuda":
+        return standalone_env(accelerator, NCCL_HOSTID=f"host{i}", CUDA_VISIBLE_DEVICES="0", LOCAL_RANK="0",
+                              NCCL_SOCKET_IFNAME="lo")
+    return standalone_env(accelerator)
 
 
 def run(a) -> dict:
@@ -98,15 +90,15 @@ def run(a) -> dict:
         for i in range(a.stages + 1):
             log = out / f"member{i}.log"
             logs.append(log)
-            cmd = [a.python, str(ROOT / "launch" / "train.py"), "--deepspeed_config", str(cfg_path), "--model",
-                   a.model, "--steps", str(a.steps), "--eval_every", "0", "--output_dir", str(out), "--join", address]
+            cmd = [a.python, *train_args(cfg_path, out, a.steps, model=a.model, extra=["--join", address])]
             if a.num_layers:
                 cmd += ["--num_layers", str(a.num_layers)]
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=member_env(i, a.accelerator), stdout=open(log, "w"),
                                           stderr=subprocess.STDOUT, start_new_session=True))
         wait_for("every member to join", lambda: len(member_pids(logs)) == a.stages + 1, a.timeout, procs)
-        wait_for(f"step {a.kill_step}", lambda: any(r.get("step", 0) >= a.kill_step and "loss" in r
-                                                     for r in read_metrics(out)), a.timeout, procs)
+        wait_for(f"step {a.kill_step}", lambda: any(r["step"] >= a.kill_step
+                                                     for r in steps_of(read_metrics(out, missing_ok=True))),
+                 a.timeout, procs)
         roles, pids = start_up_roles(coord_log), member_pids(logs)
         victim = next((m for m, slot in roles.items() if slot == a.victim), None)
         if victim is None or victim not in pids:
@@ -120,17 +112,14 @@ def run(a) -> dict:
         by_pid = {p.pid: p for p in members}
         codes = {mid: by_pid[pid].poll() if pid in by_pid else "?" for mid, pid in pids.items()}
     finally:
-        stuck = [p for p in procs[1:] if p.poll() is None]
-        for p in stuck:  # a member still running here is stuck: its threads' stacks go to its log
-            os.kill(p.pid, signal.SIGUSR1)
-        if stuck:
-            time.sleep(2.0)
+        # a member still running here is stuck: its threads' stacks go to its log
+        dump_stacks(p.pid for p in procs[1:] if p.poll() is None)
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    records = read_metrics(out)
-    steps = [r for r in records if "loss" in r and "event" not in r]
-    recoveries = [r for r in records if r.get("event") == "recovery"]
+                kill_group(p)
+    records = read_metrics(out, missing_ok=True)
+    steps = steps_of(records)
+    recoveries = events_of(records, "recovery")
     timeline = next((r for r in records if r.get("event") == "recovery_timeline"), {})
     losses = [r["loss"] for r in steps]
     result = {"accelerator": a.accelerator, "signal": a.signal, "stages": a.stages, "victim_stage": a.victim,
