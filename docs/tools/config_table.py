@@ -15,6 +15,7 @@ from ds_checkfree.config import modes
 from ds_checkfree.config.checkfree import CheckFreeConfig
 
 HEADER = ["key", "type", "default", "meaning and constraints"]
+PLACEHOLDER = "(describe it)"
 #: fields whose value is one of a fixed set: every member must be named in the row
 CHOICES = {"mode": modes.MODES, "grad_norm": modes.GRAD_NORMS, "norm_scope": modes.NORM_SCOPES,
            "recovery_method": modes.RECOVERY_METHODS, "layout": modes.LAYOUTS, "clip_scope": modes.CLIP_SCOPES,
@@ -70,6 +71,8 @@ def check(text: str) -> list[str]:
         if (cells[1], cells[2]) != want[key]:
             problems.append(f"docs/configuration.md:{i + 1}: `{key}` says type {cells[1]!r}, default {cells[2]!r}; "
                             f"the dataclass says {want[key][0]!r}, {want[key][1]!r}")
+        if cells[3].strip() in ("", PLACEHOLDER):
+            problems.append(f"docs/configuration.md:{i + 1}: `{key}` has a placeholder meaning: describe it")
         missing = [v for v in CHOICES.get(key, ()) if not re.search(rf"`\"?{re.escape(v)}\"?`", cells[3])]
         if missing:
             problems.append(f"docs/configuration.md:{i + 1}: `{key}` does not name the allowed value(s) {missing}")
@@ -86,7 +89,7 @@ def fix(text: str) -> str:
         if key in want:
             lines[i] = "| " + " | ".join([cells[0], *want[key], cells[3]]) + " |"
     known = {c[0].strip("`") for _, c in rows}
-    new = [f"| `{k}` | {t} | {d} | (describe it) |" for k, (t, d) in want.items() if k not in known]
+    new = [f"| `{k}` | {t} | {d} | {PLACEHOLDER} |" for k, (t, d) in want.items() if k not in known]
     if rows and new:
         lines[rows[-1][0] + 1:rows[-1][0] + 1] = new
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")

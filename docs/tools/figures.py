@@ -8,11 +8,11 @@ Three rules, checked by ``tests/test_docs_figures.py`` and by ``python docs/tool
 
        [0.239 s](benchmarks/results/real_failure_coordinator.csv "phase=total: kill -> next completed step @ value")
 
-   CSV title: ``COLUMN=VALUE | COLUMN=VALUE @ COLUMN`` (the one row whose columns equal the
+   CSV title: ``COLUMN=VALUE & COLUMN=VALUE @ COLUMN`` (the one row whose columns equal the
    values; ``COLUMN~=TEXT`` matches a substring; ``#N`` is the N-th data row from 0) and, after
    ``@``, the column read. The first number of the link text must equal the cell rounded to as
-   many decimals as the text shows.
-   Markdown title: ``table=HEADING | row=FIRST CELL @ COLUMN HEADER`` (the first table below the
+   many decimals as the text shows. (No ``|`` in a title: a table row would split there.)
+   Markdown title: ``table=HEADING & row=FIRST CELL @ COLUMN HEADER`` (the first table below the
    heading that contains HEADING; ``row~=`` matches a substring). Every number of the link text
    must appear in that cell.
 2. **Generated block.** ``<!-- generated: NAME -->`` ... ``<!-- /generated -->`` holds exactly
@@ -50,8 +50,9 @@ UNMARKED = re.compile(r"(?<![\w.])\d+\.\d+ ?(?:s|ms|min|h|x|%|MB|GB)(?![\w])|(?<
 
 
 def pages(root: str = REPO) -> list[str]:
-    """README.md and every markdown page under docs/ (the pages a user reads)."""
-    return [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
+    """README.md, CHANGELOG.md and every markdown page under docs/ (the pages a user reads)."""
+    return ([os.path.join(root, "README.md"), os.path.join(root, "CHANGELOG.md")]
+            + sorted(glob.glob(os.path.join(root, "docs", "*.md"))))
 
 
 def _load(name: str):
@@ -77,7 +78,7 @@ def _match(cell: str, cond: str) -> bool:
 
 def _conds(spec: str) -> list[tuple[str, str]]:
     out = []
-    for cond in (c.strip() for c in spec.split(" | ") if c.strip()):
+    for cond in (c.strip() for c in spec.split(" & ") if c.strip()):
         key = cond.split("~=")[0] if "~=" in cond else cond.split("=")[0]
         out.append((key.strip(), cond))
     return out
@@ -167,6 +168,10 @@ def check_quotes(page: str, text: str) -> tuple[list[Problem], int]:
             continue
         path, where = _resolve(page, target), _line_of(text, m.start())
         checked += 1
+        if "|" in selector:
+            problems.append(Problem(page, where, f"quoted figure [{shown}]: a '|' in its title splits a table row; "
+                                                 "join conditions with ' & '"))
+            continue
         try:
             if not os.path.exists(path):
                 raise ValueError(f"{target} does not exist")
@@ -263,9 +268,10 @@ def check_all(root: str = REPO) -> tuple[list[str], int]:
         problems += [str(p) for p in quoted + check_provenance(page, text, index) + check_unmarked(page, text)]
         rendered, unknown = render_blocks(text, generators)
         problems += [f"{os.path.relpath(page, REPO)}: unknown generated block {u!r}" for u in unknown]
-        if rendered != text:
-            problems.append(f"{os.path.relpath(page, REPO)}: a generated block is out of date with its results file "
-                            "(run: python docs/tools/figures.py --write)")
+        fresh = dict(BLOCK.findall(rendered))
+        problems += [f"{os.path.relpath(page, REPO)}: generated block {name!r} is out of date with its source "
+                     "(run: python docs/tools/figures.py --write)"
+                     for name, body in BLOCK.findall(text) if name in fresh and fresh[name] != body]
     config_page = os.path.join(root, "docs", "configuration.md")
     if os.path.exists(config_page):
         with open(config_page, encoding="utf-8") as f:
