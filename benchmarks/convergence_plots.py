@@ -14,7 +14,7 @@ target). Outputs:
   mean with the runs' standard deviation as error bars; runs stopped by an unrecoverable loss
   are counted apart and said so on the bar.
 
-    python benchmarks/convergence_plots.py benchmarks/results/convergence   # redraws both PNGs
+    python -m benchmarks.convergence_plots benchmarks/results/convergence   # redraws both PNGs
 """
 from __future__ import annotations
 
