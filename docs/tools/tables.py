@@ -294,16 +294,27 @@ def _summary(path: str) -> str:
     return para[:end].replace("|", "\\|")
 
 
+def _package_modules() -> list[str]:
+    """The package's modules as a clone has them (git's tracked files; every file outside git)."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "ls-files", "ds_checkfree"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        out = [os.path.relpath(os.path.join(root, f), REPO) for root, _, files in os.walk(os.path.join(REPO,
+               "ds_checkfree")) for f in files]
+    return [f for f in out if f.endswith(".py") and os.path.exists(os.path.join(REPO, f))]
+
+
 def module_map() -> str:
     """Every module of ds_checkfree/, folder by folder, with the first sentence of its docstring."""
-    pkg, body = os.path.join(REPO, "ds_checkfree"), []
-    for root, dirs, files in sorted(os.walk(pkg)):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
-        for name in sorted(f for f in files if f.endswith(".py")):
-            rel = os.path.relpath(os.path.join(root, name), REPO)
-            if name == "__init__.py":
-                rel = os.path.dirname(rel) + "/"
-            body.append([f"`{rel}`", _summary(os.path.join(root, name))])
+    def order(rel):  # a folder's own __init__ first, its modules, then its sub-folders
+        parts = rel.split("/")
+        return parts[:-1], parts[-1] != "__init__.py", parts[-1]
+    body = []
+    for rel in sorted(_package_modules(), key=order):
+        shown = os.path.dirname(rel) + "/" if rel.endswith("__init__.py") else rel
+        body.append([f"`{shown}`", _summary(os.path.join(REPO, rel))])
     return table(["module", "what it is for (its docstring's first sentence)"], body)
 
 
