@@ -178,12 +178,35 @@ class ElasticWorld:
 
     def _exempt_from_wake(self, inodes: set[str]) -> None:
         """Sockets opened while a gloo data plane is formed that are not the plane's (a
-        connection to a standby coordinator): a round's wake-up must not shut them. (Reads the
-        gloo plane's record of the sockets it leaves alone, ``data_plane.GlooPlane._before``.)"""
+        connection to a standby coordinator): a round's wake-up or the plane's teardown must not
+        shut them. (Reads the gloo plane's record of the sockets it leaves alone,
+        ``data_plane.GlooPlane._before``.)"""
         with self._lock:
-            before = getattr(self.plane, "_before", None)
-            if isinstance(before, set):
-                before.update(inodes)
+            self._exempt_locked(inodes)
+
+    def _exempt_locked(self, inodes: set[str]) -> None:
+        before = getattr(self.plane, "_before", None)
+        if isinstance(before, set):
+            before.update(inodes)
+
+    def connect_socket(self, addr: str, port: int, timeout_s: float) -> socket.socket:
+        """(failover) A connection to a standby coordinator, exempted from the data plane's
+        socket shutdowns from the moment it exists: the wake and the teardown run under the same
+        lock, so none can catch it in between."""
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        with self._lock:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                self._exempt_locked({os.readlink(f"/proc/self/fd/{sock.fileno()}")})
+            except OSError:
+                pass
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect((addr, port))
+            return sock
+        except OSError:
+            sock.close()
+            raise
 
     def _plane(self):
         from deepspeed.accelerator import get_accelerator
@@ -196,9 +219,9 @@ class ElasticWorld:
         """Leave this generation's groups so that peers blocked on this member fail now, not at
         the timeout, and the next generation can form (the caller must have dropped its engine,
         which holds the subgroups)."""
-        with self._lock:
+        with self._lock:  # the lock: a standby connection opened meanwhile is exempted first (``connect_socket``)
             self._plane_formed = False
-        self.plane.leave()
+            self.plane.leave()
 
     def _on_round(self, msg: dict) -> None:
         """(reader thread) A membership change is coming: wake a main thread blocked on the data plane."""
@@ -362,12 +385,8 @@ class ElasticWorld:
         return True
 
     def reconnected(self, sock, welcome: dict, address) -> None:
-        """Registered with a standby coordinator: keep its connection out of a round's wake-up,
-        and repeat a check-in or a finish its report may not have carried."""
-        try:
-            self._exempt_from_wake({os.readlink(f"/proc/self/fd/{sock.fileno()}")})
-        except OSError:
-            pass
+        """Registered with a standby coordinator (its connection already out of the data plane's
+        reach, ``connect_socket``): repeat a check-in or a finish its report may not have carried."""
         self._send_checkin()
         if self._finished:
             self.client.send({"op": "finished"})

@@ -58,6 +58,7 @@ class MemberClient:
         self._connected = threading.Event()
         self.finished = False
         self.job_over = False  # done or stop received: a closed connection then is the end, not a loss
+        self.gave_up = False   # the coordinator was lost and no standby answered: no membership any more
         self.progress = lambda: None  # this member's last completed step, sent with each beat
         sock = self._connect(address, connect_timeout_s)
         reader = sock.makefile("r", encoding="utf-8")
@@ -83,6 +84,8 @@ class MemberClient:
             self.standbys: list | None = welcome.get("standbys")
             #: the coordinator beats back: silent this long, it is lost (None: an older coordinator)
             self.silence_s: float | None = welcome.get("dead_after_s")
+            #: a standby still collecting the members' reports (until its ``rebuilt``)
+            self.rebuilding = bool(welcome.get("rebuilding"))
             if self.silence_s:
                 sock.settimeout(self.silence_s)
             self._connected.set()
@@ -118,6 +121,11 @@ class MemberClient:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    def membership_settled(self) -> bool:
+        """False while the coordinator is being replaced (lost, or its standby still rebuilding
+        the roster): a verdict on a member cannot come before that is over."""
+        return self._connected.is_set() and not self.rebuilding
+
     def _read(self) -> None:
         while True:
             self._read_messages()
@@ -125,6 +133,7 @@ class MemberClient:
                 return
             self._connected.clear()
             if not self._fail_over():
+                self.gave_up = True
                 self.inbox.put({"op": "coordinator_lost"})
                 return
 
@@ -140,6 +149,9 @@ class MemberClient:
                     _leave(self.id, f"evicted from the job by the coordinator ({msg.get('why')})")
                 if op == "standbys":
                     self.standbys = msg["list"]
+                    continue
+                if op == "rebuilt":
+                    self.rebuilding = False
                     continue
                 if op == "member_lost":
                     self.on_member_lost(msg)
@@ -167,7 +179,8 @@ class MemberClient:
         position = next((i for i, s in enumerate(self.standbys) if s[0] == self.id), len(self.standbys))
         try:
             found = failover.walk(list(self.standbys), self.id, lambda: self.hooks.start_standby(position),
-                                  self.hooks.report, (self.silence_s or 10.0) + failover.WELCOME_SLACK_S, self._warn)
+                                  self.hooks.report, (self.silence_s or 10.0) + failover.WELCOME_SLACK_S, self._warn,
+                                  connect=self.hooks.connect_socket)
         except failover.Refused as err:
             _leave(self.id, f"the standby coordinator refused this member ({err})")
         if found is None:

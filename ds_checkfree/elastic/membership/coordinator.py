@@ -171,7 +171,7 @@ class Coordinator:
                     self.conns[mid] = (sock, sender)
                     sender.send({"op": "welcome", "id": mid, "store_port": self.store_port,
                                  "standbys": self._standbys(), "beat_interval_s": self.beat_interval_s,
-                                 "dead_after_s": self.shape.dead_after})
+                                 "dead_after_s": self.shape.dead_after, "rebuilding": self.roster is None})
                     self.log(f"member {mid} ({first.get('host')} pid {first.get('pid')}) "
                              f"{'re-registered' if op == 'rejoin' else 'connected'}")
                     self._deliver(outs)
@@ -237,6 +237,8 @@ class Coordinator:
                  + (f"round for generation {r.round.generation} opened ({r.round.why})" if r.round is not None
                     else "no round needed (the data plane is untouched)"))
         self._deliver(outs)
+        for _, sender in self.conns.values():  # after the round it may have opened: members judge by it
+            sender.send({"op": "rebuilt"})
         self.rebuilt.set()
 
     def _delete_settled_handoffs(self, settled: list[tuple[int, int]]) -> None:

@@ -38,19 +38,26 @@ class Refused(Exception):
 
 def collect_window_s(position: int) -> float:
     """How long a standby waits for the members' reports when it is ``position``-th in the
-    list: the members behind it reach it after at most ``position`` failed connects."""
-    return 10.0 + CONNECT_TIMEOUT_S * position
+    list. Members notice the loss together (the same closed connection, or the same silence,
+    give or take a beat) and those behind it reach it after at most ``position`` failed
+    connects; a member that comes later is refused and leaves (its stage is replaced)."""
+    return 5.0 + CONNECT_TIMEOUT_S * position
 
 
-def walk(standbys: list, me: int, start_own, hello, welcome_timeout_s: float, log):
+def plain_connect(addr: str, port: int, timeout_s: float) -> socket.socket:
+    return socket.create_connection((addr, port), timeout=timeout_s)
+
+
+def walk(standbys: list, me: int, start_own, hello, welcome_timeout_s: float, log, connect=plain_connect):
     """Reconnect by the rule above. ``start_own()`` starts this member's standby (False: it has
-    none); ``hello()`` the message to re-register with. Returns (socket, reader, welcome,
-    (host, port)), or None when no entry answered; raises ``Refused``."""
+    none); ``hello()`` the message to re-register with; ``connect(addr, port, timeout_s)`` opens
+    the connection (a member's keeps it out of its data plane's reach). Returns (socket,
+    reader, welcome, (host, port)), or None when no entry answered; raises ``Refused``."""
     for mid, addr, port in standbys:
         if mid == me and not start_own():
             continue
         try:
-            sock = socket.create_connection((addr, port), timeout=CONNECT_TIMEOUT_S)
+            sock = connect(addr, port, CONNECT_TIMEOUT_S)
         except OSError as err:
             log(f"standby coordinator of member {mid} at {addr}:{port} unreachable ({err}); trying the next")
             continue
