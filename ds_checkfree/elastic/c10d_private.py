@@ -8,6 +8,8 @@ gracefully. ``forget_groups``
 does the same bookkeeping as ``destroy_process_group`` (so ``init_process_group`` can form the
 next generation) but shuts nothing down: the caller aborts the groups first and keeps the
 objects alive, so no destructor ever waits on the dead peer either (torchft's approach).
+``work_class`` is the class whose ``wait`` the gloo plane routes through a waiter thread
+(``plane_waits``: a wait gloo leaves stranded must not hold the member).
 ``tests/test_data_plane.py`` fails when a member used here disappears.
 """
 from __future__ import annotations
@@ -31,7 +33,16 @@ def missing_members() -> list[str]:
     missing = [name for name in PRIVATE_MEMBERS if not hasattr(c10d, name)]
     if not hasattr(dist.ProcessGroup, "abort"):  # public since torch 2.6; ``abort_groups`` calls it
         missing.append("ProcessGroup.abort")
+    if not callable(getattr(work_class(), "wait", None)):  # what every blocking call ends in
+        missing.append("Work.wait")
     return missing
+
+
+def work_class():
+    """The class of every handle a c10d operation returns (``torch.distributed.Work``): the
+    blocking calls (send, recv, all_reduce, barrier, ...) end in its ``wait``."""
+    from torch._C._distributed_c10d import Work
+    return Work
 
 
 def registered_groups() -> list:

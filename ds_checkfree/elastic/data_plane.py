@@ -4,8 +4,13 @@ The membership side (``elastic``) is the same for every backend; what differs is
 blocked on a dead or stopped peer is woken, and how the old groups are left behind so that
 the next generation can form:
 
-* gloo (CPU): wake = shut down the sockets the data plane opened (gloo then reports a closed
-  connection at once); leave = ``destroy_process_group``, which does not wait on peers.
+* gloo (CPU): wake = interrupt every wait on the data plane (``plane_waits``: gloo leaves a
+  send or receive already in flight stranded when its connection breaks, so the member must
+  not be the one waiting on it) and shut down the sockets the data plane opened (peers and
+  the store see a closed connection at once); leave = shut those sockets down (peers blocked
+  on this member fail now), then ``destroy_process_group``, which does not wait on peers, or,
+  when a wait was abandoned, forget the groups and drop them once gloo ended that wait (a
+  gloo group's destructor joins the worker thread a stranded collective occupies).
 * NCCL (CUDA): measured on an H200 (docs/gpu.md, "NCCL after a peer's death"): after a
   SIGKILL, torch's watchdog tears the survivors down unless told not to, and ``destroy_process_group`` (with or after
   ``abort``) hangs on the dead peer. So, torchft's way: communicators are non-blocking
@@ -24,6 +29,7 @@ import threading
 
 from ds_checkfree.pipe.devices import data_plane_backend
 from ds_checkfree.elastic.plane_sockets import shutdown_new_sockets, socket_inodes
+from ds_checkfree.elastic.plane_waits import WAITS, InterruptibleWaits
 
 
 class DataPlaneAborted(RuntimeError):
@@ -65,24 +71,54 @@ class DataPlane:
 class GlooPlane(DataPlane):
     backend = "gloo"
 
-    def __init__(self):
+    def __init__(self, waits: InterruptibleWaits = WAITS):
+        self.waits = waits
         self._before: set[str] | None = None  # socket inodes from before the data plane formed
+        #: groups of generations left while a wait on them was stranded, until gloo ended it
+        self.left_behind: list[list] = []
+        self._left_lock = threading.Lock()
 
     def prepare(self) -> None:
+        self.waits.install()
+        self.waits.arm()
         self._before = set(socket_inodes().values())
 
     def wake(self) -> None:
+        self.waits.interrupt()  # first: the member leaves its wait whatever gloo does with the op
         if self._before is not None:
             shutdown_new_sockets(self._before)
 
     def leave(self) -> None:
         import torch.distributed as tdist
+
+        from ds_checkfree.elastic.c10d_private import forget_groups
+        if self._before is not None:
+            shutdown_new_sockets(self._before)
         self._before = None
-        if tdist.is_initialized():
+        stranded = self.waits.retire()
+        if not tdist.is_initialized():
+            return
+        if not stranded:
             try:
                 tdist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a group already broken by the dead peer
                 pass
+            return
+        groups: list = []
+        forget_groups(groups)
+        with self._left_lock:
+            self.left_behind.append(groups)
+        threading.Thread(target=self._drop_when_ended, args=(stranded, groups), daemon=True,
+                         name="data-plane-reaper").start()
+
+    def _drop_when_ended(self, stranded: list[threading.Thread], groups: list) -> None:
+        """Once gloo ended every stranded wait (at its timeout at the latest), the old
+        generation's groups go: their destructors no longer wait on anything."""
+        for waiter in stranded:
+            waiter.join()
+        with self._left_lock:
+            self.left_behind = [g for g in self.left_behind if g is not groups]
+        groups.clear()  # the last references: the destructors run here
 
 
 #: torch's NCCL settings the NCCL plane needs, and why; set for this process before the first

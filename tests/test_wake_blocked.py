@@ -1,0 +1,108 @@
+"""No member left blocked: a member waiting on a stalled peer leaves its wait as soon as the
+plane is woken (a membership round opening), whatever gloo does with the operation.
+
+The send case is the one gloo itself never wakes (``ds_checkfree.elastic.plane_waits``): its
+data already sits in gloo's transmit queue when the connection is shut, and shutting the
+plane's sockets down (all the gloo plane did before) left the member waiting for the whole
+data-plane timeout (``Timed out waiting ...ms for send operation to complete``)."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from conftest import run_job
+
+from ds_checkfree.config.checkfree import CheckFreeConfig
+from ds_checkfree.elastic.plane_waits import InterruptibleWaits, WaitInterrupted
+
+HEARTBEAT_INTERVAL_S = CheckFreeConfig.__dataclass_fields__["heartbeat_interval_s"].default
+
+
+def test_a_member_blocked_on_a_stalled_peer_wakes_within_the_heartbeat_interval(tmp_path):
+    out = tmp_path / "result.json"
+    run_job("torchrun", 2, "tests/workers/wake_blocked_worker.py", [str(out)], timeout=180)
+    r = json.loads(out.read_text())
+    timeout = r["gloo_timeout_s"]
+    for case in ("send", "all_reduce"):
+        seen = r[case]
+        assert seen["raised"] == "WaitInterrupted", (case, seen)  # not gloo's timeout, not a completed op
+        assert seen["wake_to_raise_s"] < HEARTBEAT_INTERVAL_S, (case, seen)
+        assert seen["blocked_s"] < timeout / 2 and seen["leave_s"] < timeout / 2, (case, seen)
+    # the send really was stranded in gloo: its abandoned wait outlived the next two generations
+    # (which formed and worked meanwhile), and its groups were dropped once gloo gave up on it
+    assert r["stranded_after_send"] >= 1 and r["stranded_at_gen2"] >= 1
+    assert r["gen2_sum"] == 2.0
+    assert r["stranded_left_after_timeout"] == 0
+
+
+class _Work:
+    """Stands in for a c10d handle: ``wait`` blocks until released (or returns at once)."""
+
+    def __init__(self, block: bool):
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+
+    def wait(self, *args):
+        self.release.wait()
+        return True
+
+
+def _waits_over(original):
+    waits = InterruptibleWaits()
+    waits._original = original  # as ``install`` would, without patching torch
+    return waits
+
+
+def test_an_interrupt_ends_a_wait_in_progress_and_every_later_one_until_armed():
+    waits = _waits_over(lambda work, *args: work.wait(*args))
+    assert waits._wait(_Work(block=False), ()) is True
+    stuck, ended = _Work(block=True), {}
+
+    def caller():
+        try:
+            waits._wait(stuck, ())
+        except WaitInterrupted as err:
+            ended["err"] = err
+    t = threading.Thread(target=caller)
+    t.start()
+    while not waits._pending:
+        pass
+    assert waits.interrupt() == 1
+    t.join(5)
+    assert not t.is_alive() and "err" in ended
+    with pytest.raises(WaitInterrupted, match="membership round"):
+        waits._wait(_Work(block=False), ())
+    (retired,) = waits.retire()  # the waiter left in the stuck wait
+    assert retired.is_alive() and waits.retire() == []
+    waits.arm()
+    assert waits._wait(_Work(block=False), ()) is True  # a fresh waiter serves the new generation
+    stuck.release.set()
+    retired.join(5)
+    assert not retired.is_alive()  # it ended with its op, not parked forever
+
+
+def test_errors_and_results_reach_the_caller():
+    def original(work, *args):
+        if work == "boom":
+            raise RuntimeError("Connection closed by peer")
+        return ("done", args)
+    waits = _waits_over(original)
+    assert waits._wait("ok", (1,)) == ("done", (1,))
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        waits._wait("boom", ())
+    assert waits.interrupt() == 0 and waits.retire() == []  # nothing was in progress: no waiter retired
+
+
+def test_install_routes_torch_work_wait_and_uninstall_restores_it():
+    from ds_checkfree.elastic.c10d_private import work_class
+    waits = InterruptibleWaits()
+    before = work_class().wait
+    waits.install()
+    try:
+        assert work_class().wait is not before and waits.installed
+        waits.install()  # idempotent
+    finally:
+        waits.uninstall()
+    assert work_class().wait is before and not waits.installed
