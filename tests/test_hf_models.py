@@ -172,3 +172,19 @@ def test_pipeline_of_four_ranks_matches_hf_and_exports(tmp_path):
         assert not torch.equal(state["model.layers.2.mlp.up_proj.weight"],
                                load_hf_model(src).state_dict()["model.layers.2.mlp.up_proj.weight"])  # it trained
         assert reloaded(window, labels=window).loss.item() == pytest.approx(ranks[-1]["final_loss"], abs=ATOL)
+
+
+def test_hf_source_answers_what_a_run_asks(llama_dir):
+    """``--model hf:DIR`` (models.sources): parts that pass the pipeline's checks, the facts a run
+    reads before any process group, and a one-line refusal of preset-only overrides."""
+    from ds_checkfree.models.sources import resolve_model
+    from ds_checkfree.pipe.parts import check_parts
+
+    source = resolve_model(f"hf:{llama_dir}")
+    check_parts(source.parts())
+    assert (source.num_blocks, source.vocab_size, source.max_seq_len) == (4, 200, 128)
+    assert source.tokenizer == f"hf:{llama_dir}"
+    assert source.num_parameters() == sum(p.numel() for p in load_hf_model(llama_dir).parameters())
+    assert resolve_model(f"hf:{llama_dir}", {"max_seq_len": 32}).max_seq_len == 32
+    with pytest.raises(HFModelError, match="only max_seq_len"):
+        resolve_model(f"hf:{llama_dir}", {"num_layers": 2})
