@@ -10,8 +10,10 @@ import importlib
 import inspect
 import json
 import math
+import os
+import subprocess
+import sys
 import textwrap
-import warnings
 
 import pytest
 from conftest import ROOT, run_job, write_config
@@ -151,8 +153,7 @@ def _registered() -> set[str]:
 
 
 def test_every_private_member_we_use_exists():
-    import deepspeed
-    assert ds_private.TESTED_DEEPSPEED[0] <= deepspeed.__version__ <= ds_private.TESTED_DEEPSPEED[1]
+    assert ds_private.check_deepspeed_version() is None  # the installed DeepSpeed is a tested one
     assert ds_private.missing_members() == []
     assert set(m.on for m in ds_private.MEMBERS) <= set(ds_private.KINDS)
     ds_private.require_members()  # what an engine build runs: passes on the tested version
@@ -182,7 +183,8 @@ def test_missing_member_is_named_and_refuses_a_build(monkeypatch):
 def test_layer_spec_members_exist():
     import torch
     from deepspeed.runtime.pipe.module import LayerSpec, TiedLayerSpec
-    objects = {"layer spec": [LayerSpec(torch.nn.Linear, 2, 2)], "tied layer spec": [TiedLayerSpec("k", torch.nn.Linear, 2, 2)]}
+    objects = {"layer spec": [LayerSpec(torch.nn.Linear, 2, 2)],
+               "tied layer spec": [TiedLayerSpec("k", torch.nn.Linear, 2, 2)]}
     assert ds_private.missing_on(objects) == []
 
 
@@ -230,10 +232,30 @@ def test_a_version_outside_the_tested_range_warns_and_names_it():
     assert ds_private.check_deepspeed_version(ds_private.TESTED_DEEPSPEED[0]) is None
     with pytest.warns(RuntimeWarning, match=r"tested with deepspeed 0.19.8 but deepspeed 0.20.1 is installed"):
         ds_private.check_deepspeed_version("0.20.1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        import ds_checkfree  # noqa: F401 - importing on the tested version warns nothing
-        ds_private.check_deepspeed_version()
+
+
+@pytest.mark.parametrize("installed", [None, "0.20.1"])
+def test_importing_the_package_checks_the_installed_version(installed):
+    """In a fresh process: ``import ds_checkfree`` is silent on the installed (tested) DeepSpeed
+    and warns, naming both versions, when the metadata says another one is installed."""
+    fake = "" if installed is None else f"metadata.version = lambda name: {installed!r}"
+    code = f"""if True:
+        import warnings
+        from importlib import metadata
+        {fake}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import ds_checkfree
+        print([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+                         env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    caught = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    if installed is None:
+        assert caught == []
+    else:
+        assert len(caught) == 1 and "tested with deepspeed 0.19.8 but deepspeed 0.20.1 is installed" in caught[0]
 
 
 def test_registered_members_exist_on_real_fp32_and_bf16_engines(tmp_path):
@@ -291,8 +313,6 @@ def test_warm_up_pays_the_op_probe_before_any_group_exists():
     """A spare's warm-up (in a fresh process, as a spare is) probes DeepSpeed's op table, marks
     the unused shared-memory build off on CPU and imports what the first build would, so its
     first engine build inside a recovery pays none of it."""
-    import subprocess
-    import sys
     code = """if True:
         import json, sys
         import deepspeed.ops
@@ -306,9 +326,9 @@ def test_warm_up_pays_the_op_probe_before_any_group_exists():
                                                                    "deepspeed.runtime.pipe.engine",
                                                                    "ds_checkfree.pipe.engine")]}))
     """
-    env = dict(__import__("os").environ, DS_ACCELERATOR="cpu")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                         cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["before"] == [False, False]  # nothing paid at import time: the warm-up does it

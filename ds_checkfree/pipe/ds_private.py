@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 #: the DeepSpeed versions (inclusive range) the members below were read from and tested on
 TESTED_DEEPSPEED = ("0.19.8", "0.19.8")
-DEEPSPEED_VERSION = TESTED_DEEPSPEED[1]
 
 
 class Member(NamedTuple):
