@@ -8,7 +8,6 @@ the recovery in metrics.jsonl, all steps done.
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 import signal
@@ -20,87 +19,47 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, events_of, job_env, read_metrics, steps_accounted, steps_of, write_config
+from ds_checkfree.testing import Job, mpirun_cmd, train_args
 
 pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs Open MPI's mpirun in the venv")
 
 TRAIN = str(ROOT / "launch" / "train.py")
 
 
-class ElasticJob:
+class ElasticJob(Job):
     """``mpirun --with-ft ulfm -n N python launch/train.py ...`` in the background (``launcher``:
-    another command line in front of ``launch/train.py``, e.g. across hosts, see multihost.py)."""
+    another command line in front of ``launch/train.py``, e.g. across hosts, see multihost.py):
+    the harness's ``Job``, its failures turned into test failures that show the log's tail."""
 
     def __init__(self, tmp_path: Path, nproc: int, cfg: Path, steps: int, *extra: str,
                  launcher: list[str] | None = None, env: dict | None = None):
-        self.out = tmp_path / "out"
-        self.log_path = tmp_path / "log.txt"
-        launcher = launcher or [
-            str(BIN / "mpirun"), "--with-ft", "ulfm", "--oversubscribe", "--map-by", "slot", "--bind-to", "none",
-            "-n", str(nproc), "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH",
-            "-x", "PYTHONUNBUFFERED", sys.executable]
-        cmd = [*launcher, TRAIN, "--deepspeed_config", str(cfg), "--model", "tiny",
-               "--steps", str(steps), "--eval_every", "0", "--output_dir", str(self.out), *extra]
+        launcher = launcher or mpirun_cmd(nproc, fault_tolerant=True)
+        super().__init__([*launcher, *train_args(cfg, tmp_path / "out", steps, extra=extra)], tmp_path / "out",
+                         tmp_path / "log.txt", env=env)
         self.nproc = nproc
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or job_env(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
 
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def rank_pids(self) -> dict[int, int]:
-        """MPI rank -> PID of this job's training processes (found through /proc)."""
-        pids = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-                if str(self.out).encode() not in cmdline:
-                    continue
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for var in env:
-                if var.startswith(b"OMPI_COMM_WORLD_RANK="):
-                    pids[int(var.split(b"=")[1])] = int(entry.name)
-        return pids
-
-    def wait_for_step(self, step: int, timeout: float = 240) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"job ended (rc={self.proc.returncode}) before step {step}:\n{self.log()[-6000:]}")
-            try:
-                if any(r.get("step", 0) >= step for r in steps_of(read_metrics(self.out))):
-                    return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"step {step} not reached in {timeout} s:\n{self.log()[-6000:]}")
+    def wait_for_step(self, step: int, timeout: float = 240) -> dict:
+        try:
+            reached = super().wait_for_step(step, timeout)
+        except TimeoutError:
+            self.stop()
+            pytest.fail(f"step {step} not reached in {timeout} s:\n{self.log()[-6000:]}")
+        if reached is None:
+            pytest.fail(f"job ended (rc={self.proc.returncode}) before step {step}:\n{self.log()[-6000:]}")
+        return reached
 
     def kill(self, rank: int) -> int:
-        pids = self.rank_pids()
-        assert rank in pids, f"rank {rank} not found among {pids}"
-        os.kill(pids[rank], signal.SIGKILL)
-        return pids[rank]
+        try:
+            return self.signal_rank(rank, signal.SIGKILL)
+        except LookupError as err:
+            pytest.fail(str(err))
 
     def wait(self, timeout: float = 300) -> int:
         try:
-            return self.proc.wait(timeout=timeout)
+            return super().wait(timeout)
         except subprocess.TimeoutExpired:
             self.stop()
             pytest.fail(f"job did not finish in {timeout} s:\n{self.log()[-6000:]}")
-        finally:
-            self._log.close()
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
 
 
 def exit_pids(log: str) -> dict[int, int]:

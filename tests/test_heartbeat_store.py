@@ -11,20 +11,7 @@ import subprocess
 import time
 
 from conftest import ROOT, events_of, job_env, launch_cmd, read_metrics, steps_of, write_config
-
-
-def _rank_pid(out, local_rank: int) -> int | None:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if str(out).encode() in argv and f"--local_rank={local_rank}".encode() in argv:
-            return int(entry)
-    return None
+from ds_checkfree.testing import rank_pids
 
 
 def test_store_heartbeat_reports_a_stalled_rank_and_only_it(tmp_path):
@@ -44,7 +31,7 @@ def test_store_heartbeat_reports_a_stalled_rank_and_only_it(tmp_path):
             except (OSError, ValueError):
                 pass
             time.sleep(0.05)
-        pid = _rank_pid(out, 1)
+        pid = rank_pids(out, "LOCAL_RANK").get(1)  # DeepSpeed's launcher: LOCAL_RANK per process
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
         time.sleep(4.0)  # well past the 1.5 s timeout
