@@ -1,4 +1,4 @@
-"""Main job: train a LLaMA model as a DeepSpeed pipeline with CheckFree recovery.
+"""Main job: train a model (built-in LLaMA presets or hf:DIR) as a DeepSpeed pipeline with CheckFree recovery.
 
 Works under the three launchers (one process per stage):
     deepspeed --num_gpus 4 launch/train.py --deepspeed_config ds_configs/checkfree.json
@@ -17,16 +17,22 @@ PROCESS_STARTED_AT = time.time()  # before the heavy imports: restart costs incl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_checkfree.config.checkfree import ConfigError  # noqa: E402  (cheap: no deepspeed import yet)
+from ds_checkfree.config.options import CheckedParser, ConfigError  # noqa: E402  (cheap: no deepspeed import yet)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CheckedParser:
+    """Every flag; each has a rule in ``options.FLAGS`` (a test compares the two), and a bad
+    one raises ``ConfigError``."""
+    p = CheckedParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a 'checkfree' section")
-    p.add_argument("--model", default="tiny", help="preset name (tiny, small, 124m, 500m, 1.5b) or a YAML path")
+    p.add_argument("--model", default="tiny", help="preset name (tiny, small, 124m, 500m, 1.5b), a YAML path, or hf:DIR (a local "
+                        "Hugging Face Llama/Mistral/Qwen2/GPT-2 directory, trained from its weights)")
     p.add_argument("--num_layers", type=int, default=None, help="override the preset's decoder layer count")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps to run")
     p.add_argument("--output_dir", default=None, help="writes metrics.jsonl and run.json here")
+    p.add_argument("--save_hf", default=None, metavar="DIR",
+                   help="write the trained model as a Hugging Face directory (AutoModelForCausalLM loads it); "
+                        "default for an hf: model with --output_dir: OUTPUT_DIR/hf")
     p.add_argument("--seed", type=int, default=0, help="data order and model init seed")
     p.add_argument("--data", default=None,
                    help="corpus: default Shakespeare; a text file, a directory of .txt, or hf:PATH[#column]")
@@ -62,7 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--dump_recovery_dir", default=None, help="debug: save stage states around each recovery")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def merged_config(args) -> dict:
@@ -75,7 +85,13 @@ def merged_config(args) -> dict:
                           "ds_configs/checkfree.json.")
     except json.JSONDecodeError as e:
         raise ConfigError(f"--deepspeed_config = {args.deepspeed_config!r}: invalid JSON ({e}).")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--deepspeed_config = {args.deepspeed_config!r}: top level is {type(cfg).__name__}. "
+                          "Fix: the DeepSpeed config must be a JSON object {...}.")
     section = cfg.setdefault("checkfree", {"mode": "off"})
+    if not isinstance(section, dict):
+        from ds_checkfree.config.checkfree import CheckFreeConfig
+        CheckFreeConfig.from_dict(section)  # raises, naming the section's type and the fix
     if args.fail_at:
         section["fail_at"] = list(section.get("fail_at", [])) + list(args.fail_at)
     for key in ("failure_rate", "assumed_step_seconds", "failure_seed", "failure_schedule", "spares"):
@@ -85,19 +101,24 @@ def merged_config(args) -> dict:
     return cfg
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from ds_checkfree.config.options import TrainOptions, check_inputs
+def checked_start(args):
+    """Every input checked before any process group: the flags (``options.FLAGS``), the
+    DeepSpeed JSON and its ``checkfree`` section (``initialize.prepare``), the model, the
+    launch, and the flags against all of them (``options.check_run``: the corpus against one
+    step, ...). A bad one raises ``ConfigError``. Returns (options, setup, elastic, under_mpi)."""
+    from ds_checkfree.config.options import TrainOptions, check_inputs, check_run
+    check_inputs(args)
     options = TrainOptions.from_namespace(args, process_started_at=PROCESS_STARTED_AT)
-    check_inputs(options)
     cfg = merged_config(args)
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+    from ds_checkfree.config.deepspeed_checks import split_deepspeed_config
     from ds_checkfree.initialize import prepare
+    spares = split_deepspeed_config(cfg)[1].spares  # the section checked before the launch reads it
     under_mpi = "OMPI_COMM_WORLD_SIZE" in os.environ
-    elastic = args.fault_tolerant or bool(cfg["checkfree"].get("spares")) or options.coordinator is not None
+    elastic = args.fault_tolerant or bool(spares) or options.coordinator is not None
     if elastic and (under_mpi and not _ulfm_enabled() or not under_mpi and options.coordinator is None):
         raise ConfigError("--spares / --fault_tolerant: surviving a process death needs Open MPI's fault-tolerant "
                           "launch. Fix: mpirun --with-ft ulfm -n <stages+spares> python launch/train.py ..., or "
@@ -106,7 +127,12 @@ def main(argv=None) -> int:
         if elastic else None
     # the one parse of the configuration: everything below receives the validated objects
     setup = prepare(cfg, options.model, {"num_layers": options.num_layers}, world_size=world_size, elastic=elastic)
+    check_run(options, setup)
+    return options, setup, elastic, under_mpi
 
+
+def main(argv=None) -> int:
+    options, setup, elastic, under_mpi = checked_start(parse_args(argv))
     if not elastic:
         from ds_checkfree.elastic.heartbeat import start_monitor
         from ds_checkfree.trainer import Trainer
@@ -146,40 +172,23 @@ def _ulfm_enabled() -> bool:
 
 def run_elastic(options, setup) -> int:
     """Stage holders train; spares wait until a stage is lost, then take its place."""
-    import faulthandler
-    import signal
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
-    from ds_checkfree.elastic.world import ElasticWorld, NoSpareLeft
-    from ds_checkfree.elastic.heartbeat import start_monitor
+    from ds_checkfree.elastic.launch import join_elastic_job
     from ds_checkfree.elastic.membership.client import CoordinatorLost, JoinRefused
+    from ds_checkfree.elastic.world import NoSpareLeft
     from ds_checkfree.recovery.rules import UnrecoverableFailure
     from ds_checkfree.trainer import Trainer
 
-    cf = setup.checkfree
     who = f"rank {os.environ.get('OMPI_COMM_WORLD_RANK', '?')}"
     world = monitor = None
     try:
-        world = ElasticWorld(cf.num_stages, cf.spares, dp_timeout_s=cf.data_plane_timeout_s,
-                             coordinator=options.coordinator, joining="OMPI_COMM_WORLD_SIZE" not in os.environ,
-                             cf=cf, log_dir=options.output_dir, dp=setup.dp_size)
+        world, joined, monitor = join_elastic_job(
+            setup, output_dir=options.output_dir, coordinator=options.coordinator, heartbeat=not options.no_heartbeat,
+            ab_window_s=options.heartbeat_ab_window_s, while_spare=lambda: _prepare_spare(options, setup),
+            log=lambda msg: print(msg, flush=True))
+        if world is None:
+            return 0  # a spare released at the end of training
         who = f"member {world.rank}"
-        monitor = None if options.no_heartbeat else start_monitor(cf, world=world,
-                                                                  ab_window_s=options.heartbeat_ab_window_s)
-        agreement = world.join_job()
-        if world.stage is None:
-            print(f"[{who}] spare: waiting for a stage to replace", flush=True)
-            _prepare_spare(options, setup)
-            agreement = world.wait_as_spare()
-            if agreement is None:
-                print(f"[{who}] spare: released, training finished", flush=True)
-                return 0
-            print(f"[{who}] spare: taking the place of stage {world.stage}", flush=True)
-        elif agreement is not None and not agreement.fresh:
-            print(f"[{who}] joined: taking the place of stage {world.stage}", flush=True)
-        joined = agreement if agreement is not None and not agreement.fresh else None
-        trainer = Trainer(options, setup, world, joined=joined)
-        world.set_progress(lambda: trainer.steps_done)  # reported to a standby coordinator after a failover
-        return trainer.run(monitor)
+        return Trainer(options, setup, world, joined=joined).run(monitor)
     except JoinRefused as err:
         print(f"[{who}] {err}", file=sys.stderr, flush=True)
         return 2
@@ -205,23 +214,34 @@ def _prepare_spare(options, setup) -> None:
     micro = setup.ds_config.get("train_micro_batch_size_per_gpu")
     if micro is not None and setup.dp_size == 1:  # with replicas its data-parallel rank is not known yet
         build_data(options.data, options.seq_len or setup.model.max_seq_len, micro, seed=options.seed,
-                   dp_rank=0, dp_size=1, max_val_batches=options.eval_batches)
+                   dp_rank=0, dp_size=1, max_val_batches=options.eval_batches,
+                   tokenizer=getattr(setup.model, "tokenizer", None))
     warm_up_first_build()
     freeze_startup_objects()
 
 
-def _is_first_rank() -> bool:
-    """Launchers start this script once per rank: a configuration error is printed by one."""
-    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(key) is not None:
-            return os.environ[key] == "0"
+def _reports_errors() -> bool:
+    """Launchers start this script once per rank, all with the same inputs: the first process
+    of each host prints a configuration error (once on one host; a path missing on one host
+    only is still reported from there), the others only exit with its status."""
+    for keys in (("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+                 ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        for key in keys:
+            if os.environ.get(key) is not None:
+                return os.environ[key] == "0"
     return True
 
 
-if __name__ == "__main__":
+def run_cli(argv=None) -> int:
+    """The script: ``main``, with a configuration error printed as one line by one process
+    per host and exit status 2 on every rank, without a traceback."""
     try:
-        sys.exit(main())
+        return main(argv)
     except ConfigError as e:
-        if _is_first_rank():
-            print(f"configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if _reports_errors():
+            print("configuration error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import functools
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,19 +26,14 @@ __all__ = [
     "MIN_STAGES",
 ]
 
+from ds_checkfree.config.inputs import (ConfigError, Constraint, Invalid, OneOf, Parses, Range, ReadableFile,
+                                        WritableDir, check_value)
+from ds_checkfree.config.inputs import fail as _fail
 from ds_checkfree.config.modes import (CHECKPOINT_RESTORES, CLIP_SCOPES, FAILURE_DRAWS, GRAD_NORMS, LAYOUTS,
                                        LOST_STAGE_RESTORE_MODES, RATE_PRESETS, MIN_STAGES, MIN_STAGES_PAPER, MIN_STAGES_PAPER_WHY, MIN_STAGES_WHY, MODES, NORM_SCOPES,
                     PAPER_LAYOUT_MODES, RECOVERY_METHODS)
 
 SECTION = "checkfree"
-
-
-class ConfigError(ValueError):
-    """A config problem; the message names the key, the value and the fix."""
-
-
-def _fail(key: str, value: Any, problem: str, fix: str) -> ConfigError:
-    return ConfigError(f"{key} = {value!r}: {problem}. Fix: {fix}.")
 
 
 def _k(name: str) -> str:
@@ -99,11 +93,13 @@ def _check_type(name: str, value: Any) -> Any:
     return value
 
 
-def _parse_fail_entry(idx: int, entry: Any) -> tuple[int, ...]:
-    """``(stage, step)`` (every replica of the stage fails) or ``(stage, step, replica)``."""
-    key = f"{_k('fail_at')}[{idx}]"
-    fix = ('write each failure as "STAGE:STEP" (e.g. "2:100", every data-parallel replica of the stage), '
-           '"STAGE.REPLICA:STEP" (e.g. "2.1:100", one replica) or [STAGE, STEP] with integers')
+_FAIL_AT_FIX = ('write each failure as "STAGE:STEP" (e.g. "2:100", every data-parallel replica of the stage), '
+                '"STAGE.REPLICA:STEP" (e.g. "2.1:100", one replica) or [STAGE, STEP] with integers')
+
+
+def parse_fail_entry(entry: Any) -> tuple[int, ...]:
+    """``(stage, step)`` (every replica of the stage fails) or ``(stage, step, replica)``;
+    raises ``Invalid`` naming the problem and the fix."""
     replica = None
     if isinstance(entry, str):
         parts = entry.split(":")
@@ -117,23 +113,91 @@ def _parse_fail_entry(idx: int, entry: Any) -> tuple[int, ...]:
             if len(where) == 2:
                 replica = int(where[1].strip())
         except ValueError:
-            raise _fail(key, entry, "not of the form STAGE:STEP or STAGE.REPLICA:STEP", fix) from None
+            raise Invalid("not of the form STAGE:STEP or STAGE.REPLICA:STEP", _FAIL_AT_FIX) from None
     elif isinstance(entry, (list, tuple)):
         if len(entry) != 2 or not all(
             isinstance(x, int) and not isinstance(x, bool) for x in entry
         ):
-            raise _fail(key, entry, "must be a pair of integers [STAGE, STEP]", fix)
+            raise Invalid("must be a pair of integers [STAGE, STEP]", _FAIL_AT_FIX)
         stage, step = entry
     else:
-        raise _fail(key, entry, f"wrong type {type(entry).__name__}", fix)
+        raise Invalid(f"wrong type {type(entry).__name__}", _FAIL_AT_FIX)
     if stage < 0:
-        raise _fail(key, entry, f"stage {stage} is negative", "use a stage index >= 0")
+        raise Invalid(f"stage {stage} is negative", "use a stage index >= 0")
     if step < 1:
-        raise _fail(key, entry, f"step {step} is < 1 (steps count from 1)", "use a step >= 1")
+        raise Invalid(f"step {step} is < 1 (steps count from 1)", "use a step >= 1")
     if replica is not None and replica < 0:
-        raise _fail(key, entry, f"replica {replica} is negative",
-                    "use a data-parallel replica index >= 0, or STAGE:STEP for every replica")
+        raise Invalid(f"replica {replica} is negative",
+                      "use a data-parallel replica index >= 0, or STAGE:STEP for every replica")
     return (int(stage), int(step)) if replica is None else (int(stage), int(step), int(replica))
+
+
+def _parse_fail_entry(idx: int, entry: Any) -> tuple[int, ...]:
+    try:
+        return parse_fail_entry(entry)
+    except Invalid as err:
+        raise _fail(f"{_k('fail_at')}[{idx}]", entry, err.problem, err.fix) from None
+
+
+def _parse_fail_list(raw: Any) -> list[tuple[int, ...]]:
+    if not isinstance(raw, (list, tuple)):
+        raise Invalid(f"wrong type {type(raw).__name__}, expected a list", 'write a list such as ["2:100", [1, 250]]')
+    return sorted({_parse_fail_entry(i, e) for i, e in enumerate(raw)})
+
+
+def _positive(fix: str) -> tuple[Constraint, str]:
+    return Range(0, lo_open=True), fix
+
+
+def _at_least(lo: int, fix: str) -> tuple[Constraint, str]:
+    return Range(lo), fix
+
+
+#: every key of the section: the constraint its value must meet besides its JSON type (which
+#: the annotation gives; None: any value of that type) and the fix. Rules between keys (the
+#: mode's minimum stage count, one rate source, the heartbeat timeout against its interval)
+#: are the ``_validate_*`` methods below.
+KEY_RULES: dict[str, tuple[Constraint | None, str]] = {
+    "mode": (OneOf(MODES), 'use "checkfree" (intermediate stages) or "checkfree_plus" (all stages); '
+             '"off" is stock DeepSpeed; "redundant" is the Bamboo-style baseline'),
+    "num_stages": _at_least(1, "set num_stages to the pipeline's stage count (>= 3 for checkfree)"),
+    "swap": (None, "true (CheckFree+ swaps the edge stages) or false"),
+    "redundant_forward": (None, "true (Bamboo's redundant forward) or false (the lower bound)"),
+    "lr_scale": _positive("set a positive factor such as 1.1 (the paper's default)"),
+    "grad_norm": (OneOf(GRAD_NORMS), 'use "post_clip" (the paper) or "pre_clip"'),
+    "norm_scope": (OneOf(NORM_SCOPES), 'use "decoder" (the layers being averaged) or "stage" (all parameters)'),
+    "epsilon": _positive("set a small positive value such as 1e-4 (the paper's default)"),
+    "recovery_method": (OneOf(RECOVERY_METHODS), 'use "weighted_average" (the paper); the others are ablations'),
+    "layout": (OneOf(LAYOUTS), 'use "all_stages_fail" (every stage may fail) or "paper" (embedding and head on '
+               "their own stages, which never fail)"),
+    "stage_copy_every": _at_least(1, "set the steps between refreshes of the in-memory stage copy, e.g. 100 "
+                                  "(the reference)"),
+    "clip_scope": (OneOf(CLIP_SCOPES), 'use "global" (DeepSpeed) or "stage" (each stage clips its own norm)'),
+    "fail_at": (Parses(_parse_fail_list), _FAIL_AT_FIX),
+    "failure_rate": (Range(0, 100, what="a percentage per stage per hour"),
+                     "use e.g. 5, 10 or 16 (the paper's rates), or 0 to disable"),
+    "failure_probability": (Range(0, 1, what="a per-step probability"),
+                            "use e.g. 0.002 (the reference's 500M model at 10 %/h), or null"),
+    "failure_preset": (OneOf(tuple(RATE_PRESETS)), f"use one of {sorted(RATE_PRESETS)} (model_percent-per-hour), "
+                       "or null"),
+    "failure_draws": (OneOf(FAILURE_DRAWS), 'use "logical_step" or "executed_step" (redone steps draw too)'),
+    "assumed_step_seconds": _positive("set the measured seconds per training step, e.g. 2.5"),
+    "failure_seed": (None, "any integer (the draws are seeded by a string of it)"),
+    "failure_schedule": (ReadableFile(), "give the path of an existing failure-schedule JSON file, or null"),
+    "fallback_checkpoint_dir": (WritableDir(), "give a directory this user can create or write to, or null"),
+    "heartbeat_interval_s": _positive("set a positive interval such as 0.5"),
+    "heartbeat_timeout_s": _positive("set it well above heartbeat_interval_s, e.g. 10"),
+    "data_plane_timeout_s": _positive("set it above the slowest stage's micro-batch time, e.g. 30"),
+    "spares": _at_least(0, "set checkfree.spares to 0 or more"),
+    "startup_wait_s": _positive("set it above the processes' start-up time (imports, data), e.g. 60"),
+    "join_wait_s": _at_least(0, "set checkfree.join_wait_s to 0 or more"),
+    "preemption_grace_s": _at_least(0, "set checkfree.preemption_grace_s to 0 or more (0: off)"),
+    "checkpoint_every": _at_least(0, "set checkfree.checkpoint_every to 0 or more"),
+    "checkpoint_dir": (WritableDir(), "give a directory this user can create or write to"),
+    "checkpoint_restore": (OneOf(CHECKPOINT_RESTORES), 'use "global_rollback" (every rank) or "lost_stage" (the '
+                           "lost stage alone reloads its stale state)"),
+    "storage_bandwidth_mb_s": _positive("set a positive bandwidth in MB/s (e.g. 500), or null"),
+}
 
 
 def format_fail_entry(entry: tuple[int, ...]) -> str:
@@ -227,32 +291,17 @@ class CheckFreeConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name)))
         self._validate_choices()
-        self._validate_numbers()
+        self._validate_keys()
+        self._validate_heartbeat()
         self._validate_fail_at()
         self._validate_rate_source()
         self._validate_dependencies()
 
     # -- validation, split by concern -------------------------------------------------
     def _validate_choices(self) -> None:
-        for name, allowed, fix in (
-            ("mode", MODES, '"checkfree" (intermediate stages) or "checkfree_plus" (all stages); '
-             '"off" is stock DeepSpeed; "redundant" is the Bamboo-style baseline'),
-            ("grad_norm", GRAD_NORMS, '"post_clip" (the paper) or "pre_clip"'),
-            ("norm_scope", NORM_SCOPES, '"decoder" (the layers being averaged) or "stage" (all parameters)'),
-            ("recovery_method", RECOVERY_METHODS, '"weighted_average" (the paper); the others '
-             "are ablations"),
-            ("layout", LAYOUTS, '"all_stages_fail" (every stage may fail) or "paper" (embedding and head '
-             "on their own stages, which never fail)"),
-            ("clip_scope", CLIP_SCOPES, '"global" (DeepSpeed) or "stage" (each stage clips its own norm)'),
-            ("failure_draws", FAILURE_DRAWS, '"logical_step" or "executed_step" (redone steps draw too)'),
-            ("checkpoint_restore", CHECKPOINT_RESTORES, '"global_rollback" (every rank) or "lost_stage" '
-             "(the lost stage alone reloads its stale state)"),
-        ):
-            value = getattr(self, name)
-            if value not in allowed:
-                close = difflib.get_close_matches(value, allowed, n=1)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
-                raise _fail(_k(name), value, f"must be one of {list(allowed)}{hint}", f"use {fix}")
+        for name, (rule, fix) in KEY_RULES.items():  # the names first: the rules below read them
+            if isinstance(rule, OneOf) and getattr(self, name) is not None:
+                check_value(_k(name), getattr(self, name), rule, fix)
         need = MIN_STAGES[self.mode]
         if self.num_stages < need:
             raise _fail(
@@ -282,42 +331,14 @@ class CheckFreeConfig:
                         f"layout 'paper' needs at least {MIN_STAGES_PAPER} stages: {MIN_STAGES_PAPER_WHY}",
                         f'set num_stages >= {MIN_STAGES_PAPER}, or layout "all_stages_fail"')
 
-    def _validate_numbers(self) -> None:
-        positive = {
-            "lr_scale": "set a positive factor such as 1.1 (the paper's default)",
-            "epsilon": "set a small positive value such as 1e-4 (the paper's default)",
-            "heartbeat_interval_s": "set a positive interval such as 0.5",
-            "data_plane_timeout_s": "set it above the slowest stage's micro-batch time, e.g. 30",
-            "startup_wait_s": "set it above the processes' start-up time (imports, data), e.g. 60",
-            "assumed_step_seconds": "set the measured seconds per training step, e.g. 2.5",
-            "storage_bandwidth_mb_s": "set a positive bandwidth in MB/s (e.g. 500), or null",
-        }
-        for name, fix in positive.items():
+    def _validate_keys(self) -> None:
+        """Each key against its own rule in ``KEY_RULES`` (fail_at: ``_validate_fail_at``)."""
+        for name, (rule, fix) in KEY_RULES.items():
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise _fail(_k(name), value, "must be > 0", fix)
-        if self.stage_copy_every < 1:
-            raise _fail(_k("stage_copy_every"), self.stage_copy_every, "must be >= 1",
-                        "set the steps between refreshes of the in-memory stage copy, e.g. 100 (the reference)")
-        p = self.failure_probability
-        if p is not None and not 0.0 <= p < 1.0:
-            raise _fail(_k("failure_probability"), p, "must be a per-step probability in [0, 1)",
-                        "use e.g. 0.002 (the reference's 500M model at 10 %/h), or null")
-        if self.failure_preset is not None and self.failure_preset not in RATE_PRESETS:
-            close = difflib.get_close_matches(self.failure_preset, list(RATE_PRESETS), n=1)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            raise _fail(_k("failure_preset"), self.failure_preset, f"unknown preset{hint}",
-                        f"use one of {sorted(RATE_PRESETS)} (model_percent-per-hour), or null")
-        for name in ("spares", "checkpoint_every", "join_wait_s", "preemption_grace_s"):
-            value = getattr(self, name)
-            if value < 0:
-                raise _fail(_k(name), value, "must be >= 0", f"set {_k(name)} to 0 or more")
-        if not 0.0 <= self.failure_rate < 100.0:
-            raise _fail(
-                _k("failure_rate"), self.failure_rate,
-                "must be a percentage per stage per hour in [0, 100)",
-                "use e.g. 5, 10 or 16 (the paper's rates), or 0 to disable",
-            )
+            if value is not None and rule is not None and not isinstance(rule, (OneOf, Parses)):
+                check_value(_k(name), value, rule, fix)
+
+    def _validate_heartbeat(self) -> None:
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
             raise _fail(
                 _k("heartbeat_timeout_s"), self.heartbeat_timeout_s,
@@ -344,13 +365,10 @@ class CheckFreeConfig:
                         "differ from the survivors'", 'use failure_draws "logical_step" with spares')
 
     def _validate_fail_at(self) -> None:
-        raw = self.fail_at
-        if not isinstance(raw, (list, tuple)):
-            raise _fail(
-                _k("fail_at"), raw, f"wrong type {type(raw).__name__}, expected a list",
-                'write a list such as ["2:100", [1, 250]]',
-            )
-        parsed = sorted({_parse_fail_entry(i, e) for i, e in enumerate(raw)})
+        try:
+            parsed = _parse_fail_list(self.fail_at)
+        except Invalid as err:
+            raise _fail(_k("fail_at"), self.fail_at, err.problem, err.fix) from None
         for entry in parsed:
             stage = entry[0]
             if stage >= self.num_stages:
@@ -375,12 +393,6 @@ class CheckFreeConfig:
                 f"required when checkfree.failure_rate = {self.failure_rate!r} > 0, to turn an "
                 "hourly rate into a per-step probability",
                 "set assumed_step_seconds to the seconds per training step (e.g. 2.5)",
-            )
-        if self.failure_schedule is not None and not os.path.isfile(self.failure_schedule):
-            raise _fail(
-                _k("failure_schedule"), self.failure_schedule,
-                f"file not found (resolved to {os.path.abspath(self.failure_schedule)!r})",
-                "give the path of an existing failure-schedule JSON file, or null",
             )
         if self.checkpoint_restore == "lost_stage" and self.mode not in LOST_STAGE_RESTORE_MODES:
             raise _fail(_k("checkpoint_restore"), self.checkpoint_restore,
