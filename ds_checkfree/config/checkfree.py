@@ -3,7 +3,8 @@
 Everything here runs before any process group exists, so a bad config fails in
 milliseconds with a message naming the key, the offending value and the fix,
 instead of minutes later inside a pipeline rank (torchtitan style: one
-dataclass, validation in ``__post_init__``).
+dataclass, validation in ``__post_init__``). Each key's own rule (range, closed
+set, path) is one entry of ``KEY_RULES``; the rules between keys are methods.
 """
 
 from __future__ import annotations
