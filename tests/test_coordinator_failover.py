@@ -23,6 +23,7 @@ import pytest
 from conftest import events_of, read_metrics, steps_accounted, steps_of, write_config
 from ds_checkfree.elastic.membership import failover
 from test_elastic import ElasticJob, _check_survived, exit_pids
+from test_multihost import elastic_launcher, env, placement, two_hosts  # noqa: F401  (a fixture)
 
 STEPS = 40
 
@@ -101,6 +102,37 @@ def test_a_stage_killed_after_the_coordinator_is_replaced_by_the_spare(tmp_path)
     _check_failover(job, before)
     assert "spare: taking the place of stage 2" in job.log()
     assert "generation 2: roles" in standby_logs(job.out)  # the standby made the recovery's plan
+
+
+def test_host_a_lost_with_the_coordinator_and_stage_0_a_spare_on_host_b_takes_over(two_hosts, tmp_path):
+    """Two hosts (network namespaces): hostA runs rank 0 (stage 0) and the coordinator it
+    started, hostB stages 1-3 and two spares. Every process of the job on hostA but mpirun is
+    SIGKILLed at once (Open MPI does not survive the loss of its launching node: README). The
+    members on hostB find member 0's standby address dead, member 1 starts the standby, the
+    roster is rebuilt without member 0 and a spare takes stage 0 (CheckFree+: a copy of stage 1)."""
+    bed = two_hosts(slots={"hostA": 1, "hostB": 5})
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree_plus", spares=2)
+    job = ElasticJob(tmp_path, 6, cfg, STEPS, launcher=elastic_launcher(bed, 6), env=env())
+    job.wait_for_step(random.Random(3).randint(6, 12), timeout=150)
+    before = job.rank_pids()
+    assert placement(job, bed) == {0: "hostA", 1: "hostB", 2: "hostB", 3: "hostB", 4: "hostB", 5: "hostB"}
+    coordinator = coordinator_pid(job.out)
+    assert bed.hostname_of(coordinator) == "hostA"
+    for pid in (before[0], coordinator):
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    done = max(r["step"] for r in steps_of(read_metrics(job.out)))
+    assert done < STEPS, f"the kill came too late (step {done} of {STEPS}): the test proves nothing"
+    rc = job.wait()
+    records = _check_survived(job, rc, before, before[0], killed_at, victim_stage=0, steps=STEPS, method="copy")
+    (recovery,) = events_of(records, "recovery")
+    assert recovery["sources"] == [1]
+    log, standby = job.log(), standby_logs(job.out)
+    assert "[member 1] started the standby coordinator" in log and "[member 0] started" not in log
+    # member 0's standby address: its process is gone (refused, or reset if it was still dying)
+    assert re.search(r"standby coordinator of member 0 at \S+ (unreachable|did not answer).*trying the next", log)
+    assert "roster rebuilt from 5 member reports" in standby, standby[-3000:]
+    assert "did not re-register" in standby and "replacements {0: 4}" in standby, standby[-3000:]
 
 
 # -- the standby walk and the send queues, over real sockets -------------------------------------------
@@ -188,3 +220,32 @@ def test_a_member_that_stops_reading_stalls_no_other_members_messages():
     assert "after_the_flood" in seen
     stuck.close()
     other.close()
+
+
+def test_a_hand_off_is_deleted_from_the_store_once_every_stage_holder_is_past_it():
+    """Preemption hygiene on the coordinator's real store: the blob stays while a member may
+    still ask for it and goes once every stage holder completed the step after it."""
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from ds_checkfree.elastic.membership.coordinator import Coordinator, JobShape
+    from ds_checkfree.elastic.preemption import available, publish
+    coord = Coordinator(JobShape(4, 5, join_wait_s=0.0), host="127.0.0.1", log=lambda m: None)
+    roster = coord.roster
+    for mid in range(5):
+        roster.hello(mid, "h", mid, "127.0.0.1", now=1.0)
+    for mid in range(5):
+        roster.checkin(mid, 0, False, now=2.0, for_generation=1)
+    client = tdist.TCPStore("127.0.0.1", coord.store_port, is_master=False, wait_for_workers=False,
+                            timeout=timedelta(seconds=10))
+    publish(client, 1, 7, {"w": [1.0]})  # member 1 preempted after step 7, then its connection closes
+    roster.disconnected(1, now=3.0)
+    for mid in (0, 2, 3, 4):
+        roster.checkin(mid, 7, mid != 4, now=3.1, for_generation=2)
+    assert roster.generation == 2 and roster.roles[4] == 1
+    for steps in (7, 8):
+        for mid in (0, 2, 3, 4):
+            roster.beat(mid, 4.0, steps_done=steps)
+        coord._delete_settled_handoffs(roster.settled_handoffs())
+        assert available(client, 1, 7) == (steps == 7)
