@@ -106,3 +106,38 @@ def test_install_routes_torch_work_wait_and_uninstall_restores_it():
     finally:
         waits.uninstall()
     assert work_class().wait is before and not waits.installed
+
+
+@pytest.mark.slow  # 17 processes on 2 cores: about 3 min (the 2-rank test above guards the mechanism by default)
+def test_4_stages_x_4_replicas_recover_from_a_sigkill_without_reaching_a_timeout(tmp_path):
+    """The shape of issue #29 (4 stages x 4 replicas + 1 spare, ``mpirun --with-ft ulfm``, world
+    rank 1 SIGKILLed after step 8), where a survivor blocked in a gloo send waited out the
+    data-plane timeout in 2 of 3 runs: every member must leave its wait when the round opens."""
+    from ds_checkfree.testing import Job, mpirun_cmd, train_args
+    from conftest import BIN, events_of, read_metrics, steps_accounted, write_config
+    if not (BIN / "mpirun").exists():
+        pytest.skip("needs Open MPI's mpirun in the venv")
+    steps, stages, dp = 16, 4, 4
+    cfg = write_config(tmp_path / "ds.json", mode="checkfree", num_stages=stages, spares=1)
+    job = Job([*mpirun_cmd(stages * dp + 1, fault_tolerant=True), *train_args(cfg, tmp_path / "out", steps)],
+              tmp_path / "out", tmp_path / "log.txt")
+    try:
+        if job.wait_for_step(8, timeout=600) is None:
+            pytest.fail(f"the job ended before step 8:\n{job.log()[-6000:]}")
+        job.signal_rank(1)
+        rc = job.wait(timeout=600)
+    except BaseException:
+        job.stop(dump_stacks=True)
+        raise
+    log = job.log()
+    assert rc == 0, log[-6000:]
+    assert "Timed out" not in log and "timed out" not in log, log[-6000:]  # no wait reached gloo's timeout
+    records = read_metrics(job.out)
+    assert steps_accounted(records) == list(range(1, steps + 1))
+    (failure,) = events_of(records, "failure")
+    assert failure["dead_ranks"] == [1] and failure["replaced_by_rank"] == stages * dp
+    (recovery,) = events_of(records, "recovery")
+    assert recovery["method"] == "replica"
+    cf = CheckFreeConfig.__dataclass_fields__
+    # the round closed long before any member could have waited out the data-plane timeout
+    assert recovery["agreement_s"] < cf["data_plane_timeout_s"].default / 2, recovery
