@@ -57,7 +57,7 @@ def goal_check(rows: list[dict]) -> tuple[bool, list[str]]:
                  f"-> {'OK' if not over else 'FAILED: ' + '; '.join(over)}")
     ok &= not over
     no_rec = [r for r in rows if r["outcome"] in ("survived", "survived_rc4") and r.get("recovery_s") is None
-              and r["scenario"] not in ("startup_kill",)]
+              and r["scenario"] not in ("startup_kill",) and r.get("victims") != "coordinator"]
     if no_rec:
         lines.append("survived without a measured recovery (kill after the last step?): runs "
                      + ", ".join(str(r["run"]) for r in no_rec))
