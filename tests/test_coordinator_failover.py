@@ -182,6 +182,20 @@ def test_the_walk_starts_this_members_standby_when_every_earlier_one_is_dead():
     assert started == [1] and welcome["store_port"] == 5
 
 
+def test_the_lost_coordinators_own_address_is_asked_first_and_briefly():
+    """Only this member's connection broke: the coordinator is still there and answers, so no
+    standby starts; a dead one is passed over at once."""
+    alive = _answering({"op": "welcome", "id": 2, "store_port": 7})
+    started = []
+    found = failover.walk([[0, "127.0.0.1", _closed_port()]], 0, lambda: started.append(1) or True,
+                          lambda: {"op": "rejoin"}, 1.0, lambda m: None, lost=("127.0.0.1", alive.getsockname()[1]))
+    found[0].close()
+    assert found[2]["store_port"] == 7 and started == []
+    said = []
+    assert failover.walk([], 0, lambda: True, lambda: {}, 1.0, said.append, lost=("127.0.0.1", _closed_port())) is None
+    assert said and said[0].startswith("the lost coordinator at")
+
+
 def test_a_standby_that_refuses_the_member_ends_the_walk():
     refusing = _answering({"op": "refused", "why": "declared lost"})
     with pytest.raises(failover.Refused, match="declared lost"):
@@ -249,3 +263,30 @@ def test_a_hand_off_is_deleted_from_the_store_once_every_stage_holder_is_past_it
             roster.beat(mid, 4.0, steps_done=steps)
         coord._delete_settled_handoffs(roster.settled_handoffs())
         assert available(client, 1, 7) == (steps == 7)
+
+
+def test_without_failover_a_lost_coordinator_leaves_the_data_plane_alone_and_the_start_up_says_so(capsys):
+    """A coordinator started with ``--no_failover`` hands out no standby list: the member says at
+    start-up what the job would not survive; when the coordinator goes, the member is not woken
+    (training goes on) and the loss is reported only to the next agreement."""
+    from types import SimpleNamespace
+
+    from ds_checkfree.elastic.membership.client import MemberClient
+    from ds_checkfree.elastic.membership.coordinator import Coordinator, JobShape
+    from ds_checkfree.elastic.world import ElasticWorld
+    coord = Coordinator(JobShape(4, 5), host="127.0.0.1", log=lambda m: None, failover=False)
+    threading.Thread(target=coord.run, daemon=True).start()
+    rounds = []
+    client = MemberClient(("127.0.0.1", coord.port), id_hint=0, num_stages=4, addr="127.0.0.1",
+                          on_round=rounds.append, standby_port=45000)
+    assert client.standbys is None and client.membership_settled()
+    ElasticWorld._say_failover(SimpleNamespace(client=client, address=client.address, rank=0, _standby=None), "")
+    said = capsys.readouterr().err
+    assert "coordinator failover is off" in said and "would not survive the coordinator's loss" in said
+    assert client.next_message(timeout=10)["op"] == "round"  # the start-up round, before the loss
+    rounds.clear()
+    with coord.lock:
+        coord.conns[0][1].close()  # the coordinator's end goes away
+    assert client.next_message(timeout=10) == {"op": "coordinator_lost"}
+    assert client.gave_up and rounds == []  # nothing woke the data plane
+    assert not client.send({"op": "beat"})  # dropped, not raised: the heartbeat thread goes on

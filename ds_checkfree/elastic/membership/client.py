@@ -177,12 +177,18 @@ class MemberClient:
         self._warn(f"the coordinator at {lost} was lost: training goes on; reconnecting to the first live "
                    f"standby in member-id order {[s[0] for s in self.standbys]}")
         position = next((i for i, s in enumerate(self.standbys) if s[0] == self.id), len(self.standbys))
+        old = self.sock  # closed once the walk is over: a live coordinator takes the member back first
         try:
             found = failover.walk(list(self.standbys), self.id, lambda: self.hooks.start_standby(position),
                                   self.hooks.report, (self.silence_s or 10.0) + failover.WELCOME_SLACK_S, self._warn,
-                                  connect=self.hooks.connect_socket)
+                                  connect=self.hooks.connect_socket, lost=tuple(self.address))
         except failover.Refused as err:
-            _leave(self.id, f"the standby coordinator refused this member ({err})")
+            _leave(self.id, f"the coordinator refused this member ({err})")
+        finally:
+            try:
+                old.close()  # a coordinator that was only silent (stopped) finds it closed if it wakes
+            except OSError:
+                pass
         if found is None:
             self._warn("no standby coordinator answered: training goes on without membership; the next "
                        "membership change stops the job")
