@@ -322,6 +322,13 @@ def test_lost_while_the_job_was_forming_the_start_up_goes_on():
     assert plan.fresh and plan.roles == {0: 0, 1: 1, 2: 2, 3: 3, 4: None}
 
 
+def test_a_member_late_for_a_rebuilt_start_up_is_one_more_hello():
+    empty = Plan(0, {}, {}, {}, [], [], [], {}, 1, True)
+    roster, _ = rebuilt([report(m, empty, steps=0, round_seen=1) for m in (0, 1, 2, 3)])
+    ok, outs = rejoin(roster, report(4, empty, steps=0), now=100.2)
+    assert ok and ops(outs, "round")[0].to == [4] and 4 in roster.members
+
+
 def test_the_collection_is_complete_once_every_member_of_the_newest_plan_reported():
     _, plan = started()
     assert expected_members([report(m, plan) for m in (1, 2)]) == {0, 1, 2, 3, 4}

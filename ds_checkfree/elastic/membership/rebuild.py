@@ -126,6 +126,12 @@ def rejoin(roster: Roster, report: Report, now: float) -> tuple[bool, list[Out]]
     connection alone broke): taken back when the roster still counts it, else refused (the job
     went on without it). Its pending check-in counts toward the open round."""
     member = roster.members.get(report.id)
+    if member is None and roster.phase == "gathering" and report.id not in roster.gone:
+        mid, out = roster.hello(report.id, report.host, report.pid, report.addr, now, report.standby_port)
+        if mid == report.id:  # the job is still forming: a late member is simply one more hello
+            return True, out
+        roster.members.pop(mid, None)
+        return False, []
     if member is None or roster.phase in ("stopped", "done"):
         return False, []
     member.host, member.pid, member.addr = report.host, report.pid, report.addr
