@@ -1,0 +1,352 @@
+"""Recovery phases against job size (issue #29): does anything but the redone step grow with the job?
+
+One real job per shape, S stages x R data-parallel replicas + 1 spare (``mpirun --with-ft ulfm``,
+tiny model, CPU/gloo, ``OMP_NUM_THREADS=1``, eval off), hit by ``--kills`` SIGKILLs in turn.
+Each kill lands a uniformly drawn fraction of a step time after a step completed, on the
+member holding a slot drawn at random (R = 1: an intermediate stage, rebuilt by CheckFree's
+weighted average; R > 1: any slot but the metrics writer's, an exact copy from a live replica).
+The spare takes the slot; then a process started by hand with ``--join`` becomes the next
+spare (the job keeps its size), and once it is admitted and three more steps completed, the
+next kill comes. The job is stopped after the last recovery.
+
+Per kill, from the metrics writer's (last stage's) ``recovery`` and ``recovery_timeline``
+events: detection (kill -> error seen), teardown (snapshot + leave the plane), agreement
+(round -> plan), data plane (new gloo group), engine rebuild, re-materialisation, the redone
+step (-> next completed step), the total (kill -> next completed step); whether any log line
+says a gloo wait timed out; the join latency (joiner started -> admitted as the spare).
+
+    flock /tmp/cpu.lock .venv/bin/python -m benchmarks.recovery_scaling --shapes 4x1,4x2,4x4,4x8 --kills 4
+    .venv/bin/python -m benchmarks.recovery_scaling --report_only      # table + plot from the CSV
+
+Writes ``benchmarks/results/recovery_scaling.csv`` (one row per kill, naming commit, date,
+machine and protocol; rows of other shapes already there are kept, a shape run again is
+replaced), ``recovery_scaling.md`` (medians per shape) and ``recovery_scaling.png`` (each
+phase against ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks._runs import RESULTS, base_config
+from benchmarks.kill_campaign_report import machine
+from ds_checkfree.testing import Job, events_of, mpirun_cmd, standalone_env, steps_of, train_args
+from ds_checkfree.testing.procs import kill_group
+
+OUT = os.path.join(RESULTS, "recovery_scaling.csv")
+#: (column, label) of each phase, in the order they happen
+PHASES = [("detection_s", "detection"), ("teardown_s", "snapshot + leave plane"), ("agreement_s", "agreement"),
+          ("data_plane_s", "data plane"), ("engine_rebuild_s", "engine rebuild"),
+          ("rematerialise_s", "re-materialise"), ("redo_step_s", "redone step"), ("total_s", "total")]
+ROW_KEYS = ["shape", "stages", "replicas", "ranks", "kill", "victim_slot", "victim_stage", "method", "after_step",
+            "step_time_s", *[k for k, _ in PHASES], "timeout_reached", "join_latency_s"]
+META_KEYS = ["commit", "date", "machine", "protocol"]
+PROTOCOL = ("mpirun --with-ft ulfm, S stages x R replicas + 1 spare, tiny LLaMA (8 layers, or S if more), "
+            "micro-batch 4 x 4, CPU gloo, OMP_NUM_THREADS=1, one kill at a time, each spare replaced by a --join "
+            "process before the next kill; phases from the metrics writer's recovery_timeline")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for part in text.split(","):
+        try:
+            s, r = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {part!r} is not STAGESxREPLICAS (e.g. 4x2)") from None
+        if s < 3 or r < 1:
+            raise SystemExit(f"--shapes: {part!r}: at least 3 stages (an intermediate one to kill) and 1 replica")
+        shapes.append((s, r))
+    return shapes
+
+
+def allowed_slots(stages: int, replicas: int) -> list[int]:
+    """Slots a kill may hit: with one replica an intermediate stage (CheckFree's rule needs both
+    neighbours); with more any slot but the metrics writer's (the last stage's replica 0)."""
+    if replicas == 1:
+        return list(range(1, stages - 1))
+    writer = (stages - 1) * replicas
+    return [s for s in range(stages * replicas) if s != writer]
+
+
+def phases_of(rec: dict, line: dict, killed_at: float) -> dict:
+    return {"detection_s": rec["failed_at"] - killed_at, "teardown_s": rec["revoked_at"] - rec["failed_at"],
+            "agreement_s": rec["agreement_s"], "data_plane_s": rec["data_plane_s"],
+            "engine_rebuild_s": rec["engine_rebuild_s"], "rematerialise_s": rec["rematerialise_s"],
+            "redo_step_s": line["next_step_done_at"] - rec["rematerialised_at"],
+            "total_s": line["next_step_done_at"] - killed_at}
+
+
+def timeouts_in(paths) -> int:
+    """Lines saying a gloo wait (or any data-plane wait) ran out of time."""
+    n = 0
+    for p in paths:
+        try:
+            n += sum(1 for line in Path(p).read_text(errors="replace").splitlines() if "Timed out" in line)
+        except OSError:
+            pass
+    return n
+
+
+class ShapeRun:
+    """One job of one shape, its kills and its joiners."""
+
+    def __init__(self, work: Path, stages: int, replicas: int, kills: int, seed: int, timeout_s: float):
+        self.stages, self.replicas, self.kills, self.timeout_s = stages, replicas, kills, timeout_s
+        self.dir = work / f"{stages}x{replicas}"
+        self.dir.mkdir(parents=True)
+        self.out = self.dir / "out"
+        self.rng = random.Random(seed)
+        cfg = base_config("checkfree", num_stages=stages, spares=1)
+        self.cfg = self.dir / "ds.json"
+        self.cfg.write_text(json.dumps(cfg))
+        self.extra = ["--num_layers", str(max(8, stages))]
+        self.joiners: list[subprocess.Popen] = []
+        self.logs = [self.dir / "log.txt"]
+
+    def train_args(self) -> list[str]:
+        return train_args(self.cfg, self.out, 100000, extra=self.extra)
+
+    def run(self) -> list[dict]:
+        n = self.stages * self.replicas + 1
+        self.job = Job([*mpirun_cmd(n, fault_tolerant=True), *self.train_args()], self.out, self.logs[0])
+        rows = []
+        try:
+            self._wait(lambda: self.job.last_step() and self.job.last_step()["step"] >= 5, "step 5")
+            ranks = self.job.rank_pids()
+            holder = {slot: ranks[slot] for slot in range(n - 1)}  # slot -> pid; MPI rank = slot at launch
+            spare = ranks[n - 1]
+            join_latency = None
+            for k in range(1, self.kills + 1):
+                rows.append(self._one_kill(k, holder, spare, join_latency))
+                spare, join_latency = self._replace_spare(k)
+                rows[-1]["join_latency_s"] = join_latency
+                print(f"  {self.stages}x{self.replicas} kill {k}: " + ", ".join(
+                    f"{label} {rows[-1][key]:.3f}" for key, label in PHASES) + f"; join {join_latency:.1f} s",
+                      flush=True)
+        finally:
+            self.job.stop()
+            for j in self.joiners:
+                kill_group(j)
+        return rows
+
+    def _wait(self, cond, what: str, timeout: float | None = None):
+        deadline = time.time() + (timeout or self.timeout_s)
+        while True:
+            got = cond()
+            if got:
+                return got
+            if self.job.proc.poll() is not None:
+                raise RuntimeError(f"{self.stages}x{self.replicas}: the job ended waiting for {what} (log {self.dir})")
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.stages}x{self.replicas}: {what} not within {timeout or self.timeout_s:.0f} s "
+                                   f"(log {self.dir})")
+            time.sleep(0.02)
+
+    def _one_kill(self, k: int, holder: dict, spare: int, join_latency) -> dict:
+        records = self.job.records()
+        last = steps_of(records)[-1]
+        recent = [s["step_time_s"] for s in steps_of(records)[-5:] if "step_time_s" in s]
+        step_s = statistics.median(recent) if recent else 0.2
+        frac = self.rng.random()
+        slot = self.rng.choice(allowed_slots(self.stages, self.replicas))
+        self._wait(lambda: self.job.last_step()["step"] > last["step"], "the next step")
+        after = self.job.last_step()["step"]
+        time.sleep(frac * step_s)
+        timeouts_before = timeouts_in(self.logs)
+        os.kill(holder[slot], signal.SIGKILL)
+        killed_at = time.time()
+        holder[slot] = spare
+        lines = self._wait(lambda: len(events_of(self.job.records(), "recovery_timeline")) >= k and
+                           events_of(self.job.records(), "recovery_timeline"), f"recovery {k}")
+        records = self.job.records()
+        rec = [r for r in events_of(records, "recovery")][-1]
+        row = {"shape": f"{self.stages}x{self.replicas}", "stages": self.stages, "replicas": self.replicas,
+               "ranks": self.stages * self.replicas + 1, "kill": k, "victim_slot": slot,
+               "victim_stage": slot // self.replicas, "method": rec["method"], "after_step": after,
+               "step_time_s": step_s, **phases_of(rec, lines[k - 1], killed_at),
+               "timeout_reached": timeouts_in(self.logs) > timeouts_before, "join_latency_s": join_latency}
+        return row
+
+    def _replace_spare(self, k: int) -> tuple[int, float]:
+        """Start a joiner; once it waits as the spare and three more steps completed, its pid
+        and how long it took to be admitted."""
+        info = self._wait(lambda: next((json.loads(p.read_text()) for p in sorted(self.out.glob("coordinator-*.json"))
+                                        if p.stat().st_size), None), "the coordinator's address")
+        log = self.dir / f"joiner{k}.txt"
+        self.logs.append(log)
+        started = time.time()
+        proc = subprocess.Popen([sys.executable, *self.train_args(), "--join", f"127.0.0.1:{info['port']}"],
+                                env=standalone_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.joiners.append(proc)
+        self._wait(lambda: "spare: waiting" in log.read_text(errors="replace") or proc.poll() is not None,
+                   f"joiner {k} admitted")
+        if proc.poll() is not None:
+            raise RuntimeError(f"joiner {k} exited ({proc.returncode}); see {log}")
+        admitted = time.time() - started
+        step = self.job.last_step()["step"]
+        self._wait(lambda: self.job.last_step()["step"] >= step + 3, "three steps after the join")
+        return proc.pid, admitted
+
+
+# ----------------------------------------------------------------------------- results
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=RESULTS).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=RESULTS).stdout.strip()
+        return head + (" +changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("stages", "replicas", "ranks", "kill", "victim_slot", "victim_stage", "after_step"):
+            r[key] = int(r[key])
+        for key in ["step_time_s", *[k for k, _ in PHASES], "join_latency_s"]:
+            r[key] = float(r[key]) if r[key] not in ("", "None") else float("nan")
+        r["timeout_reached"] = r["timeout_reached"] == "True"
+    return rows
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=ROW_KEYS + META_KEYS)
+        w.writeheader()
+        for r in sorted(rows, key=lambda r: (r["ranks"], r["stages"], r["kill"])):
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k in w.fieldnames})
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per shape: kills, medians (min-max) of each phase, kills without a timeout, under 1 s."""
+    out = []
+    for shape in sorted({r["shape"] for r in rows}, key=lambda s: next(r["ranks"] for r in rows if r["shape"] == s)):
+        mine = [r for r in rows if r["shape"] == shape]
+        entry = {"shape": shape, "ranks": mine[0]["ranks"], "kills": len(mine),
+                 "methods": "/".join(sorted({r["method"] for r in mine})),
+                 "no_timeout": sum(not r["timeout_reached"] for r in mine),
+                 "under_1s": sum(r["total_s"] < 1.0 for r in mine),
+                 "step_time_s": statistics.median(r["step_time_s"] for r in mine)}
+        for key, _ in PHASES:
+            vals = [r[key] for r in mine]
+            entry[key] = (statistics.median(vals), min(vals), max(vals))
+        joins = [r["join_latency_s"] for r in mine if r["join_latency_s"] == r["join_latency_s"]]
+        entry["join_latency_s"] = statistics.median(joins) if joins else float("nan")
+        out.append(entry)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    meta = rows[-1] if rows else {}
+    lines = ["# Recovery phases against job size (`benchmarks/recovery_scaling.py`)", "",
+             f"Commit {meta.get('commit', '?')}, {meta.get('date', '?')}; machine: {meta.get('machine', '?')}.", "",
+             f"Protocol: {meta.get('protocol', PROTOCOL)}. Seconds; median [min-max] over the kills of each shape.",
+             "", "| shape | ranks | kills | method | step time | " + " | ".join(l for _, l in PHASES) +
+             " | no timeout | total < 1 s | join latency |",
+             "|" + "---|" * (len(PHASES) + 8)]
+    for e in summary(rows):
+        cells = [f"{e[k][0]:.3f} [{e[k][1]:.3f}-{e[k][2]:.3f}]" for k, _ in PHASES]
+        lines.append(f"| {e['shape']} | {e['ranks']} | {e['kills']} | {e['methods']} | {e['step_time_s']:.3f} | "
+                     + " | ".join(cells) + f" | {e['no_timeout']}/{e['kills']} | {e['under_1s']}/{e['kills']} | "
+                     f"{e['join_latency_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    entries = summary(rows)
+    stages = {e["shape"]: int(e["shape"].split("x")[0]) for e in entries}
+    replicas = {e["shape"]: int(e["shape"].split("x")[1]) for e in entries}
+    series = [(f"{s} stages, R replicas", [e for e in entries if stages[e["shape"]] == s])
+              for s in sorted(set(stages.values()))] + \
+             [(f"S stages, {r} replica{'s' if r > 1 else ''}", [e for e in entries if replicas[e["shape"]] == r])
+              for r in sorted(set(replicas.values()))]
+    series = [(name, es) for name, es in series if len(es) >= 2] or [("median", entries)]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
+    for ax, (key, label) in zip(axes.flat, PHASES):
+        for r in rows:
+            ax.plot(r["ranks"], r[key], "o", color="0.7", ms=4)
+        for i, (name, es) in enumerate(series):
+            ax.plot([e["ranks"] for e in es], [e[key][0] for e in es], "-o", color=f"C{i}", label=f"median, {name}")
+            if key == "redo_step_s":
+                ax.plot([e["ranks"] for e in es], [e["step_time_s"] for e in es], "--", color=f"C{i}",
+                        label=f"step time, {name}")
+        if key in ("detection_s", "redo_step_s"):
+            ax.legend(fontsize=7)
+        ax.set_title(label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([e["ranks"] for e in entries], [str(e["ranks"]) for e in entries])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("ranks (stages x replicas + 1 spare)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("seconds")
+    fig.suptitle("Recovery phases against job size (kill -> next completed step; grey: each kill)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(rows: list[dict], csv_path: str) -> None:
+    write_rows(csv_path, rows)
+    base = os.path.splitext(csv_path)[0]
+    Path(base + ".md").write_text(markdown(rows))
+    plot(rows, base + ".png")
+    print(markdown(rows))
+    print(f"wrote {csv_path}, {base}.md, {base}.png")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="4x1,4x2,4x4,4x8", help="STAGESxREPLICAS, comma-separated (+1 spare each)")
+    p.add_argument("--kills", type=int, default=4, help="kills per shape (one job each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout_s", type=float, default=900.0, help="bound on each wait (start-up, recovery, join)")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--report_only", action="store_true", help="table and plot from the CSV, no runs")
+    a = p.parse_args(argv)
+    rows = read_rows(a.out)
+    if not a.report_only:
+        shapes = parse_shapes(a.shapes)
+        meta = {"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "machine": machine(), "protocol": PROTOCOL}
+        work = Path(tempfile.mkdtemp(prefix="recovery_scaling_"))
+        print(f"work dir {work}", flush=True)
+        for i, (s, r) in enumerate(shapes):
+            t0 = time.time()
+            try:
+                new = ShapeRun(work, s, r, a.kills, a.seed * 1000 + i, a.timeout_s).run()
+            except RuntimeError as err:
+                print(f"  {s}x{r}: FAILED: {err}", flush=True)
+                continue
+            rows = [x for x in rows if x["shape"] != f"{s}x{r}"] + [dict(x, **meta) for x in new]
+            write_rows(a.out, rows)  # after every shape: a later failure keeps what was measured
+            print(f"  {s}x{r}: {len(new)} kills in {time.time() - t0:.0f} s", flush=True)
+    if not rows:
+        raise SystemExit(f"no rows in {a.out}")
+    report(rows, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
