@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, events_of, job_env, read_metrics, steps_accounted, steps_of, write_config
-from test_elastic import TRAIN, ElasticJob, exit_pids
+from conftest import BIN, ROOT, events_of, read_metrics, steps_accounted, steps_of, write_config
+from ds_checkfree.testing import is_gone, standalone_env, train_args
+from test_elastic import ElasticJob, exit_pids
 
 pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs Open MPI's mpirun in the venv")
 
@@ -39,11 +40,9 @@ class Joiner:
     def __init__(self, tmp_path: Path, name: str, cfg: Path, steps: int, address: str, out: Path):
         self.log_path = tmp_path / f"{name}.txt"
         self._log = open(self.log_path, "w")
-        env = {k: v for k, v in job_env().items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
-        self.proc = subprocess.Popen(
-            [sys.executable, TRAIN, "--deepspeed_config", str(cfg), "--model", "tiny", "--steps", str(steps),
-             "--eval_every", "0", "--output_dir", str(out), "--join", address],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, *train_args(cfg, out, steps, extra=["--join", address])],
+                                     cwd=ROOT, env=standalone_env(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         self.started_at = time.time()
 
     def log(self) -> str:
@@ -117,8 +116,7 @@ def test_a_stopped_stage_is_evicted_replaced_and_exits_on_its_own_when_continued
     # detection is bounded by the heartbeat timeout (not the 30 s data-plane timeout)
     assert timeline["next_step_done_at"] - stopped_at < timeout_s + 8, timeline
     os.kill(pids[1], signal.SIGCONT)
-    wait_for(lambda: not Path(f"/proc/{pids[1]}").exists() or
-             "Z" in Path(f"/proc/{pids[1]}/stat").read_text().split()[2], 30, "the evicted process's exit", job)
+    wait_for(lambda: is_gone(pids[1]), 30, "the evicted process's exit", job)
     rc = job.wait(180)
     log = job.log()
     assert rc == 0, log[-6000:]

@@ -11,12 +11,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from conftest import write_config, BIN, ROOT, events_of, job_env, read_metrics, steps_of
+from ds_checkfree.testing import mpirun_cmd
 from multihost import HOSTS, TwoHosts, unavailable_reason
 from test_elastic import ElasticJob, _check_survived, exit_pids
 
@@ -48,11 +48,8 @@ def env() -> dict:
 
 def elastic_launcher(bed: TwoHosts, nproc: int, *mpirun_opts: str) -> list[str]:
     """The README's cluster command for the elastic job, run on hostA."""
-    return bed.on("hostA", [
-        str(BIN / "mpirun"), "--with-ft", "ulfm", "--prtemca", "plm_ssh_agent", str(bed.agent),
-        "--hostfile", str(bed.hostfile), "--map-by", "slot", "--bind-to", "none", *mpirun_opts, "-n", str(nproc),
-        "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED",
-        sys.executable])
+    return bed.on("hostA", mpirun_cmd(nproc, fault_tolerant=True, options=mpirun_opts, placement=[
+        "--prtemca", "plm_ssh_agent", str(bed.agent), "--hostfile", str(bed.hostfile)]))
 
 
 CONFIG = ROOT / "ds_configs" / "checkfree.json"  # the shipped one: the README's commands are these
