@@ -233,6 +233,22 @@ class ElasticWorld:
             if self._plane_formed:
                 self.plane.wake()
 
+    def wait_for_round(self, timeout_s: float) -> bool:
+        """Whether a membership round is (or within ``timeout_s`` gets) announced for a newer
+        generation: the coordinator's confirmation that a data-plane error was a lost member."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if self._round_announced > self.generation:
+                    return True
+            if self.client.gave_up:  # no coordinator will ever confirm: the recovery stops, named
+                return True
+            if not self.client.membership_settled():  # the coordinator is being replaced: its
+                deadline = max(deadline, time.monotonic() + 1.0)  # verdict comes after the rebuild
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
     # -- agreement -----------------------------------------------------------------------
     def join_job(self) -> Agreement | None:
         """A new member's first plan: the start-up plan, or the one that gives this joiner a
