@@ -151,25 +151,28 @@ class Manager:
         except Exception as err:  # noqa: BLE001 - only evidence of a lost peer is recovered
             if self.process_loss is None:
                 raise
+            self._raise_if_failed_elsewhere()
             reason = self.process_loss.evidence(err)
+            self._raise_if_failed_elsewhere()  # declared while the coordinator was asked
             if reason is None:
                 self.stop_job(err)
                 raise
         self.resume_step = self._recover_process_loss(step, reason)
         return None
 
+    def _raise_if_failed_elsewhere(self) -> None:
+        from ds_checkfree.elastic.world import JobFailed
+        why = self.world.failed_elsewhere()
+        if why is not None:
+            self.warn(f"the job stops: {why}")
+            raise JobFailed(f"the job stopped: {why}") from None
+
     def stop_job(self, err: BaseException) -> None:
         """A member failed for a reason that is no lost peer: stop the whole job now, once,
         with the reason, rather than let the survivors take the exit for a death and re-agree.
-        Under mpirun the job is aborted (every rank, mpirun's exit status ``EXIT_FAILED``)."""
-        import traceback
-        traceback.print_exception(err, file=sys.stderr)
+        The error is then raised here, with its traceback; the survivors raise ``JobFailed``."""
         self.warn(f"stopping the job: {short_reason(err)} is not a lost peer (step {self.steps_done + 1})")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        if "OMPI_COMM_WORLD_SIZE" in os.environ:
-            from mpi4py import MPI
-            MPI.COMM_WORLD.Abort(EXIT_FAILED)
+        self.world.declare_failed(short_reason(err))
 
     def completed(self, step: int, loss: float | None = None) -> None:
         """Step ``step`` finished on this member: the timeline of a recovery that preceded it is

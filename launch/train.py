@@ -174,7 +174,8 @@ def run_elastic(options, setup) -> int:
     """Stage holders train; spares wait until a stage is lost, then take its place."""
     from ds_checkfree.elastic.launch import join_elastic_job
     from ds_checkfree.elastic.membership.client import CoordinatorLost, JoinRefused
-    from ds_checkfree.elastic.world import NoSpareLeft
+    from ds_checkfree.elastic.world import JobFailed, NoSpareLeft
+    from ds_checkfree.manager import EXIT_FAILED
     from ds_checkfree.recovery.rules import UnrecoverableFailure
     from ds_checkfree.trainer import Trainer
 
@@ -195,6 +196,9 @@ def run_elastic(options, setup) -> int:
     except (NoSpareLeft, UnrecoverableFailure, CoordinatorLost) as err:
         print(f"[{who}] fatal: {err}", file=sys.stderr, flush=True)
         return 3
+    except JobFailed as err:  # another member failed for a reason that is no lost peer
+        print(f"[{who}] {err}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     finally:
         if monitor is not None:
             monitor.stop()

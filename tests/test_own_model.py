@@ -7,7 +7,6 @@ survived by the spare (there with a tiny Hugging Face Llama driven by the same l
 """
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ def test_own_model_middle_stage_rebuilt_by_weighted_average(tmp_path):
     assert [r["step"] for r in steps_of(records)] == list(range(1, 9))
     (rec,) = events_of(records, "recovery")
     assert rec["stage"] == 2 and rec["method"] == "weighted_average" and sorted(rec["sources"]) == [1, 3]
-    assert all(w > 0 for w in rec["weights"]) and abs(sum(rec["weights"]) - 1) < 1e-6
+    assert len(rec["weights"]) == 2 and all(w > 0 for w in rec["weights"])  # the neighbours' gradient norms
 
 
 def test_own_model_edge_stage_rebuilt_by_copy_under_checkfree_plus(tmp_path):
@@ -50,7 +49,7 @@ def test_own_loop_with_an_hf_model_survives_a_real_sigkill_under_ulfm(tmp_path):
     src = make_hf_dir(tmp_path / "hf", "llama", layers=4)
     cfg = write_config(tmp_path / "ds.json", "checkfree.json", heartbeat_interval_s=0.2, heartbeat_timeout_s=3.0)
     out = tmp_path / "out"
-    cmd = [*mpirun_cmd(5, fault_tolerant=True), sys.executable, str(ROOT / EXAMPLE), "--deepspeed_config", str(cfg),
+    cmd = [*mpirun_cmd(5, fault_tolerant=True), str(ROOT / EXAMPLE), "--deepspeed_config", str(cfg),
            "--steps", "30", "--spares", "1", "--output_dir", str(out), "--hf", str(src)]
     job = Job(cmd, out, tmp_path / "log.txt")
     try:
@@ -90,3 +89,29 @@ def test_bad_parts_are_refused_naming_the_layer():
     with pytest.raises(ConfigError, match="blocks is empty"):
         check_parts(_parts([]))
     check_parts(_parts([LayerSpec(_Block, 8)] * 4))  # a valid model passes
+
+
+@pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs Open MPI's mpirun in the venv")
+def test_an_error_that_is_no_lost_peer_stops_the_job_once_without_reagreement(tmp_path):
+    """An out-of-memory raised in stage 2's forward (block 2, its 10th call: step 3 of 4 micro-
+    batches) is not a lost process: the job stops with that reason, the spare never takes a
+    stage and no member agrees on a new generation."""
+    cfg = write_config(tmp_path / "ds.json", "checkfree.json", spares=1, heartbeat_interval_s=0.2,
+                       heartbeat_timeout_s=3.0)
+    out = tmp_path / "out"
+    cmd = [*mpirun_cmd(5, fault_tolerant=True), str(ROOT / "tests/workers/raising_block_worker.py"),
+           "--deepspeed_config", str(cfg), "--steps", "8", "--output_dir", str(out), "--raise_block", "2",
+           "--raise_at_call", "10"]
+    job = Job(cmd, out, tmp_path / "log.txt")
+    try:
+        rc = job.wait(timeout=240)
+    finally:
+        job.stop()
+    log = job.log()
+    assert rc != 0, log[-3000:]
+    assert log.count("stopping the job: OutOfMemoryError: injected: block 2 out of memory at forward 10") == 1, \
+        log[-3000:]
+    assert "Traceback" in log and "torch.OutOfMemoryError" in log  # raised where it happened, with its traceback
+    for sign in ("agreeing on the survivors", "takes its place", "spare: taking the place"):
+        assert sign not in log, f"a recovery ran: {sign!r}\n{log[-3000:]}"
+    assert [r["step"] for r in steps_of(read_metrics(out))] == [1, 2]
