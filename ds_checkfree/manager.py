@@ -397,19 +397,5 @@ class _Released:
     def close(self) -> None:
         pass
 
-    def save_hf(self, out_dir: str) -> str:
-        """Write the model as it is now as a Hugging Face directory that
-        ``AutoModelForCausalLM.from_pretrained`` loads (a model loaded from ``hf:DIR``). Every
-        member calls it; each stage writes its own layers."""
-        from ds_checkfree.config.checkfree import ConfigError
-        src = getattr(self.setup.model, "hf_dir", None)
-        if src is None:
-            raise ConfigError(f"save_hf: the model {self.setup.model.name!r} was not loaded from a Hugging Face "
-                              "directory, so there is no architecture to write. Fix: train from --model hf:DIR.")
-        from ds_checkfree.models.hf.export import export_hf
-        out = export_hf(self.engine, src, out_dir)
-        self.log(f"wrote the trained model as a Hugging Face directory: {out}")
-        return str(out)
-
     def exit(self, code: int = 0) -> None:
         Manager.exit(self, code)
