@@ -41,6 +41,14 @@ from ds_checkfree.elastic.membership.roster import CheckIn, Plan
 from ds_checkfree.elastic.plane_sockets import socket_inodes
 
 
+#: the coordinator store's key under which a failed member leaves its reason
+JOB_FAILED_KEY = "checkfree/job_failed"
+
+
+class JobFailed(RuntimeError):
+    """Another member failed for a reason that is no lost peer: the job stops."""
+
+
 class NoSpareLeft(RuntimeError):
     """A stage was lost and no spare or joining process took its place."""
 
@@ -232,6 +240,27 @@ class ElasticWorld:
             self._round_announced = max(self._round_announced, generation)
             if self._plane_formed:
                 self.plane.wake()
+
+    def declare_failed(self, reason: str) -> None:
+        """This member failed for a reason that is no lost peer (an out-of-memory, a bug): say so
+        in the coordinator's store before leaving, then end the job (spares released), so the
+        survivors stop with the reason instead of taking the exit for a death and re-agreeing."""
+        self.await_coordinator()
+        try:
+            self.shared_store().set(JOB_FAILED_KEY, f"member {self.rank} (stage {self.stage}): {reason}")
+        except (RuntimeError, OSError) as err:  # the coordinator (and its store) is being replaced
+            print(f"[member {self.rank}] could not publish the failure ({err}); ending the job without it",
+                  file=sys.stderr, flush=True)
+        self.release_spares()
+
+    def failed_elsewhere(self) -> str | None:
+        """The reason another member declared the job failed (``declare_failed``), or None."""
+        self.await_coordinator()  # during a failover: ask the standby's store, not the lost one's
+        try:
+            store = self.shared_store()
+            return store.get(JOB_FAILED_KEY).decode() if store.check([JOB_FAILED_KEY]) else None
+        except (RuntimeError, OSError):  # the coordinator's store is lost with it (a failover): no verdict there
+            return None
 
     def await_coordinator(self) -> bool:
         """Wait while the coordinator is being replaced (a failover in progress; bounded by the
