@@ -20,6 +20,28 @@ the next generation can form:
   objects kept alive so no destructor waits either; the next generation forms under a fresh
   store prefix (``elastic``). Each generation's communicators stay allocated (GPU memory grows
   by one set per recovery): acceptable for the few recoveries of a job, stated in docs/gpu.md.
+  The NCCL wake needs no waiter thread: an aborted communicator ends its kernels, so every
+  wait on them (a stream sync, ``.item()``) returns, and ``check_not_aborted`` stops the step.
+
+Every recovery re-forms every group of every member (issue #29 measured its cost against job
+size: ``benchmarks/recovery_scaling.py``). Re-forming only the groups that contain the lost
+slot is what the backends would allow, but not yet what this plane does:
+
+* NCCL: one communicator can be aborted alone (``ncclCommAbort``; torch: the group's backend
+  ``abort``), and since NCCL 2.27 shrunk without a full re-initialisation (``ncclCommShrink``,
+  torch ``shrink_group``; it raised the peer's remote error in our one try on an H200);
+  ``ncclCommRevoke`` (2.28.7) stops one communicator without ending it. A replacement still
+  needs a new communicator for each group that holds its slot (no "grow").
+* gloo (torch 2.13): no shrink (``supports_shrinking`` is False), and ``abort``/``shutdown``
+  do not cancel an operation in flight (measured); but a group is one rendezvous of its own
+  members over a store prefix, so a group can be formed among its members alone.
+* What blocks it here: DeepSpeed's grid creates every group through ``dist.new_group``, which
+  all ranks of the default group call in one order with a store barrier over all of them;
+  the default group always holds the lost slot; and a kept group must be quiescent (no member
+  interrupted with an operation in flight on it, or the members' operation sequences on it
+  no longer match), which the round would have to establish. A grid fed from a registry of
+  kept groups, the default group used only to form the others, and the round reporting each
+  member's in-flight groups would make the cost depend on the lost slot's neighbourhood.
 """
 from __future__ import annotations
 
