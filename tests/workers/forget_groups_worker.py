@@ -10,9 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from ds_checkfree.elastic.c10d_private import abort_groups, forget_groups, registered_groups  # noqa: E402
+from ds_checkfree.elastic.c10d_private import abort_groups, forget_groups, registered_groups
 
 
 def form(generation: int, rank: int, size: int):

@@ -7,18 +7,15 @@ the same extension mechanism the CheckFree engine itself relies on.
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from deepspeed.runtime.pipe import schedule as ds_schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from deepspeed.runtime.pipe import schedule as ds_schedule  # noqa: E402
-from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
-
-from ds_checkfree.data import build_data  # noqa: E402
-from ds_checkfree.pipe.engine import CheckFreePipelineEngine  # noqa: E402
-from ds_checkfree.initialize import build  # noqa: E402
+from ds_checkfree.data import build_data
+from ds_checkfree.pipe.engine import CheckFreePipelineEngine
+from ds_checkfree.initialize import build
 
 
 def _capture(engine):

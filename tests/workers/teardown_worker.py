@@ -1,19 +1,16 @@
 """Worker for the teardown test: two pipeline engines in one process (world size 2), one
 released as after a process loss; the other must keep training untouched."""
 import json
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from deepspeed.runtime.pipe import p2p
+from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from deepspeed.runtime.pipe import p2p  # noqa: E402
-from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
-
-from ds_checkfree.data import build_data  # noqa: E402
-from ds_checkfree.pipe.ds_private import release_engine  # noqa: E402
-from ds_checkfree.initialize import build  # noqa: E402
+from ds_checkfree.data import build_data
+from ds_checkfree.pipe.ds_private import release_engine
+from ds_checkfree.initialize import build
 
 
 def main():

@@ -4,21 +4,18 @@ groups are formed as usual; an elastic-style engine built that way trains; outsi
 ``new_group`` is its own again. Then the engine's guard against an aborted data plane: with
 the abort flag set (as a membership round sets it) a step stops before the optimizer step."""
 import json
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import deepspeed
+import deepspeed.comm as ds_comm
+import torch.distributed as tdist
 
-import deepspeed  # noqa: E402
-import deepspeed.comm as ds_comm  # noqa: E402
-import torch.distributed as tdist  # noqa: E402
-
-from ds_checkfree import data_plane  # noqa: E402
-from ds_checkfree.data import build_data  # noqa: E402
-from ds_checkfree.pipe.ds_private import world_sized_groups_are_default  # noqa: E402
-from ds_checkfree.initialize import build  # noqa: E402
+from ds_checkfree.elastic import data_plane
+from ds_checkfree.data import build_data
+from ds_checkfree.pipe.ds_private import world_sized_groups_are_default
+from ds_checkfree.initialize import build
 
 
 def main():
