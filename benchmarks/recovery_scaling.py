@@ -49,8 +49,11 @@ OUT = os.path.join(RESULTS, "recovery_scaling.csv")
 PHASES = [("detection_s", "detection"), ("teardown_s", "snapshot + leave plane"), ("agreement_s", "agreement"),
           ("data_plane_s", "data plane"), ("engine_rebuild_s", "engine rebuild"),
           ("rematerialise_s", "re-materialise"), ("redo_step_s", "redone step"), ("total_s", "total")]
+#: the engine rebuild's parts (the recovery event's ``rebuild_*``): the module with its process
+#: groups, and DeepSpeed's engine (config, optimizer)
+REBUILD_PARTS = ["rebuild_module_s", "rebuild_engine_s"]
 ROW_KEYS = ["shape", "stages", "replicas", "ranks", "kill", "victim_slot", "victim_stage", "method", "after_step",
-            "step_time_s", *[k for k, _ in PHASES], "timeout_reached", "join_latency_s"]
+            "step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "timeout_reached", "join_latency_s"]
 META_KEYS = ["commit", "date", "machine", "protocol"]
 PROTOCOL = ("mpirun --with-ft ulfm, S stages x R replicas + 1 spare, tiny LLaMA (8 layers, or S if more), "
             "micro-batch 4 x 4, CPU gloo, OMP_NUM_THREADS=1, one kill at a time, each spare replaced by a --join "
@@ -84,7 +87,8 @@ def phases_of(rec: dict, line: dict, killed_at: float) -> dict:
             "agreement_s": rec["agreement_s"], "data_plane_s": rec["data_plane_s"],
             "engine_rebuild_s": rec["engine_rebuild_s"], "rematerialise_s": rec["rematerialise_s"],
             "redo_step_s": line["next_step_done_at"] - rec["rematerialised_at"],
-            "total_s": line["next_step_done_at"] - killed_at}
+            "total_s": line["next_step_done_at"] - killed_at,
+            **{k: rec.get(k, float("nan")) for k in REBUILD_PARTS}}
 
 
 def timeouts_in(paths) -> int:
@@ -220,8 +224,8 @@ def read_rows(path: str) -> list[dict]:
     for r in rows:
         for key in ("stages", "replicas", "ranks", "kill", "victim_slot", "victim_stage", "after_step"):
             r[key] = int(r[key])
-        for key in ["step_time_s", *[k for k, _ in PHASES], "join_latency_s"]:
-            r[key] = float(r[key]) if r[key] not in ("", "None") else float("nan")
+        for key in ["step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "join_latency_s"]:
+            r[key] = float(r[key]) if r.get(key) not in ("", "None", None) else float("nan")
         r["timeout_reached"] = r["timeout_reached"] == "True"
     return rows
 
@@ -247,8 +251,9 @@ def summary(rows: list[dict]) -> list[dict]:
         for key, _ in PHASES:
             vals = [r[key] for r in mine]
             entry[key] = (statistics.median(vals), min(vals), max(vals))
-        joins = [r["join_latency_s"] for r in mine if r["join_latency_s"] == r["join_latency_s"]]
-        entry["join_latency_s"] = statistics.median(joins) if joins else float("nan")
+        for key in [*REBUILD_PARTS, "join_latency_s"]:
+            known = [r[key] for r in mine if r[key] == r[key]]
+            entry[key] = statistics.median(known) if known else float("nan")
         out.append(entry)
     return out
 
@@ -266,6 +271,21 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {e['shape']} | {e['ranks']} | {e['kills']} | {e['methods']} | {e['step_time_s']:.3f} | "
                      + " | ".join(cells) + f" | {e['no_timeout']}/{e['kills']} | {e['under_1s']}/{e['kills']} | "
                      f"{e['join_latency_s']:.1f} |")
+    lines += ["", "Each phase's median divided by the shape's median step time: on 2 cores every member's CPU "
+              "work shares the same cores, so a phase whose ratio stays flat grows only with the step (CPU "
+              "contention); a ratio that grows is growth of the protocol itself.", "",
+              "| shape | ranks | " + " | ".join(l for k, l in PHASES if k != "total_s") + " |",
+              "|" + "---|" * (len(PHASES) + 1)]
+    for e in summary(rows):
+        lines.append(f"| {e['shape']} | {e['ranks']} | " + " | ".join(
+            f"{e[k][0] / e['step_time_s']:.2f}" for k, _ in PHASES if k != "total_s") + " |")
+    lines += ["", "The engine rebuild's parts (median s; blank: not recorded by that run): the pipeline module "
+              "with DeepSpeed's process groups (every group of the grid, formed through the default group), and "
+              "DeepSpeed's engine (config, optimizer).", "",
+              "| shape | ranks | engine rebuild | module + its groups | DeepSpeed engine |", "|---|---|---|---|---|"]
+    for e in summary(rows):
+        parts = " | ".join("" if e[k] != e[k] else f"{e[k]:.3f}" for k in REBUILD_PARTS)
+        lines.append(f"| {e['shape']} | {e['ranks']} | {e['engine_rebuild_s'][0]:.3f} | {parts} |")
     return "\n".join(lines) + "\n"
 
 
