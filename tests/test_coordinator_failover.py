@@ -290,3 +290,30 @@ def test_without_failover_a_lost_coordinator_leaves_the_data_plane_alone_and_the
     assert client.next_message(timeout=10) == {"op": "coordinator_lost"}
     assert client.gave_up and rounds == []  # nothing woke the data plane
     assert not client.send({"op": "beat"})  # dropped, not raised: the heartbeat thread goes on
+
+
+def test_a_failure_inside_the_failover_reaches_the_main_thread_instead_of_ending_the_reader_silently():
+    """The membership thread must never die without a word: an error while failing over (here the
+    report) is handed to the main thread as a lost coordinator, which the next agreement names
+    (a spare waiting for a plan would otherwise wait forever)."""
+    from ds_checkfree.elastic.membership.client import MemberClient
+    from ds_checkfree.elastic.membership.coordinator import Coordinator, JobShape
+
+    class BrokenHooks:
+        def report(self):
+            raise RuntimeError("no report")
+
+        def start_standby(self, position):
+            return False
+
+        def connect_socket(self, addr, port, timeout_s):
+            return socket.create_connection((addr, port), timeout=timeout_s)
+
+    coord = Coordinator(JobShape(4, 5), host="127.0.0.1", log=lambda m: None)
+    threading.Thread(target=coord.run, daemon=True).start()
+    client = MemberClient(("127.0.0.1", coord.port), id_hint=0, num_stages=4, addr="127.0.0.1", hooks=BrokenHooks())
+    assert client.next_message(timeout=10)["op"] == "round"
+    with coord.lock:
+        coord.conns[0][1].close()
+    assert client.next_message(timeout=20) == {"op": "coordinator_lost"}
+    assert client.gave_up and not client.membership_settled()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ds_checkfree.elastic.membership import standby
-from ds_checkfree.elastic.membership.client import CoordinatorLost, MemberClient
+from ds_checkfree.elastic.membership.client import CoordinatorLost, MemberClient, say
 from ds_checkfree.elastic.membership.discovery import locate
 from ds_checkfree.elastic.membership.rebuild import Report
 from ds_checkfree.elastic.membership.roster import CheckIn, Plan
@@ -432,8 +432,8 @@ class ElasticWorld:
             return False
         listener = self._standby
         pid, announce = standby.start(listener, self.rank, position, self.expect, self.cf, self.dp, self.log_dir)
-        print(f"[member {self.rank}] started the standby coordinator (pid {pid}) at "
-              f"{self.addr}:{listener.getsockname()[1]} ({announce})", file=sys.stderr, flush=True)
+        say(f"[member {self.rank}] started the standby coordinator (pid {pid}) at "
+            f"{self.addr}:{listener.getsockname()[1]} ({announce})")
         listener.close()  # the coordinator holds it now: if it dies, a connect is refused at once
         self._standby, _ = standby.reserve(self.addr)
         return True

@@ -35,12 +35,20 @@ class JoinRefused(RuntimeError):
     """The coordinator would not take this process (wrong configuration, job over)."""
 
 
+def say(msg: str) -> None:
+    """A line on stderr from a background thread: never raises (after ``mpirun`` is gone, its
+    stderr pipe is closed, and a BrokenPipeError would end the thread that must keep reading)."""
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _leave(member, why: str) -> None:
     """The job went on without this process: under mpirun the job's exit status is the
     survivors' (this process's work was taken over), so it leaves quietly; started by hand
     it says it was evicted."""
-    print(f"[member {member} pid {os.getpid()}] {why}: the others continued without this process; exiting",
-          file=sys.stderr, flush=True)
+    say(f"[member {member} pid {os.getpid()}] {why}: the others continued without this process; exiting")
     os._exit(0 if "OMPI_COMM_WORLD_RANK" in os.environ else EXIT_EVICTED)
 
 
@@ -127,15 +135,19 @@ class MemberClient:
         return self._connected.is_set() and not self.rebuilding
 
     def _read(self) -> None:
-        while True:
-            self._read_messages()
-            if self.finished or self.job_over:
-                return
-            self._connected.clear()
-            if not self._fail_over():
-                self.gave_up = True
-                self.inbox.put({"op": "coordinator_lost"})
-                return
+        try:
+            while True:
+                self._read_messages()
+                if self.finished or self.job_over:
+                    return
+                self._connected.clear()
+                if not self._fail_over():
+                    break
+        except Exception as err:  # noqa: BLE001 - this thread must not end without telling the main thread
+            say(f"[member {self.id}] membership thread failed: {type(err).__name__}: {err}")
+        self._connected.clear()
+        self.gave_up = True
+        self.inbox.put({"op": "coordinator_lost"})
 
     def _read_messages(self) -> None:
         """Hand the coordinator's messages on until its connection closes or goes silent."""
@@ -165,7 +177,7 @@ class MemberClient:
             pass
 
     def _warn(self, msg: str) -> None:
-        print(f"[member {self.id}] {msg}", file=sys.stderr, flush=True)
+        say(f"[member {self.id}] {msg}")
 
     def _fail_over(self) -> bool:
         """Find the standby coordinator and re-register there; False when there is none."""
