@@ -48,6 +48,7 @@ Run (from the checkout's root)
     deepspeed --num_gpus 4 --master_port 29611 --module benchmarks.step_time --steps 30
     torchrun --standalone --nproc_per_node 4 -m benchmarks.step_time --steps 30
     python -m benchmarks.step_time --model 124m --num_layers 4 --seq_len 128 --steps 10
+    python -m benchmarks.step_time --model hf:/path/to/llama --seq_len 128 --steps 10   # a Hugging Face model
 
 Output (rank 0): machine and versions, exact configs, a markdown table on stdout; a summary CSV
 (``--csv``, default benchmarks/results/step_time.csv), the raw per-round times next to it
@@ -88,7 +89,8 @@ def use_variants(redundant: bool) -> None:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The options of a run of the engines, shared with ``benchmarks.memory``."""
-    p.add_argument("--model", default="tiny", help="preset name (tiny, 124m, 500m, 1.5b) or a YAML path")
+    p.add_argument("--model", default="tiny", help="preset name (tiny, small, 124m, 500m, 1.5b), a YAML path, or "
+                                                   "hf:DIR (a local Hugging Face model)")
     p.add_argument("--num_layers", type=int, default=None, help="override the preset's decoder layer count")
     p.add_argument("--steps", type=int, default=30, help="timed rounds (each runs one step of every engine)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per engine before the rounds")
@@ -205,12 +207,13 @@ def machine_info() -> dict:
 
 
 def replica_parameters(model_cfg) -> dict:
-    """Extra parameters CheckFree+ holds: one embedding copy (stage 1), one norm+head (stage S-2)."""
+    """Extra parameters CheckFree+ holds: a copy of the head (embedding, stage 1) and of the tail
+    (norm + LM head, stage S-2), counted on the meta device from the model's own specs."""
     import torch
-    from ds_checkfree.models import EmbeddingPipe, NormHeadPipe
+    parts = model_cfg.parts()
     with torch.device("meta"):
-        embed = sum(p.numel() for p in EmbeddingPipe(model_cfg).parameters())
-        head = sum(p.numel() for p in NormHeadPipe(model_cfg).parameters())
+        embed = sum(p.numel() for spec in parts.head for p in spec.build().parameters())
+        head = sum(p.numel() for spec in parts.tail for p in spec.build().parameters())
     return {"embed": embed, "head": head, "total": embed + head}
 
 
@@ -256,7 +259,7 @@ def worker(args) -> int:
     seq_len = args.seq_len or model_cfg.max_seq_len
     dp_id, dp_size = ref.grid.get_data_parallel_id(), ref.grid.get_data_parallel_world_size()
     data = build_data(None, seq_len, ref.train_micro_batch_size_per_gpu(), seed=args.seed, dp_rank=dp_id,
-                      dp_size=dp_size, max_val_batches=1)
+                      dp_size=dp_size, max_val_batches=1, tokenizer=getattr(model_cfg, "tokenizer", None))
     for v in VARIANTS:  # each engine its own iterator over the same (stateless) micro-batch stream
         engines[v].set_dataiterator(data.train.iterator(0))
     tokens_per_step = ref.train_batch_size() * seq_len
@@ -331,7 +334,7 @@ def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_pe
     print("\n## Step time: CheckFree / CheckFree+ vs stock DeepSpeed PipelineEngine (failure-free)\n")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"world: {world} ranks = {ref.num_stages} stages x {dp_size} data-parallel; model {model_cfg.name} "
-          f"({model_cfg.num_layers} decoder layers, hidden {model_cfg.hidden_size}, "
+          f"({model_cfg.num_blocks} decoder layers, hidden {model_cfg.to_dict().get('hidden_size')}, "
           f"{model_cfg.num_parameters() / 1e6:.2f}M params), seq_len {seq_len}, micro-batch "
           f"{ref.train_micro_batch_size_per_gpu()} x {ref.micro_batches} micro-batches = train_batch_size "
           f"{ref.train_batch_size()} ({tokens_per_step} tokens/step)")
@@ -435,7 +438,7 @@ def report(args, cfgs, setup, model_cfg, seq_len, ref, world, dp_size, tokens_pe
             print(f"| {v} | {statistics.median(ccols[v]):.4f} | {c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}] |")
             row.update({"cpu_median_s": round(statistics.median(ccols[v]), 6), "cpu_ratio_vs_stock": round(c[0], 5),
                         "cpu_ratio_ci_lo": round(c[1], 5), "cpu_ratio_ci_hi": round(c[2], 5)})
-    common = {"model": model_cfg.name, "num_layers": model_cfg.num_layers, "seq_len": seq_len,
+    common = {"model": model_cfg.name, "num_layers": model_cfg.num_blocks, "seq_len": seq_len,
               "micro_batch_size": ref.train_micro_batch_size_per_gpu(), "micro_batches": ref.micro_batches,
               "train_batch_size": ref.train_batch_size(), "tokens_per_step": tokens_per_step,
               "num_stages": stages, "world_size": world, "warmup": args.warmup,
@@ -480,7 +483,7 @@ def plot(path: str, rows: list[dict], model_cfg, seq_len: int, tokens_per_step: 
         ax1.text(i, med[i], f"x{r['ratio_vs_stock']:.3f}", ha="center", va="bottom", fontsize=8)
     ax2.bar(labels, [r["tokens_per_s_median"] for r in rows], color=colors)
     ax2.set_ylabel("tokens/s (median step)")
-    fig.suptitle(f"{model_cfg.name}, {model_cfg.num_layers} layers, seq {seq_len}, {tokens_per_step} tokens/step")
+    fig.suptitle(f"{model_cfg.name}, {model_cfg.num_blocks} layers, seq {seq_len}, {tokens_per_step} tokens/step")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
