@@ -95,12 +95,13 @@ class Run:
         self.row = {"run": index, "scenario": scenario, "seed": seed}
 
     # -- plumbing (the job itself: ds_checkfree.testing) -----------------------------------
-    def launch(self, mode: str, spares: int, **checkfree) -> None:
+    def launch(self, mode: str, spares: int, victims: str, **checkfree) -> None:
+        """Start the job (``victims``: who the scenario will hit, for the report)."""
         cfg = base_config(mode, spares=spares, **checkfree)
         self.cfg_path = self.dir / "ds.json"
         self.cfg_path.write_text(json.dumps(cfg))
         self.hb_timeout = float(cfg["checkfree"].get("heartbeat_timeout_s", DEFAULT_HB_TIMEOUT))
-        self.row.update(mode=mode, spares=spares)
+        self.row.update(mode=mode, spares=spares, victims=victims)
         cmd = mpirun_cmd(NUM_STAGES + spares, fault_tolerant=True) + self.train_args()
         if spares == 0:
             cmd.append("--fault_tolerant")
@@ -209,16 +210,14 @@ class Run:
 
     def scenario_one_kill(self):
         mode, victim = self.draw_single()
-        self.launch(mode, 1)
-        self.row["victims"] = str(victim)
+        self.launch(mode, 1, str(victim))
         if self.kill_moment() is None:
             return
         self.kills = [self.signal_rank(victim)]
 
     def scenario_two_at_once(self):
         a, b = self.rng.choice(NON_ADJACENT)
-        self.launch("checkfree_plus", 2)
-        self.row["victims"] = f"{a}+{b}"
+        self.launch("checkfree_plus", 2, f"{a}+{b}")
         if self.kill_moment() is None:
             return
         pids = self.rank_pids()
@@ -230,8 +229,7 @@ class Run:
         first = self.rng.randrange(NUM_STAGES)
         options = [s for s in range(NUM_STAGES) if abs(s - first) > 1] + ["spare4"]
         second = self.rng.choice(options)
-        self.launch("checkfree_plus", 2)
-        self.row["victims"] = f"{first} then {second}"
+        self.launch("checkfree_plus", 2, f"{first} then {second}")
         if self.kill_moment() is None:
             return
         pids = self.rank_pids()
@@ -244,8 +242,7 @@ class Run:
     def scenario_startup_kill(self):
         victim = self.rng.randrange(NUM_STAGES)
         delay = self.rng.uniform(1.0, 8.0)
-        self.launch("checkfree", 1, startup_wait_s=15.0)
-        self.row["victims"] = str(victim)
+        self.launch("checkfree", 1, str(victim), startup_wait_s=15.0)
         appeared = self.wait_until(lambda: self.rank_pids().get(victim), poll=0.05)
         if appeared is None:
             return
@@ -261,8 +258,7 @@ class Run:
 
     def scenario_sigstop(self):
         mode, victim = self.draw_single()
-        self.launch(mode, 1, heartbeat_timeout_s=3.0)
-        self.row["victims"] = str(victim)
+        self.launch(mode, 1, str(victim), heartbeat_timeout_s=3.0)
         if self.kill_moment() is None:
             return
         self.stopped_pid = self.rank_pids()[victim]
@@ -286,8 +282,7 @@ class Run:
 
     def scenario_join(self):
         mode, victim = self.draw_single()
-        self.launch(mode, 0, join_wait_s=60.0)
-        self.row["victims"] = str(victim)
+        self.launch(mode, 0, str(victim), join_wait_s=60.0)
         info = self.wait_until(lambda: self.coordinator_info() or (self.proc.poll() is not None and {"ended": 1}),
                                poll=0.1)
         if "port" not in info:
@@ -305,8 +300,7 @@ class Run:
         stage's run is timed from the stage's kill; the failover's own time is in the note."""
         mode, victim = self.draw_single()
         then_stage = self.rng.random() < 0.5
-        self.launch(mode, 1)
-        self.row["victims"] = f"coordinator then {victim}" if then_stage else "coordinator"
+        self.launch(mode, 1, f"coordinator then {victim}" if then_stage else "coordinator")
         moment = self.kill_moment(hi=15)
         if moment is None:
             return
