@@ -74,11 +74,11 @@ def mpirun_cmd(nproc: int, *, fault_tolerant: bool = False, placement: list[str]
 
 
 def torchrun_cmd(nproc: int, accelerator: str = "cpu") -> list[str]:
-    """``torchrun --standalone`` with no restarts (a dead rank ends the job). On CUDA every rank
-    goes through ``scripts/one_gpu_rank.sh``: all on GPU 0, each its own host to NCCL."""
+    """``torchrun --standalone``, with torchrun's default of no restarts (a dead rank ends the job).
+    On CUDA every rank goes through ``scripts/one_gpu_rank.sh``: all on GPU 0, each its own host to NCCL."""
     wrap = [str(REPO / "scripts" / "one_gpu_rank.sh")] if accelerator == "cuda" else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "--max_restarts", "0", "--no-python", *wrap, sys.executable]
+            "--no-python", *wrap, sys.executable]
 
 
 def launcher_cmd(launcher: str, nproc: int, *, accelerator: str = "cpu", fault_tolerant: bool = False) -> list[str]:

@@ -5,7 +5,9 @@ a ``loss`` and no ``event``, a validation row a ``val_loss``, an event an ``even
 """
 from __future__ import annotations
 
-from ds_checkfree.metrics import read_metrics  # noqa: F401  (the one reader, re-exported)
+from ds_checkfree.metrics import read_metrics  # the one reader, re-exported
+
+__all__ = ["events_of", "last_step", "read_metrics", "recovery_phases", "split", "steps_accounted", "steps_of"]
 
 
 def steps_of(records: list[dict]) -> list[dict]:
