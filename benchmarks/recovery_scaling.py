@@ -345,6 +345,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=OUT)
     p.add_argument("--report_only", action="store_true", help="table and plot from the CSV, no runs")
     a = p.parse_args(argv)
+    # a timeout's SIGTERM unwinds like an error: the job and its joiners are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = read_rows(a.out)
     if not a.report_only:
         shapes = parse_shapes(a.shapes)
