@@ -184,6 +184,16 @@ class ElasticWorld:
             self._exempt_from_wake(set(socket_inodes().values()) - before)
         return self._shared_store
 
+    def with_shared_store(self, fn):
+        """``fn(store)`` on the shared store; a client whose connection broke (a socket shut by a
+        round's wake, a coordinator replaced under it: ``DistNetworkError: Broken pipe``) is
+        dropped and ``fn`` runs once more on a fresh one."""
+        try:
+            return fn(self.shared_store())
+        except RuntimeError:
+            self._shared_store = None
+            return fn(self.shared_store())
+
     def _exempt_from_wake(self, inodes: set[str]) -> None:
         """Sockets opened while a gloo data plane is formed that are not the plane's (a
         connection to a standby coordinator): a round's wake-up or the plane's teardown must not

@@ -233,9 +233,10 @@ class ProcessLossRecovery:
         if not lost:
             return [], []
         from ds_checkfree.elastic import preemption
-        store = self.world.shared_store()
         grid, dp = engine.grid, engine.grid.get_data_parallel_world_size()
-        handed = [p for p in lost if preemption.available(store, p[0] * dp + p[1], after_step)]
+        handed = self.world.with_shared_store(
+            lambda st: [p for p in lost if preemption.available(st, p[0] * dp + p[1], after_step)])
+        store = self.world.shared_store()  # the client that answered
         records = []
         for stage, replica in handed:
             target = grid.stage_to_global(stage_id=stage, data=replica)
