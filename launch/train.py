@@ -15,8 +15,7 @@ import time
 
 PROCESS_STARTED_AT = time.time()  # before the heavy imports: restart costs include them
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+# ds_checkfree is installed (pip install -e . / scripts/setup.sh): no sys.path edit
 from ds_checkfree.config.options import CheckedParser, ConfigError  # noqa: E402  (cheap: no deepspeed import yet)
 
 
