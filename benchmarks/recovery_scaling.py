@@ -121,7 +121,8 @@ class ShapeRun:
     def train_args(self) -> list[str]:
         return train_args(self.cfg, self.out, 100000, extra=self.extra)
 
-    def run(self) -> list[dict]:
+    def run(self, on_kill=lambda rows: None) -> list[dict]:
+        """The kills' rows; ``on_kill(rows so far)`` after each (a run cut short keeps them)."""
         n = self.stages * self.replicas + 1
         self.job = Job([*mpirun_cmd(n, fault_tolerant=True), *self.train_args()], self.out, self.logs[0])
         rows = []
@@ -135,6 +136,7 @@ class ShapeRun:
                 rows.append(self._one_kill(k, holder, spare, join_latency))
                 spare, join_latency = self._replace_spare(k)
                 rows[-1]["join_latency_s"] = join_latency
+                on_kill(rows)
                 print(f"  {self.stages}x{self.replicas} kill {k}: " + ", ".join(
                     f"{label} {rows[-1][key]:.3f}" for key, label in PHASES) + f"; join {join_latency:.1f} s",
                       flush=True)
@@ -356,13 +358,17 @@ def main(argv=None) -> int:
         print(f"work dir {work}", flush=True)
         for i, (s, r) in enumerate(shapes):
             t0 = time.time()
+            others = [x for x in rows if x["shape"] != f"{s}x{r}"]
+
+            def keep(new, others=others):  # after every kill: a run cut short keeps what it measured
+                nonlocal rows
+                rows = others + [dict(x, **meta) for x in new]
+                write_rows(a.out, rows)
             try:
-                new = ShapeRun(work, s, r, a.kills, a.seed * 1000 + i, a.timeout_s).run()
+                new = ShapeRun(work, s, r, a.kills, a.seed * 1000 + i, a.timeout_s).run(keep)
             except RuntimeError as err:
                 print(f"  {s}x{r}: FAILED: {err}", flush=True)
                 continue
-            rows = [x for x in rows if x["shape"] != f"{s}x{r}"] + [dict(x, **meta) for x in new]
-            write_rows(a.out, rows)  # after every shape: a later failure keeps what was measured
             print(f"  {s}x{r}: {len(new)} kills in {time.time() - t0:.0f} s", flush=True)
     if not rows:
         raise SystemExit(f"no rows in {a.out}")
