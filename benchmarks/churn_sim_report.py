@@ -99,7 +99,8 @@ def swarm_predictions(model: PhaseModel, runs: int) -> list[dict]:
     out = []
     for stages, replicas in SWARM_SHAPES:
         for rate in SWARM_RATES:
-            for label, fixed in (("as built: every group rebuilt", None), ("neighbourhood rebuild", 2 * replicas + 1)):
+            for label, fixed in (("as built: every group rebuilt", None),
+                                 ("neighbourhood rebuild", stages + replicas - 1)):
                 n = stages * replicas
                 cfg = SimConfig(stages=stages, replicas=replicas, mode="checkfree_plus", spares=20, rate_per_hour=rate,
                                 step_s=30.0, horizon_s=3 * 3600, stall_fraction=0.5,
@@ -158,8 +159,9 @@ def write(path_md: str, path_csv: str, rows, model, val, paper, swarm, seconds: 
           "CheckFree+, 30 s steps, half the failures silent (seen after the 10 s heartbeat timeout), 20 spares "
           "(pool up to 50) fed by volunteers arriving at 1.2x the departure rate with 60 s join latency, 10 s per "
           "recovery to move a stage's state over a WAN. 'As built': the phase model extrapolated to the job's "
-          "size (every group of every rank re-formed); 'neighbourhood rebuild': evaluated at the lost slot's "
-          "neighbourhood (2 R + 1 ranks), issue #29's second item.", "",
+          "size (every group of every rank re-formed); 'neighbourhood rebuild': evaluated at the size of the lost "
+          "slot's own groups (its pipeline and its data-parallel group: S + R - 1 ranks), issue #29's second item, "
+          "not built.", "",
           "| setup | %/h per node | downtime per recovery (s) | goodput (95% CI) | survival 3 h | failures/h |",
           "|---|---|---|---|---|---|"]
     L += [f"| {r['setup']} | {100 * r['rate_per_hour']:g} | {fmt(r['downtime_s'], 2)} | {fmt(r['goodput'], 4)} ± "
