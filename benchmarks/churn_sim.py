@@ -9,7 +9,7 @@ What it models (pure python; the times come from measurements, the rules from th
   phase model) or, with probability ``stall_fraction``, a hang (seen after the heartbeat timeout).
 - Every slot failure stops the whole synchronous job: the step in flight is lost (a uniform
   fraction of a step), then the recovery phases as measured (``PhaseModel``: teardown,
-  agreement, data plane, engine rebuild, re-materialisation, each a + b x ranks fitted on
+  agreement, data plane, engine rebuild, re-materialisation, each against the job's size from
   ``recovery_scaling.csv``); the interrupted step is then redone as an ordinary step. A
   failure inside a recovery window joins it and costs a re-agreement (the phases again).
 - Each lost slot takes a spare; with none left the job waits for a joiner (ready spares arrive
@@ -52,29 +52,39 @@ def step_failure_probability(rate_per_hour: float, step_s: float) -> float:
 
 @dataclass(frozen=True)
 class PhaseModel:
-    """Seconds of each phase as ``a + b * ranks`` (ranks: the job's processes, spare included)."""
-    fits: dict  # phase -> (a, b)
+    """Seconds of each phase against the job's size (ranks, spare included): through the median
+    of each measured size (piecewise linear), constant below the smallest, and beyond the largest
+    along the least-squares slope of those medians (never negative: noise is no trend)."""
+    points: dict  # phase -> ((ranks, seconds), ...), ranks ascending
+    slopes: dict  # phase -> seconds per rank beyond the largest measured size
 
     @staticmethod
     def fit(rows: list[dict]) -> "PhaseModel":
-        """Least squares on every measured kill; a negative slope (noise) becomes a constant."""
-        fits = {}
+        if not rows:
+            raise ValueError("no measured kills to fit the phase model on (run benchmarks/recovery_scaling.py)")
+        points, slopes = {}, {}
         for phase in ("detection_s", *DOWNTIME_PHASES):
-            xs = [float(r["ranks"]) for r in rows]
-            ys = [float(r[phase]) for r in rows]
-            if not xs:
-                raise ValueError("no measured kills to fit the phase model on (run benchmarks/recovery_scaling.py)")
-            mx, my = statistics.fmean(xs), statistics.fmean(ys)
-            sxx = sum((x - mx) ** 2 for x in xs)
-            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
-            if b < 0:
-                b = 0.0
-            fits[phase] = (max(0.0, my - b * mx), b)
-        return PhaseModel(fits)
+            sizes = sorted({int(r["ranks"]) for r in rows})
+            pts = tuple((n, statistics.median(float(r[phase]) for r in rows if int(r["ranks"]) == n)) for n in sizes)
+            mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+            sxx = sum((x - mx) ** 2 for x, _ in pts)
+            slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx > 0 else 0.0
+            points[phase], slopes[phase] = pts, max(0.0, slope)
+        return PhaseModel(points, slopes)
+
+    @staticmethod
+    def constant(seconds: dict) -> "PhaseModel":
+        """Every phase the same at every size (``seconds``: phase -> s)."""
+        return PhaseModel({p: ((1, v),) for p, v in seconds.items()}, {p: 0.0 for p in seconds})
 
     def phase(self, name: str, ranks: int) -> float:
-        a, b = self.fits[name]
-        return a + b * ranks
+        pts = self.points[name]
+        if ranks <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if ranks <= x1:
+                return y0 + (y1 - y0) * (ranks - x0) / (x1 - x0)
+        return pts[-1][1] + self.slopes[name] * (ranks - pts[-1][0])
 
     def downtime(self, ranks: int) -> float:
         """Detection of a crash to the rebuilt stage ready (the redone step not included)."""

@@ -260,6 +260,28 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+#: what the runs of 2026-12-02 showed beyond the tables (kept with them; re-read when re-measuring)
+NOTES = """## Notes (runs of 2026-12-02)
+
+- No kill reached a timeout (gloo's, the data plane's or the agreement's): before the waits were made
+  interruptible (`ds_checkfree.elastic.plane_waits`), 2 of 3 kills at 4x3/4x4 waited out the 30 s data-plane
+  timeout (issue #29).
+- On 2 cores every member's CPU work shares the same cores, so the step time itself grows with the
+  process count, and so does every phase in which every member works (detection: the error surfaces at
+  the member's next communication; teardown; re-materialisation). Their ratios to the step time stay
+  roughly flat.
+- The engine rebuild grows faster than the step with replicas (4 stages: 0.27 -> 0.55 step times from 1
+  to 4 replicas), not with stages (flat at ~0.3 from 4 to 32 stages): its DeepSpeed-engine part (config,
+  optimizer, the model broadcast over each data-parallel group) grows with the data-parallel width, and
+  the module part re-forms every group of DeepSpeed's grid through the default group.
+- At 33 ranks the data plane takes 5.2 s (both shapes): torch's TCPStore client handshake stalls exactly
+  5.0 s when ~30 clients connect at once. Reproduced without this project (32 processes forming gloo
+  groups through fresh TCPStore clients under torchrun: 5.0-5.3 s stalls in most generations at 32,
+  rarely at 16), with either store server (libuv or classic) and with connects staggered by 10 ms;
+  plain Python sockets on the same VM (gVisor) show no such stall. Below this project's code.
+"""
+
+
 def markdown(rows: list[dict]) -> str:
     meta = rows[-1] if rows else {}
     lines = ["# Recovery phases against job size (`benchmarks/recovery_scaling.py`)", "",
@@ -288,7 +310,7 @@ def markdown(rows: list[dict]) -> str:
     for e in summary(rows):
         parts = " | ".join("" if e[k] != e[k] else f"{e[k]:.3f}" for k in REBUILD_PARTS)
         lines.append(f"| {e['shape']} | {e['ranks']} | {e['engine_rebuild_s'][0]:.3f} | {parts} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + NOTES
 
 
 def plot(rows: list[dict], path: str) -> None:
