@@ -52,12 +52,24 @@ PHASES = [("detection_s", "detection"), ("teardown_s", "snapshot + leave plane")
 #: the engine rebuild's parts (the recovery event's ``rebuild_*``): the module with its process
 #: groups, and DeepSpeed's engine (config, optimizer)
 REBUILD_PARTS = ["rebuild_module_s", "rebuild_engine_s"]
-ROW_KEYS = ["shape", "stages", "replicas", "ranks", "kill", "victim_slot", "victim_stage", "method", "after_step",
+ROW_KEYS = ["shape", "stages", "replicas", "ranks", "micro_batch", "micro_batches", "kill", "victim_slot",
+            "victim_stage", "method", "after_step",
             "step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "timeout_reached", "join_latency_s"]
 META_KEYS = ["commit", "date", "machine", "protocol"]
-PROTOCOL = ("mpirun --with-ft ulfm, S stages x R replicas + 1 spare, tiny LLaMA (8 layers, or S if more), "
-            "micro-batch 4 x 4, CPU gloo, OMP_NUM_THREADS=1, one kill at a time, each spare replaced by a --join "
-            "process before the next kill; phases from the metrics writer's recovery_timeline")
+#: per replica and step: micro-batches of this many sequences. The default is the smallest
+#: pipeline step: on 2 cores a step of 17 processes is mostly scheduling, and the redone step
+#: (an ordinary step, not a recovery cost) would otherwise hide what the recovery costs
+MICRO_BATCH, MICRO_BATCHES = 1, 2
+
+
+def protocol(micro_batch: int, micro_batches: int) -> str:
+    return ("mpirun --with-ft ulfm, S stages x R replicas + 1 spare, tiny LLaMA (8 layers, or S if more), "
+            f"{micro_batches} micro-batches of {micro_batch} sequence{'s' if micro_batch > 1 else ''} (64 tokens) "
+            "per replica and step, CPU gloo, OMP_NUM_THREADS=1, one kill at a time, each spare replaced by a "
+            "--join process before the next kill; phases from the metrics writer's recovery_timeline")
+
+
+PROTOCOL = protocol(MICRO_BATCH, MICRO_BATCHES)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -105,13 +117,16 @@ def timeouts_in(paths) -> int:
 class ShapeRun:
     """One job of one shape, its kills and its joiners."""
 
-    def __init__(self, work: Path, stages: int, replicas: int, kills: int, seed: int, timeout_s: float):
+    def __init__(self, work: Path, stages: int, replicas: int, kills: int, seed: int, timeout_s: float,
+                 micro_batch: int = MICRO_BATCH, micro_batches: int = MICRO_BATCHES):
         self.stages, self.replicas, self.kills, self.timeout_s = stages, replicas, kills, timeout_s
+        self.micro_batch, self.micro_batches = micro_batch, micro_batches
         self.dir = work / f"{stages}x{replicas}"
         self.dir.mkdir(parents=True)
         self.out = self.dir / "out"
         self.rng = random.Random(seed)
         cfg = base_config("checkfree", num_stages=stages, spares=1)
+        cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=micro_batches)
         self.cfg = self.dir / "ds.json"
         self.cfg.write_text(json.dumps(cfg))
         self.extra = ["--num_layers", str(max(8, stages))]
@@ -178,7 +193,8 @@ class ShapeRun:
         records = self.job.records()
         rec = [r for r in events_of(records, "recovery")][-1]
         row = {"shape": f"{self.stages}x{self.replicas}", "stages": self.stages, "replicas": self.replicas,
-               "ranks": self.stages * self.replicas + 1, "kill": k, "victim_slot": slot,
+               "ranks": self.stages * self.replicas + 1, "micro_batch": self.micro_batch,
+               "micro_batches": self.micro_batches, "kill": k, "victim_slot": slot,
                "victim_stage": slot // self.replicas, "method": rec["method"], "after_step": after,
                "step_time_s": step_s, **phases_of(rec, lines[k - 1], killed_at),
                "timeout_reached": timeouts_in(self.logs) > timeouts_before, "join_latency_s": join_latency}
@@ -226,6 +242,8 @@ def read_rows(path: str) -> list[dict]:
     for r in rows:
         for key in ("stages", "replicas", "ranks", "kill", "victim_slot", "victim_stage", "after_step"):
             r[key] = int(r[key])
+        for key, before in (("micro_batch", 4), ("micro_batches", 4)):  # rows from before the option: 4 x 4
+            r[key] = int(r[key]) if r.get(key) not in ("", None) else before
         for key in ["step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "join_latency_s"]:
             r[key] = float(r[key]) if r.get(key) not in ("", "None", None) else float("nan")
         r["timeout_reached"] = r["timeout_reached"] == "True"
@@ -247,6 +265,7 @@ def summary(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if r["shape"] == shape]
         entry = {"shape": shape, "ranks": mine[0]["ranks"], "kills": len(mine),
                  "methods": "/".join(sorted({r["method"] for r in mine})),
+                 "workload": "/".join(sorted({f"{r['micro_batches']} x {r['micro_batch']}" for r in mine})),
                  "no_timeout": sum(not r["timeout_reached"] for r in mine),
                  "under_1s": sum(r["total_s"] < 1.0 for r in mine),
                  "step_time_s": statistics.median(r["step_time_s"] for r in mine)}
@@ -287,12 +306,13 @@ def markdown(rows: list[dict]) -> str:
     lines = ["# Recovery phases against job size (`benchmarks/recovery_scaling.py`)", "",
              f"Commit {meta.get('commit', '?')}, {meta.get('date', '?')}; machine: {meta.get('machine', '?')}.", "",
              f"Protocol: {meta.get('protocol', PROTOCOL)}. Seconds; median [min-max] over the kills of each shape.",
-             "", "| shape | ranks | kills | method | step time | " + " | ".join(l for _, l in PHASES) +
-             " | no timeout | total < 1 s | join latency |",
-             "|" + "---|" * (len(PHASES) + 8)]
+             "", "| shape | ranks | micro-batches x sequences | kills | method | step time | " +
+             " | ".join(l for _, l in PHASES) + " | no timeout | total < 1 s | join latency |",
+             "|" + "---|" * (len(PHASES) + 9)]
     for e in summary(rows):
         cells = [f"{e[k][0]:.3f} [{e[k][1]:.3f}-{e[k][2]:.3f}]" for k, _ in PHASES]
-        lines.append(f"| {e['shape']} | {e['ranks']} | {e['kills']} | {e['methods']} | {e['step_time_s']:.3f} | "
+        lines.append(f"| {e['shape']} | {e['ranks']} | {e['workload']} | {e['kills']} | {e['methods']} | "
+                     f"{e['step_time_s']:.3f} | "
                      + " | ".join(cells) + f" | {e['no_timeout']}/{e['kills']} | {e['under_1s']}/{e['kills']} | "
                      f"{e['join_latency_s']:.1f} |")
     lines += ["", "Each phase's median divided by the shape's median step time: on 2 cores every member's CPU "
@@ -365,6 +385,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="4x1,4x2,4x4,4x8", help="STAGESxREPLICAS, comma-separated (+1 spare each)")
     p.add_argument("--kills", type=int, default=4, help="kills per shape (one job each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--micro_batch", type=int, default=MICRO_BATCH, help="sequences per micro-batch")
+    p.add_argument("--micro_batches", type=int, default=MICRO_BATCHES, help="micro-batches per replica and step")
     p.add_argument("--timeout_s", type=float, default=900.0, help="bound on each wait (start-up, recovery, join)")
     p.add_argument("--out", default=OUT)
     p.add_argument("--report_only", action="store_true", help="table and plot from the CSV, no runs")
@@ -375,7 +397,7 @@ def main(argv=None) -> int:
     if not a.report_only:
         shapes = parse_shapes(a.shapes)
         meta = {"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "machine": machine(), "protocol": PROTOCOL}
+                "machine": machine(), "protocol": protocol(a.micro_batch, a.micro_batches)}
         work = Path(tempfile.mkdtemp(prefix="recovery_scaling_"))
         print(f"work dir {work}", flush=True)
         for i, (s, r) in enumerate(shapes):
@@ -387,7 +409,8 @@ def main(argv=None) -> int:
                 rows = others + [dict(x, **meta) for x in new]
                 write_rows(a.out, rows)
             try:
-                new = ShapeRun(work, s, r, a.kills, a.seed * 1000 + i, a.timeout_s).run(keep)
+                new = ShapeRun(work, s, r, a.kills, a.seed * 1000 + i, a.timeout_s, a.micro_batch,
+                               a.micro_batches).run(keep)
             except RuntimeError as err:
                 print(f"  {s}x{r}: FAILED: {err}", flush=True)
                 continue

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from ds_checkfree.config.checkfree import CheckFreeConfig, ConfigError, check_against_deepspeed
 from ds_checkfree.config.deepspeed_checks import micro_batches_per_step, split_deepspeed_config, validate_world
-from ds_checkfree.pipe.ds_private import require_members, world_sized_groups_are_default
+from ds_checkfree.pipe.ds_private import require_members, one_group_per_member_set
 from ds_checkfree.models.sources import resolve_model
 
 
@@ -147,13 +147,16 @@ def warm_up_first_build() -> None:
 
 
 def build(config, model="tiny", model_overrides: dict | None = None,
-          base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None, elastic: bool = False):
+          base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None, elastic: bool = False,
+          rebuilt: bool = False):
     """Build the CheckFree pipeline engine; returns ``(engine, setup)``.
 
     ``config`` is a ``Setup`` already validated by ``prepare`` (what ``launch/train.py``
     passes: the config is parsed once per process), or a DeepSpeed config dict / path.
     ``engine_class`` may be DeepSpeed's stock ``PipelineEngine`` (benchmarks compare them).
     ``elastic``: torch.distributed already holds the stage ranks only (``ds_checkfree.elastic.world``).
+    ``rebuilt``: a recovery's engine, whose every parameter is replaced right after (no start-up
+    broadcast of replica 0's weights).
     """
     if isinstance(config, Setup):
         setup = config
@@ -186,7 +189,7 @@ def build(config, model="tiny", model_overrides: dict | None = None,
     t0 = time.perf_counter()
     # elastic: a group of every rank is the default group, not a new one (fewer connections to
     # form on each rebuild; the default group is the one a recovery tears down anyway)
-    with (world_sized_groups_are_default() if elastic else nullcontext()):
+    with (one_group_per_member_set() if elastic else nullcontext()):
         module = CheckFreePipelineModule(setup.model.parts(base_seed), setup.checkfree.num_stages,
                                          setup.checkfree.mode, layout=setup.checkfree.layout, checked=True)
         if elastic:
@@ -199,6 +202,7 @@ def build(config, model="tiny", model_overrides: dict | None = None,
         kwargs = {}
         if issubclass(engine_class, CheckFreePipelineEngine):
             kwargs["checkfree_config"] = setup.checkfree
+            kwargs["rebuilt"] = rebuilt
             if elastic:  # a round's abort of NCCL groups must fail the step it cut short
                 from ds_checkfree.elastic.data_plane import check_not_aborted
                 kwargs["abort_check"] = check_not_aborted

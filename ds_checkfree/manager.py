@@ -120,10 +120,11 @@ class Manager:
         manager.report_start()
         return manager
 
-    def _build_engine(self):
+    def _build_engine(self, rebuilt: bool = False):
         from ds_checkfree.initialize import build
         timeout = self.world.dp_timeout_s if self.world is not None else 120.0
-        return build(self.setup, base_seed=self.base_seed, elastic=self.world is not None, dist_timeout_s=timeout)[0]
+        return build(self.setup, base_seed=self.base_seed, elastic=self.world is not None, dist_timeout_s=timeout,
+                     rebuilt=rebuilt)[0]
 
     def report_start(self) -> None:
         """Log how this member came in (a spare that took a lost slot reports that recovery)."""

@@ -64,6 +64,8 @@ MEMBERS: tuple[Member, ...] = (
     _M(_PIPE, "ID_TO_DTYPE", "class", "the routed receives' meta header"),
     _M(_ENGINE, "_backward_prologue_per_tensor", "class", "a gradient received from another stage is already "
        "scaled"),
+    _M(_ENGINE, "_broadcast_model", "class", "overridden: a rebuilt engine skips the start-up broadcast of replica "
+       "0's weights (each member's are replaced by its kept or re-materialised stage right after)"),
     _M(_ENGINE, "_scale_loss_by_gas", "class", "the step's loss as DeepSpeed reports it"),
     _M(_ENGINE, "_get_ckpt_name", "class", "the paper's checkpoint baseline reads one rank's states file"),
     _M(_ENGINE, "clip_fp32_gradients", "class", "overridden: clip_scope 'stage' and the post-clip norms (fp32)"),
@@ -254,15 +256,18 @@ def set_default_group_timeout(timeout) -> None:
 
 
 @contextmanager
-def world_sized_groups_are_default():
-    """While a pipeline module and engine are built, ``deepspeed.comm.new_group`` returns the
-    default group for a group of every rank instead of forming a new one.
+def one_group_per_member_set():
+    """While a pipeline module and engine are built, ``deepspeed.comm.new_group`` forms one
+    group per set of members: a group of every rank is the default group, and a set of
+    members already asked for gets the group formed for it the first time.
 
-    With one replica DeepSpeed's pipeline builds three such groups (the module's world
-    group, the model-parallel group and the pipe group), each a full mesh of connections to
-    form on every rebuild after a death; they have the same members and rank order as the
-    default group, and every rank issues its collectives on them in the same program order,
-    so sharing the default group changes no result. Groups of fewer ranks are formed as usual.
+    DeepSpeed's grid asks for the same members several times: with one replica the module's
+    world group, the model-parallel group and the pipe group are all the default group's
+    members; with replicas each pipe is asked for twice (the pipe group and the "model
+    group" of its data-parallel index). Every one is a rendezvous and a mesh of connections
+    to form again on every rebuild after a death. The members and their rank order are the
+    same, every rank asks in the same order (so torch's group numbering stays in step) and
+    issues its collectives on them in the same program order, so sharing changes no result.
     It is also what keeps the elastic launch's blocking pipe collectives on the default group,
     the one a recovery's teardown closes (``CheckFreePipelineModule.route_collectives_over_world``).
     """
@@ -270,11 +275,13 @@ def world_sized_groups_are_default():
     import torch.distributed as tdist
 
     original = ds_comm.new_group
+    formed: dict[tuple[int, ...], object] = {tuple(range(tdist.get_world_size())): tdist.group.WORLD}
 
     def new_group(ranks):
-        if sorted(int(r) for r in ranks) == list(range(tdist.get_world_size())):
-            return tdist.group.WORLD
-        return original(ranks)
+        members = tuple(sorted(int(r) for r in ranks))
+        if members not in formed:
+            formed[members] = original(list(members))
+        return formed[members]
 
     ds_comm.new_group = new_group
     try:

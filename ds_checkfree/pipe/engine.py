@@ -47,9 +47,13 @@ def _squared_grad_norms(decoder, rest) -> tuple[float, float]:
 class CheckFreePipelineEngine(StageWeightsMixin, PipelineEngine):
     """PipelineEngine with the CheckFree schedule, gradient-norm record and recovery hooks."""
 
-    def __init__(self, *args, checkfree_config: CheckFreeConfig, abort_check=None, **kwargs):
+    def __init__(self, *args, checkfree_config: CheckFreeConfig, abort_check=None, rebuilt: bool = False, **kwargs):
         """``abort_check()``: raises when the data plane was aborted under this step (the elastic
-        runtime passes its own; the engine does not know who aborts it)."""
+        runtime passes its own; the engine does not know who aborts it). ``rebuilt``: this engine
+        replaces one lost in a recovery, and every parameter is overwritten right after (a
+        survivor's kept stage, a replacement's re-materialised one): DeepSpeed's start-up
+        broadcast of replica 0's weights would be sent only to be overwritten."""
+        self._skip_start_broadcast = rebuilt
         super().__init__(*args, **kwargs)
         self.checkfree = checkfree_config
         self._abort_check = abort_check or (lambda: None)
@@ -65,6 +69,10 @@ class CheckFreePipelineEngine(StageWeightsMixin, PipelineEngine):
         self._passing_grad_through = False
         self._norm_split: tuple[list, list] | None = None
         self._norm_fp32_grads: tuple[list, list] | None = None
+
+    def _broadcast_model(self):
+        if not self._skip_start_broadcast:
+            super()._broadcast_model()
 
     # ------------------------------------------------------------------ schedule hook
     @property

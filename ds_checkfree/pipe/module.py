@@ -85,7 +85,7 @@ class CheckFreePipelineModule(PipelineModule):
         sockets), but a DeepSpeed subgroup stays open as long as anything references it, and the pipeline's autograd
         hooks keep the old engine (and its groups) alive after a failure. So blocking
         collectives stay on the default group: with one replica the pipe group already is
-        the default group (``ds_private.world_sized_groups_are_default``, around the whole
+        the default group (``ds_private.one_group_per_member_set``, around the whole
         elastic build), and the tied gradients are exchanged here by send/recv on it. With
         data-parallel replicas the pipe and data groups stay DeepSpeed's: a member blocked on
         one is woken by the coordinator's round, which wakes the whole data plane (gloo: every

@@ -72,8 +72,10 @@ class ProcessLossRecovery:
     """Owns the elastic world's side of a run: the first data plane, and every recovery."""
 
     def __init__(self, world, build_engine, driver: RecoveryDriver, warn):
-        """``build_engine()`` returns a new engine over the current data plane; ``driver``
-        re-materialises the lost stages on it (the same driver logical failures use)."""
+        """``build_engine(rebuilt=False)`` returns a new engine over the current data plane
+        (``rebuilt``: its parameters are all replaced right after, by kept or re-materialised
+        stages); ``driver`` re-materialises the lost stages on it (the same driver logical
+        failures use)."""
         self.world = world
         self.build_engine = build_engine
         self.driver = driver
@@ -186,7 +188,7 @@ class ProcessLossRecovery:
         t0 = time.time()
         self.world.init_data_plane()
         t_plane = time.time()
-        engine = self.build_engine()
+        engine = self.build_engine(rebuilt=True)
         try:
             return self._rematerialise(engine, agreement, kept, failed_at, reason, t0, t_plane)
         except Exception:

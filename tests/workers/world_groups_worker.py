@@ -1,7 +1,7 @@
-"""Worker for the world-group sharing test (world size 2, gloo): inside
-``world_sized_groups_are_default`` a group of every rank is the default group and other
-groups are formed as usual; an elastic-style engine built that way trains; outside, DeepSpeed's
-``new_group`` is its own again. Then the engine's guard against an aborted data plane: with
+"""Worker for the group sharing test (world size 2, gloo): inside ``one_group_per_member_set``
+a group of every rank is the default group, a set of members asked for again gets the group
+formed the first time, other groups are formed as usual; an elastic-style engine built that
+way trains; outside, DeepSpeed's ``new_group`` is its own again. Then the engine's guard against an aborted data plane: with
 the abort flag set (as a membership round sets it) a step stops before the optimizer step."""
 import json
 import sys
@@ -14,7 +14,7 @@ import torch.distributed as tdist
 
 from ds_checkfree.elastic import data_plane
 from ds_checkfree.data import build_data
-from ds_checkfree.pipe.ds_private import world_sized_groups_are_default
+from ds_checkfree.pipe.ds_private import one_group_per_member_set
 from ds_checkfree.initialize import build
 
 
@@ -24,9 +24,10 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     me = tdist.get_rank()
     original = ds_comm.new_group
-    with world_sized_groups_are_default():
+    with one_group_per_member_set():
         everyone = ds_comm.new_group([1, 0])
         alone = ds_comm.new_group([me]) if me == 0 else (ds_comm.new_group([0]), ds_comm.new_group([1]))[1]
+        alone_again = ds_comm.new_group([me])  # asked for before: the same group, nothing formed
         patched_inside = ds_comm.new_group is not original
     if me == 0:  # every rank creates every group, in the same order
         ds_comm.new_group([1])
@@ -49,7 +50,8 @@ def main():
     abort_check = {"raised": aborted, "steps_advanced": engine.global_steps - steps_before,
                    "weights_unchanged": all(torch.equal(before[k], p) for k, p in engine.module.named_parameters())}
     result = {"everyone_is_world": everyone is tdist.group.WORLD, "alone_is_world": alone is tdist.group.WORLD,
-              "alone_size": tdist.get_world_size(alone), "patched_inside": patched_inside,
+              "alone_size": tdist.get_world_size(alone),
+              "alone_again_is_alone": alone_again is alone, "patched_inside": patched_inside,
               "restored": ds_comm.new_group is original, "all_reduce": float(x.item()),
               "engine_world_groups": [g is tdist.group.WORLD for g in
                                       (engine.module.world_group, grid.get_model_parallel_group(),
