@@ -23,9 +23,16 @@ the next generation can form:
   The NCCL wake needs no waiter thread: an aborted communicator ends its kernels, so every
   wait on them (a stream sync, ``.item()``) returns, and ``check_not_aborted`` stops the step.
 
-Every recovery re-forms every group of every member (issue #29 measured its cost against job
-size: ``benchmarks/recovery_scaling.py``). Re-forming only the groups that contain the lost
-slot is what the backends would allow, but not yet what this plane does:
+Every recovery re-forms the groups of every member (issue #29 measured its cost against job
+size: ``benchmarks/recovery_scaling.py``), but only what a member needs: each distinct set of
+members once (``ds_private.one_group_per_member_set``; DeepSpeed's grid asks for every pipe
+twice), a group only by its own members (torch forms a gloo group by a rendezvous of its
+members over the store, without a barrier over the default group), and no start-up broadcast
+of replica 0's weights into a rebuilt engine. A member's share of the rebuild is then its own
+groups: its pipe, its data-parallel column and two neighbour pairs, fixed by the shape's
+neighbourhood, and the default group, whose mesh grows with the job (one connection to every
+other member). Keeping the groups that do not contain the lost slot is what the backends
+would allow, but not yet what this plane does:
 
 * NCCL: one communicator can be aborted alone (``ncclCommAbort``; torch: the group's backend
   ``abort``), and since NCCL 2.27 shrunk without a full re-initialisation (``ncclCommShrink``,
@@ -36,8 +43,8 @@ slot is what the backends would allow, but not yet what this plane does:
   do not cancel an operation in flight (measured); but a group is one rendezvous of its own
   members over a store prefix, so a group can be formed among its members alone.
 * What blocks it here: DeepSpeed's grid creates every group through ``dist.new_group``, which
-  all ranks of the default group call in one order with a store barrier over all of them;
-  the default group always holds the lost slot; and a kept group must be quiescent (no member
+  every rank of the default group calls in one order (torch names groups by that order); the
+  default group always holds the lost slot; and a kept group must be quiescent (no member
   interrupted with an operation in flight on it, or the members' operation sequences on it
   no longer match), which the round would have to establish. A grid fed from a registry of
   kept groups, the default group used only to form the others, and the round reporting each
