@@ -290,15 +290,18 @@ def test_release_engine_does_not_touch_another_engine(tmp_path):
 
 def test_world_sized_groups_are_the_default_group_in_an_elastic_build(tmp_path):
     """Real 2-rank gloo job: a group of every rank is the default group (no new connections on
-    a rebuild), a smaller group is a group of its own, formed once however often it is asked for, DeepSpeed's ``new_group`` is restored
-    afterwards, and an engine built that way (``elastic=True``) trains; with the data plane's
-    abort flag set its next step raises before the optimizer step and changes no weight."""
+    a rebuild), a smaller group is a group of its own, formed once however often it is asked
+    for, DeepSpeed's ``new_group`` is restored afterwards, and an engine built that way (``elastic=True``) trains; with the data plane's
+    abort flag set its next step raises before the optimizer step and changes no weight; an
+    engine built for a recovery (``rebuilt=True``) skips DeepSpeed's start-up weight broadcast."""
     cfg = write_config(tmp_path / "ds.json", base="baseline.json", mode="off", num_stages=2)
     out = tmp_path / "result.json"
     run_job("torchrun", 2, "tests/workers/world_groups_worker.py", [str(cfg), str(out)], timeout=240)
     r = json.loads(out.read_text())
     assert r["everyone_is_world"] and not r["alone_is_world"] and r["alone_size"] == 1
     assert r["alone_again_is_alone"] is True
+    # DeepSpeed broadcasts every parameter at start-up; a recovery's engine (rebuilt) sends none
+    assert r["start_broadcasts"] == r["parameters"] > 0 and r["rebuilt_broadcasts"] == 0
     assert r["patched_inside"] and r["restored"]
     assert r["all_reduce"] == 3.0
     assert r["engine_world_groups"] == [True, True, True]  # the module's world, model-parallel and pipe groups

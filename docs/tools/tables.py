@@ -154,6 +154,32 @@ def heartbeat() -> str:
     return table(["quantity", "value"], [[r["phase"].strip(), r["value"]] for r in rows(f)]) + "\n\n" + source(f)
 
 
+def recovery_scaling() -> str:
+    """Medians per shape from the per-kill rows (benchmarks/recovery_scaling.py writes one per kill)."""
+    f = "recovery_scaling.csv"
+    data = rows(f)
+    shapes = sorted({r["shape"] for r in data}, key=lambda s: (int(next(r["ranks"] for r in data if r["shape"] == s)),
+                                                                 int(s.split("x")[0])))
+    body = []
+    for shape in shapes:
+        rs = [r for r in data if r["shape"] == shape]
+
+        def med(key, digits=3):
+            return f"{statistics.median(float(r[key]) for r in rs):.{digits}f}"
+        totals = [float(r["total_s"]) for r in rs]
+        body.append([shape, rs[0]["ranks"], f"{rs[0]['micro_batches']} x {rs[0]['micro_batch']}", len(rs),
+                     rs[0]["method"], med("step_time_s"), med("detection_s"), med("teardown_s"), med("agreement_s"),
+                     med("data_plane_s"), med("rebuild_module_s"), med("rebuild_engine_s"),
+                     med("rematerialise_s"), med("redo_step_s"),
+                     f"{statistics.median(totals):.3f} [{max(totals):.3f}]",
+                     f"{sum(r['timeout_reached'] == 'False' for r in rs)}/{len(rs)}",
+                     f"{sum(t < 1.0 for t in totals)}/{len(rs)}"])
+    return table(["shape (stages x replicas)", "ranks (+1 spare)", "micro-batches x sequences", "kills", "method",
+                  "step s", "detection s", "snapshot + leave s", "agreement s", "data plane s",
+                  "module + its groups s", "DeepSpeed engine s", "re-materialise s", "redone step s",
+                  "kill -> next step s, median [max]", "no timeout", "under 1 s"], body) + "\n\n" + source(f)
+
+
 # ------------------------------------------------------------------------------- logical failures
 RECOVERY_LABELS = {"checkfree": "CheckFree, fp32 (weighted average)", "checkpoint": "checkpoint reload (global rollback)",
                    "checkfree_bf16": "CheckFree, bf16 (fp32 masters averaged)",
@@ -319,5 +345,6 @@ def module_map() -> str:
 
 
 GENERATORS = {f.__name__: f for f in (kill_phases, restart_vs_checkfree, preempt_phases, kill_campaign, heartbeat,
+                                       recovery_scaling,
                                        recovery, ablation_4st, ablation_6st, step_time, redundant_step_time, memory,
                                        convergence_summary, convergence_noise, gpu_check, module_map)}
