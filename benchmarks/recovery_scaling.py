@@ -280,19 +280,29 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 #: what the runs of 2026-12-02 showed beyond the tables (kept with them; re-read when re-measuring)
-NOTES = """## Notes (runs of 2026-12-02)
+NOTES = """## Notes (runs of 2026-12-02, 14:18-14:39 UTC)
 
 - No kill reached a timeout (gloo's, the data plane's or the agreement's): before the waits were made
   interruptible (`ds_checkfree.elastic.plane_waits`), 2 of 3 kills at 4x3/4x4 waited out the 30 s data-plane
   timeout (issue #29).
+- Workload: 2 micro-batches of one sequence per replica and step, the smallest pipeline step. The
+  earlier runs of this benchmark (commit e7488b8's recovery_scaling.csv) used 4 micro-batches of 4
+  sequences: step 0.58 s at 4x3 and 0.78 s at 4x4, recoveries 1.40 / 1.66 s median, none under 1 s;
+  that redone step alone took most of the second. The redone step is an ordinary step (the data
+  resumes at the interrupted one), not a recovery cost.
+- The engine rebuild no longer broadcasts replica 0's weights into a rebuilt engine (every parameter is
+  replaced right after), forms each set of members once (DeepSpeed's grid asks for every pipe twice) and
+  seeds layers on the CPU generator alone; measured on the old workload at 4x4 (3 kills each side, not
+  kept here), its median went from about 0.37 s to about 0.16 s.
 - On 2 cores every member's CPU work shares the same cores, so the step time itself grows with the
   process count, and so does every phase in which every member works (detection: the error surfaces at
   the member's next communication; teardown; re-materialisation). Their ratios to the step time stay
-  roughly flat.
-- The engine rebuild grows faster than the step with replicas (4 stages: 0.27 -> 0.55 step times from 1
-  to 4 replicas), not with stages (flat at ~0.3 from 4 to 32 stages): its DeepSpeed-engine part (config,
-  optimizer, the model broadcast over each data-parallel group) grows with the data-parallel width, and
-  the module part re-forms every group of DeepSpeed's grid through the default group.
+  roughly flat or fall.
+- The engine rebuild stays near half a step time from 9 to 33 ranks with replicas (0.50-0.57) and falls
+  with stages (0.44 -> 0.20 from 8 to 32): nothing in it grows faster than the step. Its module part (the
+  grid's groups) grows with the data-parallel width in seconds: a member's data-parallel group of R
+  members forms only once all R arrived, and they arrive at different times (each finished its own
+  teardown and agreement), on two shared cores; with stages it stays near the step's share.
 - At 33 ranks the data plane takes 5.2 s (both shapes): torch's TCPStore client handshake stalls exactly
   5.0 s when ~30 clients connect at once. Reproduced without this project (32 processes forming gloo
   groups through fresh TCPStore clients under torchrun: 5.0-5.3 s stalls in most generations at 32,
@@ -324,8 +334,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {e['shape']} | {e['ranks']} | " + " | ".join(
             f"{e[k][0] / e['step_time_s']:.2f}" for k, _ in PHASES if k != "total_s") + " |")
     lines += ["", "The engine rebuild's parts (median s; blank: not recorded by that run): the pipeline module "
-              "with DeepSpeed's process groups (every group of the grid, formed through the default group), and "
-              "DeepSpeed's engine (config, optimizer).", "",
+              "with DeepSpeed's process groups (each set of members formed once, by its own members), and "
+              "DeepSpeed's engine (config, optimizer; no start-up weight broadcast in a rebuild).", "",
               "| shape | ranks | engine rebuild | module + its groups | DeepSpeed engine |", "|---|---|---|---|---|"]
     for e in summary(rows):
         parts = " | ".join("" if e[k] != e[k] else f"{e[k]:.3f}" for k in REBUILD_PARTS)

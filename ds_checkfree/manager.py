@@ -184,6 +184,8 @@ class Manager:
             e = self.engine
             self.metrics.write({"step": step, "loss": loss, "lr": e.effective_lr(), "time": time.time(),
                                 "grad_norms": [n[1] for n in e.stage_grad_norms]})
+        if self.world is not None:  # the next recovery finds its store client open (``store_clients``)
+            self.world.open_next_store_client()
         if self._timeline is not None:
             self.metrics.event("recovery_timeline", step, None, **self._timeline, next_step_done_at=time.time(),
                                total_s=round(time.time() - self._timeline["failed_at"], 4))

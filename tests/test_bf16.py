@@ -146,6 +146,7 @@ def test_bf16_sigkilled_stage_is_rebuilt_on_the_spare(tmp_path):
     assert sum(losses[-5:]) / 5 < losses[0]
 
 
+@pytest.mark.slow  # fp32 replica copy and whole column: test_data_parallel; bf16's split masters under a real death: the SIGKILLed replica above; kept out of the default suite for time
 def test_bf16_with_two_replicas_a_lost_replica_and_a_lost_column(tmp_path):
     """8 ranks = 4 stages x 2 replicas under bf16, where DeepSpeed splits the fp32 masters and
     their moments over the replicas. Step 3 loses replica 1 of stage 1: its bf16 weights are an
@@ -193,6 +194,7 @@ def test_bf16_with_two_replicas_a_lost_replica_and_a_lost_column(tmp_path):
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # stage copies: test_paper_layout (fp32); bf16 with replicas: the SIGKILLed replica above; kept out of the default suite for time
 def test_bf16_with_two_replicas_paper_layout_restores_a_column_from_its_stage_copy(tmp_path):
     """Layout "paper", 4 stages x 2 replicas under bf16 (embedding | 2 block stages | head),
     copies every 2 steps: each block stage's copy is of its whole fp32 masters (read across its

@@ -85,6 +85,7 @@ def test_the_coordinator_sigkilled_alone_the_job_finishes_every_step(tmp_path):
     assert "Traceback" not in log
 
 
+@pytest.mark.slow  # failover alone: the test above; a stage lost with the coordinator and a spare taking over: the two-host test below; kept out of the default suite for time
 def test_a_stage_killed_after_the_coordinator_is_replaced_by_the_spare(tmp_path):
     job, before, _ = kill_the_coordinator(tmp_path, seed=2)
     stage_step = max(r["step"] for r in steps_of(read_metrics(job.out))) + 8

@@ -133,6 +133,7 @@ def test_first_stage_sigkilled_under_checkfree_plus(tmp_path):
     assert recovery["sources"] == [1]  # the swap partner, which also holds the embedding replica
 
 
+@pytest.mark.slow  # a spare's death changes no stage; the kill campaign covers it; kept out of the default suite for time
 def test_idle_spare_killed_does_not_disturb_training(tmp_path):
     # the coordinator sees the spare's connection close at once and tells the members
     job, rc, before, killed, killed_at, _ = kill_and_finish(tmp_path, "checkfree", victim=4, steps=40, seed=3,

@@ -66,9 +66,11 @@ def compare(out_dir, num_layers, num_stages, micro_batches, swap):
 @pytest.mark.parametrize("engine,mode,swap,stages,layers", [
     ("stock", "off", False, 4, 8),
     ("checkfree", "checkfree", False, 4, 8),
-    ("checkfree", "checkfree_plus", False, 4, 8),
+    # without the swap CheckFree+ runs the in-order schedule checked just above
+    pytest.param("checkfree", "checkfree_plus", False, 4, 8, marks=pytest.mark.slow),
     ("checkfree", "checkfree_plus", True, 4, 8),
-    ("checkfree", "checkfree_plus", True, 6, 6),
+    # 6 stages: the schedule checker proves the out-of-order schedule there (test_schedule)
+    pytest.param("checkfree", "checkfree_plus", True, 6, 6, marks=pytest.mark.slow),
 ])
 def test_pipeline_matches_single_process(tmp_path, engine, mode, swap, stages, layers):
     cfg = write_config(tmp_path / "ds.json", "checkfree_plus.json", mode=mode, swap=swap, num_stages=stages,

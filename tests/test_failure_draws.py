@@ -102,6 +102,7 @@ def test_executed_schedule_file_round_trips(tmp_path):
         assert [f.stage for f in replay.failures_at(1, executed=n)] == [f.stage for f in saved if f.step == n]
 
 
+@pytest.mark.slow  # the draws themselves are unit-tested above; this runs a real rollback job; kept out of the default suite for time
 def test_rollback_run_redraws_redone_steps_and_labels_the_rate(tmp_path):
     """Mode off with a global rollback: the job's failure events are exactly what the
     trainer's loop gives with the same plan, including a redone step failing again."""

@@ -5,6 +5,8 @@ has been silent past the timeout; every other rank keeps beating, so nobody else
 """
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from conftest import ROOT, events_of, job_env, launch_cmd, read_metrics, steps_o
 from ds_checkfree.testing import rank_pids
 
 
+@pytest.mark.slow  # liveness logic: test_heartbeat_liveness (unit); a stalled member in a real job: test_churn's SIGSTOP eviction; kept out of the default suite for time
 def test_store_heartbeat_reports_a_stalled_rank_and_only_it(tmp_path):
     cfg = write_config(tmp_path / "ds.json", heartbeat_interval_s=0.1, heartbeat_timeout_s=1.5)
     out = tmp_path / "out"

@@ -19,7 +19,11 @@ from hf_fixtures import load_hf_model, make_hf_dir
 TOL = 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", [
+    "llama",
+    # GPT-2's layers against transformers and its export: test_hf_models; training through a failure: llama here
+    pytest.param("gpt2", marks=pytest.mark.slow),
+])
 def test_hf_model_trains_through_a_failure_and_reloads_in_transformers(tmp_path, arch):
     src = make_hf_dir(tmp_path / "src", arch, layers=4)
     before = load_hf_model(src)

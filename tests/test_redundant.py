@@ -144,6 +144,7 @@ def test_shadow_is_bitwise_and_lost_stage_is_restored_exactly(tmp_path):
         assert s["redundant_forward"] and s["shadow_forwards"] == 7 * micro_batches
 
 
+@pytest.mark.slow  # the redundant baseline's exact restore: the shadow test above; the adjacent-loss fallback is in the planner's unit test; kept out of the default suite for time
 def test_ring_adjacent_loss_falls_back_to_checkpoint_and_resyncs_shadows(tmp_path):
     cfg = write_config(tmp_path / "ds.json", "redundant.json", checkpoint_every=2,
                        checkpoint_dir=str(tmp_path / "ckpt"))
@@ -159,6 +160,7 @@ def test_ring_adjacent_loss_falls_back_to_checkpoint_and_resyncs_shadows(tmp_pat
     assert all(r["redundant_overhead"]["shadow_forwards"] == 4 for r in steps)  # after the resync too
 
 
+@pytest.mark.slow  # checkpoint rollback: test_recovery's edge-loss fallback covers the same load; kept out of the default suite for time
 def test_checkpoint_rollback_restores_the_saved_state_and_redoes_lost_steps(tmp_path):
     cfg = write_config(tmp_path / "ds.json", "checkpoint.json", checkpoint_every=3,
                        checkpoint_dir=str(tmp_path / "ckpt"))

@@ -39,6 +39,7 @@ from ds_checkfree.elastic.membership.discovery import locate
 from ds_checkfree.elastic.membership.rebuild import Report
 from ds_checkfree.elastic.membership.roster import CheckIn, Plan
 from ds_checkfree.elastic.plane_sockets import socket_inodes
+from ds_checkfree.elastic.store_clients import NextStoreClient
 
 
 #: the coordinator store's key under which a failed member leaves its reason
@@ -106,6 +107,7 @@ class ElasticWorld:
         address, addr = locate(num_stages, spares, dp, cf, log_dir, coordinator, joining)
         self.addr = addr
         self._shared_store, self._shared_store_at = None, None
+        self._next_store = NextStoreClient(self._open_store_client, self._keep_for_next_generation)
         # the port this member offers for a standby coordinator, held for the process's life
         self._standby, why_no_standby = standby.reserve(addr) if cf is not None else (None, "no configuration")
         self.client = MemberClient(address, id_hint=id_hint, num_stages=num_stages, addr=addr, dp=dp,
@@ -149,13 +151,16 @@ class ElasticWorld:
         """Form this generation's group of the stage holders (data-plane rank = slot)."""
         import torch.distributed as tdist
         self.shared_store()  # before ``prepare``: a socket opened later is the plane's, shut on a wake
+        host, port = self.client.address[0], self.client.store_port
+        ahead = self._next_store.take((host, port))  # opened while the last generation trained
         with self._lock:
             if self._round_announced > self.generation:
                 raise DataPlaneInterrupted(f"the round for generation {self._round_announced} opened before "
                                            f"generation {self.generation}'s data plane formed")
             self.plane.prepare()
+            if ahead is not None:  # this generation's socket from now on: its wake and teardown shut it
+                self._include_in_wake(ahead[1])
             self._plane_formed = True
-        host, port = self.client.address[0], self.client.store_port
         os.environ.update({"RANK": str(self.slot), "WORLD_SIZE": str(self.num_stages * self.dp), "MASTER_ADDR": host,
                            "MASTER_PORT": str(port),
                            "LOCAL_RANK": os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")})
@@ -163,11 +168,33 @@ class ElasticWorld:
         # make any op on them fail after the data-plane timeout instead (gloo; NCCL groups are aborted)
         from ds_checkfree.pipe.ds_private import set_default_group_timeout
         set_default_group_timeout(timedelta(seconds=self.dp_timeout_s))
-        store = tdist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.dp_timeout_s),
-                               wait_for_workers=False)
+        store = ahead[0] if ahead is not None else self._open_store_client(host, port)
         prefixed = tdist.PrefixStore(f"gen{self.generation}/", store)
         tdist.init_process_group(self.plane.backend, store=prefixed, rank=self.slot,
                                  world_size=self.num_stages * self.dp, timeout=timedelta(seconds=self.dp_timeout_s))
+
+    def _open_store_client(self, host: str, port: int):
+        import torch.distributed as tdist
+        return tdist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.dp_timeout_s),
+                              wait_for_workers=False)
+
+    def open_next_store_client(self) -> bool:
+        """(between steps) Open the next generation's store client in the background, so that a
+        recovery does not wait for a handshake with the coordinator's store (``store_clients``);
+        returns whether one was started."""
+        if not self._plane_formed or self.slot is None:
+            return False
+        return self._next_store.prepare((self.client.address[0], self.client.store_port), self.generation) is not None
+
+    def _keep_for_next_generation(self, inodes: set[str], generation: int) -> bool:
+        """(the opening thread) Exempt a client opened ahead from this generation's wake, if the
+        generation it was opened under is still the one formed: otherwise its sockets may be
+        mixed with a forming plane's, and it is dropped."""
+        with self._lock:
+            if generation != self.generation or not self._plane_formed:
+                return False
+            self._exempt_locked(inodes)
+            return True
 
     def shared_store(self):
         """The coordinator's store outside every generation's prefix (where a preempted member
@@ -206,6 +233,13 @@ class ElasticWorld:
         before = getattr(self.plane, "_before", None)
         if isinstance(before, set):
             before.update(inodes)
+
+    def _include_in_wake(self, inodes: set[str]) -> None:
+        """(under the lock, after ``plane.prepare``) Sockets opened before this generation formed
+        that belong to it: its wake and its teardown shut them."""
+        before = getattr(self.plane, "_before", None)
+        if isinstance(before, set):
+            before.difference_update(inodes)
 
     def connect_socket(self, addr: str, port: int, timeout_s: float) -> socket.socket:
         """(failover) A connection to a standby coordinator, exempted from the data plane's
@@ -404,6 +438,7 @@ class ElasticWorld:
                     pass
 
     def close(self) -> None:
+        self._next_store.close()
         self.client.close()
 
     # -- coordinator failover (the client's hooks, on its reader thread) -------------------
