@@ -42,6 +42,9 @@ from ds_checkfree.elastic.plane_sockets import socket_inodes
 from ds_checkfree.elastic.store_clients import NextStoreClient
 
 
+#: members open their next store client over this many steps of a generation (``open_next_store_client``)
+STORE_CLIENT_SPREAD = 8
+
 #: the coordinator store's key under which a failed member leaves its reason
 JOB_FAILED_KEY = "checkfree/job_failed"
 
@@ -183,6 +186,10 @@ class ElasticWorld:
         recovery does not wait for a handshake with the coordinator's store (``store_clients``);
         returns whether one was started."""
         if not self._plane_formed or self.slot is None:
+            return False
+        # spread over the generation's first steps (slot % 8 + 1 steps in): tens of clients
+        # connecting at one moment is what stalls torch's handshake
+        if self.progress() - self._plan_steps <= self.slot % STORE_CLIENT_SPREAD:
             return False
         return self._next_store.prepare((self.client.address[0], self.client.store_port), self.generation) is not None
 
