@@ -134,8 +134,9 @@ def write(path_md: str, path_csv: str, rows, model, val, paper, swarm, seconds: 
         L.append(f"| {phase[:-2]} | {model.phase(phase, 5):.3f} | {model.phase(phase, 17):.3f} | "
                  f"{model.phase(phase, 33):.3f} | {model.slopes[phase]:.4f} | {model.phase(phase, 1001):.2f} |")
     L += ["", "Sizes are ranks only: shapes of one size with more replicas cost more (4x4 against 16x1), and on "
-          "2 cores most growth is CPU contention, which a swarm of separate machines would not have; the "
-          "slope at 33 ranks carries torch's 5 s TCPStore stall (recovery_scaling.md, notes)."]
+          "2 cores most growth is CPU contention, which a swarm of separate machines would not have (the "
+          "33-rank rows were measured with the next store client opened ahead: no TCPStore stall; "
+          "recovery_scaling.md, notes)."]
     L += ["", "## Validation: predicted against measured (kill -> next completed step, seconds)", "",
           "| case | measured (median) | predicted | error |", "|---|---|---|---|"]
     L += [f"| {w} | {fmt(m)} | {fmt(p)} | {fmt(e, 0)} % |" for w, m, p, e in val]
@@ -164,7 +165,7 @@ def write(path_md: str, path_csv: str, rows, model, val, paper, swarm, seconds: 
           "recovery to move a stage's state over a WAN. Two bounds on the recovery phases: as measured at 5 ranks "
           "(what a rebuild confined to the lost slot's neighbourhood, issue #29's second item, not built, could "
           "approach), and the phase model extrapolated to 1,000 ranks from this 2-core machine (every group of "
-          "every member re-formed, with CPU contention and the TCPStore stall: pessimistic).", "",
+          "every member re-formed, with this machine's CPU contention: pessimistic).", "",
           "| setup | %/h per node | downtime per recovery (s) | goodput (95% CI) | survival 3 h | failures/h |",
           "|---|---|---|---|---|---|"]
     L += [f"| {r['setup']} | {100 * r['rate_per_hour']:g} | {fmt(r['downtime_s'], 2)} | {fmt(r['goodput'], 4)} ± "

@@ -280,7 +280,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 #: what the runs of 2026-12-02 showed beyond the tables (kept with them; re-read when re-measuring)
-NOTES = """## Notes (runs of 2026-12-02, 14:18-14:39 UTC)
+NOTES = """## Notes (runs of 2026-12-02, 14:18-15:32 UTC)
 
 - No kill reached a timeout (gloo's, the data plane's or the agreement's): before the waits were made
   interruptible (`ds_checkfree.elastic.plane_waits`), 2 of 3 kills at 4x3/4x4 waited out the 30 s data-plane
@@ -303,11 +303,17 @@ NOTES = """## Notes (runs of 2026-12-02, 14:18-14:39 UTC)
   grid's groups) grows with the data-parallel width in seconds: a member's data-parallel group of R
   members forms only once all R arrived, and they arrive at different times (each finished its own
   teardown and agreement), on two shared cores; with stages it stays near the step's share.
-- At 33 ranks the data plane takes 5.2 s (both shapes): torch's TCPStore client handshake stalls exactly
-  5.0 s when ~30 clients connect at once. Reproduced without this project (32 processes forming gloo
-  groups through fresh TCPStore clients under torchrun: 5.0-5.3 s stalls in most generations at 32,
-  rarely at 16), with either store server (libuv or classic) and with connects staggered by 10 ms;
-  plain Python sockets on the same VM (gVisor) show no such stall. Below this project's code.
+- At 33 ranks the data plane took 5.2 s in the first runs (commit 8160dac, both shapes): torch's TCPStore
+  client handshake stalls exactly 5.0 s when ~30 clients connect at once (reproduced without this project:
+  32 processes forming gloo groups through fresh TCPStore clients under torchrun, 5.0-5.3 s stalls in most
+  generations at 32, rarely at 16, with either store server and with connects staggered by 10 ms; plain
+  Python sockets on the same VM, gVisor, show no such stall). Since the 33-rank rows here (15:26-15:32 UTC),
+  each member opens the next generation's client while the current one trains, spread over its first 8
+  steps (`ds_checkfree.elastic.store_clients`): the data plane takes 0.1-0.3 s there. A first try that
+  opened all clients at the same step stalled in the background and, with a kill landing in that window,
+  delayed detection by ~3 s in 2 of 8 kills; spreading them removed it in the run recorded here.
+- The 5-17-rank rows were measured before the store client was opened ahead (their data plane, 0.01-0.07 s,
+  had no stall to remove).
 """
 
 
