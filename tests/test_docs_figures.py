@@ -117,11 +117,13 @@ def test_the_configuration_table_follows_the_dataclass():
 
 
 def test_versions_agree():
-    """The changelog's newest version is the package's and the citation's."""
+    """The changelog's newest version is the package's (setup.py and ``ds_checkfree.__version__``)
+    and the citation's."""
+    import ds_checkfree
     changelog = re.search(r"^## (\d+\.\d+\.\d+)", (ROOT / "CHANGELOG.md").read_text(), re.M).group(1)
     setup = re.search(r'version="([^"]+)"', (ROOT / "setup.py").read_text()).group(1)
     citation = re.search(r"^version: (\S+)", (ROOT / "CITATION.cff").read_text(), re.M).group(1)
-    assert changelog == setup == citation
+    assert changelog == setup == citation == ds_checkfree.__version__
 
 
 def test_the_convergence_figures_redraw_from_committed_files(tmp_path):
