@@ -196,7 +196,8 @@ def test_expect_below_stages_is_refused():
 
 
 # -- a standby coordinator's roster, rebuilt from the members' reports (membership.rebuild) ----------
-from ds_checkfree.elastic.membership.rebuild import Report, expected_members, rebuild, rejoin  # noqa: E402
+from ds_checkfree.elastic.membership.rebuild import (Report, expected_members, not_reregistered,  # noqa: E402
+                                                     rebuild, rejoin)
 from ds_checkfree.elastic.membership.roster import CheckIn  # noqa: E402
 
 
@@ -248,6 +249,23 @@ def test_a_stage_holder_that_never_re_registers_is_lost_and_the_spare_takes_its_
     new = plan_of(outs)
     assert new.generation == 2 and new.dead == [0] and new.lost == [0] and new.replacements == {0: 4}
     assert new.resume_step == 13
+
+
+def test_a_lost_member_is_named_whether_or_not_the_survivors_were_already_in_a_round():
+    """The host holding member 0 and the coordinator died at once. The survivors' data plane may
+    already have seen member 0 die (they report a round in flight) or not: either way the standby
+    names member 0 as never re-registered, and the spare takes its stage."""
+    _, plan = started()
+    for pending in ({}, dict(checkin=CheckIn(12, True), checked_in_for=2, round_seen=2)):
+        reports = [report(m, plan, **(pending if m != 4 else {})) for m in (1, 2, 3, 4)]
+        roster, outs = rebuilt(reports)
+        assert not_reregistered(roster) == [0], pending
+        assert ops(outs, "round")[0].msg["generation"] == 2
+        new = plan_of(roster.checkin(4, 12, False, now=101.0, for_generation=2)
+                      + sum((roster.checkin(m, 12, True, now=101.0, for_generation=2) for m in (1, 2, 3)
+                             if not pending), []))
+        assert new.replacements == {0: 4} and new.dead == [0], pending
+    assert not_reregistered(rebuilt([report(m, plan) for m in range(5)])[0]) == []
 
 
 def test_a_check_in_made_before_the_coordinator_was_lost_counts_in_the_rebuilt_round():

@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ds_checkfree.elastic.membership.rebuild import Report, expected_members, rebuild, rejoin
+from ds_checkfree.elastic.membership.rebuild import Report, expected_members, not_reregistered, rebuild, rejoin
 from ds_checkfree.elastic.membership.roster import CheckIn, Out, Roster
 from ds_checkfree.elastic.membership.sender import Sender
 from ds_checkfree.elastic.preemption import handoff_key
@@ -232,9 +232,12 @@ class Coordinator:
         self.roster, outs = rebuild(reports, self.shape.num_stages, self.shape.expect, self.shape.dead_after,
                                     self.shape.startup_wait_s, self.shape.join_wait_s, now, dp=self.shape.dp)
         r = self.roster
+        rounds = [o.msg for o in outs if o.msg.get("op") == "round"]  # a round may open and close at once
+        missing = not_reregistered(r)
         self.log(f"roster rebuilt from {len(reports)} member reports: generation {r.generation}, phase {r.phase}, "
                  f"roles {r.roles}, "
-                 + (f"round for generation {r.round.generation} opened ({r.round.why})" if r.round is not None
+                 + (f"member(s) {missing} did not re-register, " if missing else "")
+                 + (f"round for generation {rounds[0]['generation']} opened ({rounds[0]['why']})" if rounds
                     else "no round needed (the data plane is untouched)"))
         self._deliver(outs)
         for _, sender in self.conns.values():  # after the round it may have opened: members judge by it

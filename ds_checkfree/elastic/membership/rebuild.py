@@ -65,6 +65,14 @@ class Report:
         return max(self.checked_in_for, self.round_seen) > self.generation
 
 
+NOT_REREGISTERED = "did not re-register after the coordinator was lost"
+
+
+def not_reregistered(roster: Roster) -> list[int]:
+    """The members a rebuild removed because their reports never came (named in the log)."""
+    return sorted(m for m, why in roster.gone.items() if why == NOT_REREGISTERED)
+
+
 def expected_members(reports: list[Report]) -> set[int]:
     """The members the newest reported plan names: the collection is complete once all reported."""
     if not reports:
@@ -117,7 +125,7 @@ def rebuild(reports: list[Report], num_stages: int, expect: int, dead_after: flo
                 roster.round.checkins[r.id] = r.checkin
     for mid in missing:  # never reconnected within the window: gone, like a closed connection
         roster.members[mid] = Member(mid, "?", 0, "?", last_beat=now, joined_at=now)
-        out += roster._remove(mid, "did not re-register after the coordinator was lost", now, evicted=False)
+        out += roster._remove(mid, NOT_REREGISTERED, now, evicted=False)
     return roster, out + roster.tick(now)
 
 
