@@ -50,8 +50,8 @@ PHASES = [("detection_s", "detection"), ("teardown_s", "snapshot + leave plane")
           ("data_plane_s", "data plane"), ("engine_rebuild_s", "engine rebuild"),
           ("rematerialise_s", "re-materialise"), ("redo_step_s", "redone step"), ("total_s", "total")]
 #: the engine rebuild's parts (the recovery event's ``rebuild_*``): the module with its process
-#: groups, and DeepSpeed's engine (config, optimizer)
-REBUILD_PARTS = ["rebuild_module_s", "rebuild_engine_s"]
+#: groups, of which forming the groups (``new_group`` calls) alone, and DeepSpeed's engine
+REBUILD_PARTS = ["rebuild_module_s", "rebuild_groups_s", "rebuild_engine_s"]
 ROW_KEYS = ["shape", "stages", "replicas", "ranks", "micro_batch", "micro_batches", "kill", "victim_slot",
             "victim_stage", "method", "after_step",
             "step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "timeout_reached", "join_latency_s"]
@@ -342,7 +342,8 @@ def markdown(rows: list[dict]) -> str:
     lines += ["", "The engine rebuild's parts (median s; blank: not recorded by that run): the pipeline module "
               "with DeepSpeed's process groups (each set of members formed once, by its own members), and "
               "DeepSpeed's engine (config, optimizer; no start-up weight broadcast in a rebuild).", "",
-              "| shape | ranks | engine rebuild | module + its groups | DeepSpeed engine |", "|---|---|---|---|---|"]
+              "| shape | ranks | engine rebuild | module + its groups | of which forming the groups | DeepSpeed engine |",
+              "|---|---|---|---|---|---|"]
     for e in summary(rows):
         parts = " | ".join("" if e[k] != e[k] else f"{e[k]:.3f}" for k in REBUILD_PARTS)
         lines.append(f"| {e['shape']} | {e['ranks']} | {e['engine_rebuild_s'][0]:.3f} | {parts} |")

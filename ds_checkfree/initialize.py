@@ -189,7 +189,7 @@ def build(config, model="tiny", model_overrides: dict | None = None,
     t0 = time.perf_counter()
     # elastic: a group of every rank is the default group, not a new one (fewer connections to
     # form on each rebuild; the default group is the one a recovery tears down anyway)
-    with (one_group_per_member_set() if elastic else nullcontext()):
+    with (one_group_per_member_set() if elastic else nullcontext()) as groups:
         module = CheckFreePipelineModule(setup.model.parts(base_seed), setup.checkfree.num_stages,
                                          setup.checkfree.mode, layout=setup.checkfree.layout, checked=True)
         if elastic:
@@ -211,6 +211,8 @@ def build(config, model="tiny", model_overrides: dict | None = None,
                               mpu=mpu, config=setup.ds_config, config_class=config_class, **kwargs)
     #: where the build's time went (a recovery's phase table splits its engine rebuild with it)
     engine.build_seconds = {"module_s": round(t_module - t0, 4), "engine_s": round(time.perf_counter() - t_module, 4)}
+    if groups is not None:  # of the module's part: forming its process groups (elastic)
+        engine.build_seconds.update(groups_s=round(groups["groups_s"], 4), groups=groups["groups"])
     engine.setup = setup
     return engine, setup
 

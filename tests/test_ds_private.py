@@ -306,7 +306,11 @@ def test_world_sized_groups_are_the_default_group_in_an_elastic_build(tmp_path):
     assert r["all_reduce"] == 3.0
     assert r["engine_world_groups"] == [True, True, True]  # the module's world, model-parallel and pipe groups
     assert r["engine_dp_group_is_world"] is False  # one rank per stage: a group of one
-    assert set(r["build_seconds"]) == {"module_s", "engine_s"} and all(v >= 0 for v in r["build_seconds"].values())
+    built = r["build_seconds"]
+    assert set(built) == {"module_s", "engine_s", "groups_s", "groups"} and all(v >= 0 for v in built.values())
+    # forming the groups is part of the module's build; 2 stages, 1 replica: each stage's data-parallel
+    # group of one is formed, every larger set of members is the default group
+    assert built["groups_s"] <= built["module_s"] and built["groups"] == 2
     assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
     abort = r["abort_check"]
     assert abort["raised"] and "aborted" in abort["raised"]

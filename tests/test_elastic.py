@@ -100,11 +100,12 @@ def _check_survived(job, rc, before, killed, killed_at, victim_stage: int, steps
     (recovery,) = events_of(records, "recovery")
     assert recovery["stage"] == victim_stage and recovery["method"] == method
     for key in ("agreement_s", "data_plane_s", "engine_rebuild_s", "rematerialise_s", "rebuild_module_s",
-                "rebuild_engine_s", "rebuild_state_load_s"):
+                "rebuild_groups_s", "rebuild_engine_s", "rebuild_state_load_s"):
         assert 0 <= recovery[key] < 60, (key, recovery[key])
     # the rebuild's parts are inside it (rounding: 4 decimals each)
     parts = recovery["rebuild_module_s"] + recovery["rebuild_engine_s"] + recovery["rebuild_state_load_s"]
     assert parts <= recovery["engine_rebuild_s"] + 0.001
+    assert recovery["rebuild_groups_s"] <= recovery["rebuild_module_s"] and recovery["rebuild_groups"] >= 1
     assert killed_at - 1 < recovery["failed_at"] <= recovery["agreed_at"] <= recovery["rematerialised_at"]
     (timeline,) = events_of(records, "recovery_timeline")
     assert timeline["step"] == recovery["resume_step"] and timeline["total_s"] > 0
