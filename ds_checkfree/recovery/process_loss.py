@@ -97,7 +97,7 @@ class ProcessLossRecovery:
         import torch
 
         from ds_checkfree.elastic.data_plane import DataPlaneAborted
-        from ds_checkfree.elastic.world import DataPlaneInterrupted
+        from ds_checkfree.elastic.member_plane import DataPlaneInterrupted
         if isinstance(err, (DataPlaneAborted, DataPlaneInterrupted)):
             return short_reason(err)
         if isinstance(err, torch.OutOfMemoryError) or not isinstance(err, DATA_PLANE_ERRORS):
