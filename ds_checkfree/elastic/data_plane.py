@@ -42,10 +42,11 @@ would allow, but not yet what this plane does:
 * gloo (torch 2.13): no shrink (``supports_shrinking`` is False), and ``abort``/``shutdown``
   do not cancel an operation in flight (measured); but a group is one rendezvous of its own
   members over a store prefix, so a group can be formed among its members alone. That
-  rendezvous waits for the group's last member to arrive (which is why the module part of a
-  rebuild grows with the data-parallel width); ``TORCH_GLOO_LAZY_INIT=1`` returns at once and
-  connects each pair on first use (measured), which would leave a member only the
-  connections it uses: not tried with the wake's socket shutdown yet.
+  rendezvous waits for the group's last member to arrive. ``TORCH_GLOO_LAZY_INIT=1`` returns
+  at once and connects each pair on first use: measured at 4x4 (``benchmarks/recovery_scaling``
+  notes) it halved forming the groups and the default group, but the connections then formed
+  inside the redone step and the recovery was no faster; and a connection made inside a send
+  is one more wait a round's wake would have to reach. Not used.
 * What blocks it here: DeepSpeed's grid creates every group through ``dist.new_group``, which
   every rank of the default group calls in one order (torch names groups by that order); the
   default group always holds the lost slot; and a kept group must be quiescent (no member
