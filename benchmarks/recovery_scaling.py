@@ -334,11 +334,13 @@ def markdown(rows: list[dict]) -> str:
     lines += ["", "Each phase's median divided by the shape's median step time: on 2 cores every member's CPU "
               "work shares the same cores, so a phase whose ratio stays flat grows only with the step (CPU "
               "contention); a ratio that grows is growth of the protocol itself.", "",
-              "| shape | ranks | " + " | ".join(l for k, l in PHASES if k != "total_s") + " |",
-              "|" + "---|" * (len(PHASES) + 1)]
+              "| shape | ranks | " + " | ".join(l for k, l in PHASES if k != "total_s")
+              + " | engine rebuild: forming the groups |",
+              "|" + "---|" * (len(PHASES) + 2)]
     for e in summary(rows):
         lines.append(f"| {e['shape']} | {e['ranks']} | " + " | ".join(
-            f"{e[k][0] / e['step_time_s']:.2f}" for k, _ in PHASES if k != "total_s") + " |")
+            f"{e[k][0] / e['step_time_s']:.2f}" for k, _ in PHASES if k != "total_s")
+            + f" | {e['rebuild_groups_s'] / e['step_time_s']:.2f} |")
     lines += ["", "The engine rebuild's parts (median s; blank: not recorded by that run): the pipeline module "
               "with DeepSpeed's process groups (each set of members formed once, by its own members), and "
               "DeepSpeed's engine (config, optimizer; no start-up weight broadcast in a rebuild).", "",
@@ -362,12 +364,15 @@ def plot(rows: list[dict], path: str) -> None:
              [(f"S stages, {r} replica{'s' if r > 1 else ''}", [e for e in entries if replicas[e["shape"]] == r])
               for r in sorted(set(replicas.values()))]
     series = [(name, es) for name, es in series if len(es) >= 2] or [("median", entries)]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
-    for ax, (key, label) in zip(axes.flat, PHASES):
+    # the phases, then the engine rebuild's group forming on its own (the part issue #29 asks to stay flat)
+    panels = [*PHASES, ("rebuild_groups_s", "engine rebuild: forming the groups")]
+    fig, axes = plt.subplots(3, 3, figsize=(14, 10), sharex=True)
+    for ax, (key, label) in zip(axes.flat, panels):
         for r in rows:
             ax.plot(r["ranks"], r[key], "o", color="0.7", ms=4)
         for i, (name, es) in enumerate(series):
-            ax.plot([e["ranks"] for e in es], [e[key][0] for e in es], "-o", color=f"C{i}", label=f"median, {name}")
+            med = [e[key][0] if isinstance(e[key], tuple) else e[key] for e in es]
+            ax.plot([e["ranks"] for e in es], med, "-o", color=f"C{i}", label=f"median, {name}")
             if key == "redo_step_s":
                 ax.plot([e["ranks"] for e in es], [e["step_time_s"] for e in es], "--", color=f"C{i}",
                         label=f"step time, {name}")
@@ -378,7 +383,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xticks([e["ranks"] for e in entries], [str(e["ranks"]) for e in entries])
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("ranks (stages x replicas + 1 spare)")
     for ax in axes[:, 0]:
         ax.set_ylabel("seconds")

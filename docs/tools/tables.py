@@ -169,14 +169,15 @@ def recovery_scaling() -> str:
         totals = [float(r["total_s"]) for r in rs]
         body.append([shape, rs[0]["ranks"], f"{rs[0]['micro_batches']} x {rs[0]['micro_batch']}", len(rs),
                      rs[0]["method"], med("step_time_s"), med("detection_s"), med("teardown_s"), med("agreement_s"),
-                     med("data_plane_s"), med("rebuild_module_s"), med("rebuild_engine_s"),
+                     med("data_plane_s"), med("rebuild_module_s"), med("rebuild_groups_s"), med("rebuild_engine_s"),
                      med("rematerialise_s"), med("redo_step_s"),
                      f"{statistics.median(totals):.3f} [{max(totals):.3f}]",
                      f"{sum(r['timeout_reached'] == 'False' for r in rs)}/{len(rs)}",
                      f"{sum(t < 1.0 for t in totals)}/{len(rs)}"])
     return table(["shape (stages x replicas)", "ranks (+1 spare)", "micro-batches x sequences", "kills", "method",
                   "step s", "detection s", "snapshot + leave s", "agreement s", "data plane s",
-                  "module + its groups s", "DeepSpeed engine s", "re-materialise s", "redone step s",
+                  "module + its groups s", "of which forming the groups s", "DeepSpeed engine s", "re-materialise s",
+                  "redone step s",
                   "kill -> next step s, median [max]", "no timeout", "under 1 s"], body) + "\n\n" + source(f)
 
 
