@@ -50,8 +50,9 @@ PHASES = [("detection_s", "detection"), ("teardown_s", "snapshot + leave plane")
           ("data_plane_s", "data plane"), ("engine_rebuild_s", "engine rebuild"),
           ("rematerialise_s", "re-materialise"), ("redo_step_s", "redone step"), ("total_s", "total")]
 #: the engine rebuild's parts (the recovery event's ``rebuild_*``): the module with its process
-#: groups, of which forming the groups (``new_group`` calls) alone, and DeepSpeed's engine
-REBUILD_PARTS = ["rebuild_module_s", "rebuild_groups_s", "rebuild_engine_s"]
+#: groups, of which forming the groups (``new_group`` calls) alone and that member's CPU time in
+#: them (the rest: waiting for the groups' other members), and DeepSpeed's engine
+REBUILD_PARTS = ["rebuild_module_s", "rebuild_groups_s", "rebuild_groups_cpu_s", "rebuild_engine_s"]
 ROW_KEYS = ["shape", "stages", "replicas", "ranks", "micro_batch", "micro_batches", "kill", "victim_slot",
             "victim_stage", "method", "after_step",
             "step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "timeout_reached", "join_latency_s"]
@@ -344,8 +345,9 @@ def markdown(rows: list[dict]) -> str:
     lines += ["", "The engine rebuild's parts (median s; blank: not recorded by that run): the pipeline module "
               "with DeepSpeed's process groups (each set of members formed once, by its own members), and "
               "DeepSpeed's engine (config, optimizer; no start-up weight broadcast in a rebuild).", "",
-              "| shape | ranks | engine rebuild | module + its groups | of which forming the groups | DeepSpeed engine |",
-              "|---|---|---|---|---|---|"]
+              "| shape | ranks | engine rebuild | module + its groups | of which forming the groups "
+              "| CPU time in forming them | DeepSpeed engine |",
+              "|---|---|---|---|---|---|---|"]
     for e in summary(rows):
         parts = " | ".join("" if e[k] != e[k] else f"{e[k]:.3f}" for k in REBUILD_PARTS)
         lines.append(f"| {e['shape']} | {e['ranks']} | {e['engine_rebuild_s'][0]:.3f} | {parts} |")
@@ -373,10 +375,13 @@ def plot(rows: list[dict], path: str) -> None:
         for i, (name, es) in enumerate(series):
             med = [e[key][0] if isinstance(e[key], tuple) else e[key] for e in es]
             ax.plot([e["ranks"] for e in es], med, "-o", color=f"C{i}", label=f"median, {name}")
+            if key == "rebuild_groups_s":
+                cpu = [e["rebuild_groups_cpu_s"] for e in es]
+                ax.plot([e["ranks"] for e in es], cpu, ":", color=f"C{i}", label=f"CPU time in them, {name}")
             if key == "redo_step_s":
                 ax.plot([e["ranks"] for e in es], [e["step_time_s"] for e in es], "--", color=f"C{i}",
                         label=f"step time, {name}")
-        if key in ("detection_s", "redo_step_s"):
+        if key in ("detection_s", "redo_step_s", "rebuild_groups_s"):
             ax.legend(fontsize=7)
         ax.set_title(label)
         ax.set_xscale("log", base=2)

@@ -212,7 +212,8 @@ def build(config, model="tiny", model_overrides: dict | None = None,
     #: where the build's time went (a recovery's phase table splits its engine rebuild with it)
     engine.build_seconds = {"module_s": round(t_module - t0, 4), "engine_s": round(time.perf_counter() - t_module, 4)}
     if groups is not None:  # of the module's part: forming its process groups (elastic)
-        engine.build_seconds.update(groups_s=round(groups["groups_s"], 4), groups=groups["groups"])
+        engine.build_seconds.update(groups_s=round(groups["groups_s"], 4), groups_cpu_s=round(groups["groups_cpu_s"], 4),
+                                    groups=groups["groups"])
     engine.setup = setup
     return engine, setup
 

@@ -68,6 +68,7 @@ def _rebuild_phases(rec, line, backend, remat) -> list[tuple[str, float]]:
             ("engine rebuild (in-memory state)", rec["engine_rebuild_s"]),
             ("  of which module + its process groups", rec.get("rebuild_module_s", nan)),
             ("    of which forming the groups", rec.get("rebuild_groups_s", nan)),
+            ("      this member's CPU time in them", rec.get("rebuild_groups_cpu_s", nan)),
             ("  of which DeepSpeed engine (config, optimizer)", rec.get("rebuild_engine_s", nan)),
             ("  of which loading the kept state", rec.get("rebuild_state_load_s", nan)),
             (remat, rec["rematerialise_s"]),
