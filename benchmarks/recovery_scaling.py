@@ -281,7 +281,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 #: what the runs of 2026-12-02 showed beyond the tables (kept with them; re-read when re-measuring)
-NOTES = """## Notes (runs of 2026-12-02, 14:18-15:32 UTC)
+NOTES = """## Notes (runs of 2026-12-02, 16:51-17:08 UTC, commit 6e1a7fa)
 
 - No kill reached a timeout (gloo's, the data plane's or the agreement's): before the waits were made
   interruptible (`ds_checkfree.elastic.plane_waits`), 2 of 3 kills at 4x3/4x4 waited out the 30 s data-plane
@@ -291,30 +291,39 @@ NOTES = """## Notes (runs of 2026-12-02, 14:18-15:32 UTC)
   sequences: step 0.58 s at 4x3 and 0.78 s at 4x4, recoveries 1.40 / 1.66 s median, none under 1 s;
   that redone step alone took most of the second. The redone step is an ordinary step (the data
   resumes at the interrupted one), not a recovery cost.
-- The engine rebuild no longer broadcasts replica 0's weights into a rebuilt engine (every parameter is
-  replaced right after), forms each set of members once (DeepSpeed's grid asks for every pipe twice) and
-  seeds layers on the CPU generator alone; measured on the old workload at 4x4 (3 kills each side, not
-  kept here), its median went from about 0.37 s to about 0.16 s.
+- The same VM ran these shapes faster than in the runs of 14:18-15:32 UTC (commit 7fc2a32's file: step
+  0.316 s and recovery 0.839 s median at 4x4, against 0.229 s and 0.575 s here): the VM's speed varies
+  between sessions by about that much; compare shapes within one file, not across files.
 - On 2 cores every member's CPU work shares the same cores, so the step time itself grows with the
   process count, and so does every phase in which every member works (detection: the error surfaces at
   the member's next communication; teardown; re-materialisation). Their ratios to the step time stay
   roughly flat or fall.
-- The engine rebuild stays near half a step time from 9 to 33 ranks with replicas (0.50-0.57) and falls
-  with stages (0.44 -> 0.20 from 8 to 32): nothing in it grows faster than the step. Its module part (the
-  grid's groups) grows with the data-parallel width in seconds: a member's data-parallel group of R
-  members forms only once all R arrived, and they arrive at different times (each finished its own
-  teardown and agreement), on two shared cores; with stages it stays near the step's share.
+- Forming the groups (the engine rebuild's `new_group` calls, last table) costs each member 1-5 ms of CPU at
+  every size; the rest of its wall time is waiting: a gloo group forms once its last member called
+  `new_group`, and members arrive as each finishes its own teardown, agreement and module build. With one
+  replica a member's only multi-member groups are its pipe (the default group, formed in the data-plane
+  phase) and its neighbour pairs: 2-23 ms up to 33 ranks. With R replicas each member also forms its
+  stage's data-parallel group of R members and waits for the last of them: a fifth of a step time from 9
+  to 17 ranks (25-41 ms), 0.155 s (0.28 of a step) at 4x8. That wait grows with R by construction (the
+  slowest of R arrivals) and with contention; only keeping groups across a recovery would remove it
+  (issue #29, not done: `ds_checkfree/elastic/data_plane.py` says what each backend allows and why
+  groups without the lost slot are usually mid-operation when a kill lands mid-step).
+- `TORCH_GLOO_LAZY_INIT=1` (connect each pair on first use, so a group forms without waiting for its
+  members), A/B on this VM on fa557b8's code, 3 kills per shape and side (`gloo_lazy_init_ab.csv`): forming the groups 4 / 18 ms (4x1 /
+  4x4) against 5 / 33 ms, the data plane 1 / 7 ms against 9 / 39 ms; but the connections then form in the
+  redone step (0.301 s against 0.212 s at 4x4) and the recovery was no faster (0.149 / 0.758 s against
+  0.160 / 0.616 s median). Not used.
 - At 33 ranks the data plane took 5.2 s in the first runs (commit 8160dac, both shapes): torch's TCPStore
   client handshake stalls exactly 5.0 s when ~30 clients connect at once (reproduced without this project:
   32 processes forming gloo groups through fresh TCPStore clients under torchrun, 5.0-5.3 s stalls in most
   generations at 32, rarely at 16, with either store server and with connects staggered by 10 ms; plain
-  Python sockets on the same VM, gVisor, show no such stall). Since the 33-rank rows here (15:26-15:32 UTC),
-  each member opens the next generation's client while the current one trains, spread over its first 8
-  steps (`ds_checkfree.elastic.store_clients`): the data plane takes 0.1-0.3 s there. A first try that
-  opened all clients at the same step stalled in the background and, with a kill landing in that window,
-  delayed detection by ~3 s in 2 of 8 kills; spreading them removed it in the run recorded here.
-- The 5-17-rank rows were measured before the store client was opened ahead (their data plane, 0.01-0.07 s,
-  had no stall to remove).
+  Python sockets on the same VM, gVisor, show no such stall). Each member now opens the next generation's
+  client while the current one trains, spread over its first 8 steps (`ds_checkfree.elastic.store_clients`):
+  the data plane takes 0.15-0.2 s there. A first try that opened all clients at the same step stalled in
+  the background and, with a kill landing in that window, delayed detection by ~3 s in 2 of 8 kills;
+  spreading them removed it.
+- 33 ranks stay over 1 s (4x8 1.66 s, 32x1 1.11 s median): every phase grows with the 33 processes'
+  contention for two cores (the step alone is 0.38-0.56 s).
 """
 
 

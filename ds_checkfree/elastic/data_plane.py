@@ -54,6 +54,13 @@ would allow, but not yet what this plane does:
   no longer match), which the round would have to establish. A grid fed from a registry of
   kept groups, the default group used only to form the others, and the round reporting each
   member's in-flight groups would make the cost depend on the lost slot's neighbourhood.
+* Why "without the lost slot" is not enough: a kill mid-step stalls every group downstream of
+  it. The lost replica's pipe never reaches the step's data-parallel all-reduces, so every
+  other replica's member of every stage waits in an all-reduce on a group that does not hold
+  the lost slot, and the wake strands that operation; a group so interrupted has members whose
+  operation counts (gloo's tags) differ, and must be formed again. A kept group needs every
+  member to report the same completed operations on it and none in flight, i.e. the round
+  must compare per-group operation counts; only then can the rest be kept.
 """
 from __future__ import annotations
 
