@@ -308,6 +308,14 @@ NOTES = """## Notes (runs of 2026-12-02, 16:51-17:08 UTC, commit 6e1a7fa)
   slowest of R arrivals) and with contention; only keeping groups across a recovery would remove it
   (issue #29, not done: `ds_checkfree/elastic/data_plane.py` says what each backend allows and why
   groups without the lost slot are usually mid-operation when a kill lands mid-step).
+- Where that time goes at 4x8 (`group_forming_trace_4x8.csv`: one traced recovery, every rank's `new_group`
+  calls): members start forming groups 0-98 ms apart (the spread the data-plane phase leaves them with),
+  wait in their pipe group (39 ms median per member) and in their data-parallel group of 8 (63 ms), then form
+  their own group of one (DeepSpeed's model-parallel group with one rank per stage; 33 ms, round trips to the
+  store) among 31 calls for other ranks' groups of one (43 ms in all: time the process was not scheduled);
+  11 ms of CPU. Forming each group by its members alone (torch's `use_local_synchronization`, the other ranks
+  skipping the call) made no difference that 3 kills per side could show (`group_forming_ab.csv`: 65 / 148 ms
+  at 4x4 / 4x8 against 49 / 196 ms, on a slower stretch of the VM than the table above): not used.
 - `TORCH_GLOO_LAZY_INIT=1` (connect each pair on first use, so a group forms without waiting for its
   members), A/B on this VM on fa557b8's code, 3 kills per shape and side (`gloo_lazy_init_ab.csv`): forming the groups 4 / 18 ms (4x1 /
   4x4) against 5 / 33 ms, the data plane 1 / 7 ms against 9 / 39 ms; but the connections then form in the
