@@ -18,6 +18,11 @@ says a gloo wait timed out; the join latency (joiner started -> admitted as the 
     flock /tmp/cpu.lock .venv/bin/python -m benchmarks.recovery_scaling --shapes 4x1,4x2,4x4,4x8 --kills 4
     .venv/bin/python -m benchmarks.recovery_scaling --report_only      # table + plot from the CSV
 
+Without MPI, ``--launcher direct`` starts the coordinator and every member by hand; with
+``--accelerator cuda`` every member runs on GPU 0 as its own NCCL host (one GPU, several
+ranks: ``scripts/gpu_check.sh`` runs it with ``GPU_CHECK_SCALING=4x1,4x2``). Give such a run its
+own ``--out``: one file holds one protocol.
+
 Writes ``benchmarks/results/recovery_scaling.csv`` (one row per kill, naming commit, date,
 machine and protocol; rows of other shapes already there are kept, a shape run again is
 replaced), ``recovery_scaling.md`` (medians per shape) and ``recovery_scaling.png`` (each
@@ -41,7 +46,8 @@ from pathlib import Path
 
 from benchmarks._runs import RESULTS, base_config
 from benchmarks.kill_campaign_report import machine
-from ds_checkfree.testing import Job, events_of, mpirun_cmd, standalone_env, steps_of, train_args
+from ds_checkfree.testing import Job, events_of, job_env, mpirun_cmd, standalone_env, steps_of, train_args
+from ds_checkfree.testing.direct_job import DirectJob
 from ds_checkfree.testing.procs import kill_group
 
 OUT = os.path.join(RESULTS, "recovery_scaling.csv")
@@ -63,10 +69,14 @@ META_KEYS = ["commit", "date", "machine", "protocol"]
 MICRO_BATCH, MICRO_BATCHES = 1, 2
 
 
-def protocol(micro_batch: int, micro_batches: int) -> str:
-    return ("mpirun --with-ft ulfm, S stages x R replicas + 1 spare, tiny LLaMA (8 layers, or S if more), "
+def protocol(micro_batch: int, micro_batches: int, launcher: str = "mpirun", accelerator: str = "cpu") -> str:
+    how = ("mpirun --with-ft ulfm" if launcher == "mpirun" else
+           "no launcher (a coordinator and every member started by hand with --join)")
+    plane = ("CPU gloo, OMP_NUM_THREADS=1" if accelerator == "cpu" else
+             "CUDA NCCL, every member on GPU 0 as its own NCCL host")
+    return (f"{how}, S stages x R replicas + 1 spare, tiny LLaMA (8 layers, or S if more), "
             f"{micro_batches} micro-batches of {micro_batch} sequence{'s' if micro_batch > 1 else ''} (64 tokens) "
-            "per replica and step, CPU gloo, OMP_NUM_THREADS=1, one kill at a time, each spare replaced by a "
+            f"per replica and step, {plane}, one kill at a time, each spare replaced by a "
             "--join process before the next kill; phases from the metrics writer's recovery_timeline")
 
 
@@ -108,8 +118,8 @@ def timeouts_in(paths) -> int:
     """Lines saying a gloo wait (or any data-plane wait) ran out of time."""
     n = 0
     for p in paths:
-        try:
-            n += sum(1 for line in Path(p).read_text(errors="replace").splitlines() if "Timed out" in line)
+        try:  # gloo: "Timed out waiting ...ms for ..."; NCCL's watchdog: "... timed out"
+            n += sum(1 for line in Path(p).read_text(errors="replace").splitlines() if "timed out" in line.lower())
         except OSError:
             pass
     return n
@@ -119,9 +129,14 @@ class ShapeRun:
     """One job of one shape, its kills and its joiners."""
 
     def __init__(self, work: Path, stages: int, replicas: int, kills: int, seed: int, timeout_s: float,
-                 micro_batch: int = MICRO_BATCH, micro_batches: int = MICRO_BATCHES):
+                 micro_batch: int = MICRO_BATCH, micro_batches: int = MICRO_BATCHES, launcher: str = "mpirun",
+                 accelerator: str = "cpu"):
+        """``launcher``: "mpirun" (``--with-ft ulfm``) or "direct" (a coordinator and every
+        member started by hand, ``ds_checkfree.testing.direct_job``: where there is no MPI, and
+        the way to run on one GPU with NCCL, ``accelerator`` "cuda")."""
         self.stages, self.replicas, self.kills, self.timeout_s = stages, replicas, kills, timeout_s
         self.micro_batch, self.micro_batches = micro_batch, micro_batches
+        self.launcher, self.accelerator = launcher, accelerator
         self.dir = work / f"{stages}x{replicas}"
         self.dir.mkdir(parents=True)
         self.out = self.dir / "out"
@@ -140,7 +155,13 @@ class ShapeRun:
     def run(self, on_kill=lambda rows: None) -> list[dict]:
         """The kills' rows; ``on_kill(rows so far)`` after each (a run cut short keeps them)."""
         n = self.stages * self.replicas + 1
-        self.job = Job([*mpirun_cmd(n, fault_tolerant=True), *self.train_args()], self.out, self.logs[0])
+        if self.launcher == "direct":
+            self.job = DirectJob(self.cfg, self.out, 100000, n, num_stages=self.stages, dp=self.replicas,
+                                 accelerator=self.accelerator, extra=self.extra, timeout_s=self.timeout_s)
+            self.logs = self.job.logs  # the job adds each member's log, joiners included
+        else:
+            self.job = Job([*mpirun_cmd(n, fault_tolerant=True), *self.train_args()], self.out, self.logs[0],
+                           env=job_env(self.accelerator))
         rows = []
         try:
             self._wait(lambda: self.job.last_step() and self.job.last_step()["step"] >= 5, "step 5")
@@ -204,15 +225,21 @@ class ShapeRun:
     def _replace_spare(self, k: int) -> tuple[int, float]:
         """Start a joiner; once it waits as the spare and three more steps completed, its pid
         and how long it took to be admitted."""
-        info = self._wait(lambda: next((json.loads(p.read_text()) for p in sorted(self.out.glob("coordinator-*.json"))
-                                        if p.stat().st_size), None), "the coordinator's address")
-        log = self.dir / f"joiner{k}.txt"
-        self.logs.append(log)
         started = time.time()
-        proc = subprocess.Popen([sys.executable, *self.train_args(), "--join", f"127.0.0.1:{info['port']}"],
-                                env=standalone_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.joiners.append(proc)
+        if self.launcher == "direct":
+            n = self.stages * self.replicas + 1
+            proc = self.job.add_member(n + k - 1)  # its own NCCL host id and log
+            log = self.job.logs[-1]
+        else:
+            info = self._wait(lambda: next((json.loads(p.read_text())
+                                            for p in sorted(self.out.glob("coordinator-*.json")) if p.stat().st_size),
+                                           None), "the coordinator's address")
+            log = self.dir / f"joiner{k}.txt"
+            self.logs.append(log)
+            proc = subprocess.Popen([sys.executable, *self.train_args(), "--join", f"127.0.0.1:{info['port']}"],
+                                    env=standalone_env(self.accelerator), stdout=open(log, "w"),
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.joiners.append(proc)
         self._wait(lambda: "spare: waiting" in log.read_text(errors="replace") or proc.poll() is not None,
                    f"joiner {k} admitted")
         if proc.poll() is not None:
@@ -434,14 +461,21 @@ def main(argv=None) -> int:
     p.add_argument("--timeout_s", type=float, default=900.0, help="bound on each wait (start-up, recovery, join)")
     p.add_argument("--out", default=OUT)
     p.add_argument("--report_only", action="store_true", help="table and plot from the CSV, no runs")
+    p.add_argument("--launcher", choices=("mpirun", "direct"), default="mpirun",
+                   help="mpirun --with-ft ulfm, or direct: a coordinator and every member started by hand (no MPI)")
+    p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: NCCL, every member on GPU 0 as its own NCCL host (use with --launcher direct)")
     a = p.parse_args(argv)
+    if a.accelerator == "cuda" and a.launcher != "direct":
+        p.error("--accelerator cuda needs --launcher direct: several members on one GPU must each be started "
+                "as their own NCCL host (NCCL_HOSTID), which the direct launcher does")
     # a timeout's SIGTERM unwinds like an error: the job and its joiners are stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = read_rows(a.out)
     if not a.report_only:
         shapes = parse_shapes(a.shapes)
         meta = {"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "machine": machine(), "protocol": protocol(a.micro_batch, a.micro_batches)}
+                "machine": machine(), "protocol": protocol(a.micro_batch, a.micro_batches, a.launcher, a.accelerator)}
         work = Path(tempfile.mkdtemp(prefix="recovery_scaling_"))
         print(f"work dir {work}", flush=True)
         for i, (s, r) in enumerate(shapes):
@@ -454,7 +488,7 @@ def main(argv=None) -> int:
                 write_rows(a.out, rows)
             try:
                 new = ShapeRun(work, s, r, a.kills, a.seed * 1000 + i, a.timeout_s, a.micro_batch,
-                               a.micro_batches).run(keep)
+                               a.micro_batches, a.launcher, a.accelerator).run(keep)
             except RuntimeError as err:
                 print(f"  {s}x{r}: FAILED: {err}", flush=True)
                 continue

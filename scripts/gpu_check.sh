@@ -15,8 +15,10 @@
 #
 # Environment: PYTHON (default .venv/bin/python), GPU_CHECK_OUT (default out/gpu_check),
 # GPU_CHECK_STEPS (default 20, >= 16), GPU_CHECK_RUN_TIMEOUT (seconds per run, default 600),
-# GPU_CHECK_MODEL (default tiny; e.g. 124m), GPU_CHECK_ONLY (space-separated run names; default all). GPU_CHECK_CPU=1 runs the same recipe on CPU/gloo
-# (DS_ACCELERATOR=cpu): a check of this script itself, which says nothing about the GPU path.
+# GPU_CHECK_MODEL (default tiny; e.g. 124m), GPU_CHECK_ONLY (space-separated run names; default all),
+# GPU_CHECK_SCALING (opt-in: shapes for the recovery benchmark on NCCL, e.g. "4x1,4x2"; see below).
+# GPU_CHECK_CPU=1 runs the same recipe on CPU/gloo (DS_ACCELERATOR=cpu): a check of this script
+# itself, which says nothing about the GPU path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -105,6 +107,19 @@ for run in "${RUNS[@]}"; do
   [ $rc -eq 0 ] || { echo "gpu_check: $name exited with status $rc; last lines of $OUT/$name.log:"; tail -n 15 "$OUT/$name.log"; }
   echo "$name $rc $expect" >> "$SPEC"
 done
+
+# opt-in: issue #29's recovery benchmark on NCCL (GPU_CHECK_SCALING="4x1,4x2", shapes STAGESxREPLICAS;
+# GPU_CHECK_SCALING_KILLS per shape, default 3): real SIGKILLs, a coordinator and every member
+# started by hand, each its own NCCL host on GPU 0 (benchmarks/recovery_scaling.py --launcher direct).
+# A measurement, not a pass/fail check: its table goes to $OUT/recovery_scaling_nccl.md.
+if [ -n "${GPU_CHECK_SCALING:-}" ]; then
+  echo "gpu_check: recovery_scaling on $ACCEL, shapes $GPU_CHECK_SCALING ..."
+  timeout "$RUN_TIMEOUT" "$PY" -m benchmarks.recovery_scaling --launcher direct --accelerator "$ACCEL" \
+    --shapes "$GPU_CHECK_SCALING" --kills "${GPU_CHECK_SCALING_KILLS:-3}" --timeout_s 300 \
+    --out "$OUT/recovery_scaling_nccl.csv" > "$OUT/recovery_scaling_nccl.log" 2>&1 \
+    || echo "gpu_check: recovery_scaling exited with status $? (log $OUT/recovery_scaling_nccl.log)"
+  grep -E "kill [0-9]+:|kills in|FAILED" "$OUT/recovery_scaling_nccl.log"
+fi
 
 "$PY" - "$OUT" "$STEPS" <<'EOF'
 import json, math, statistics, sys

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,7 +24,8 @@ import time
 from pathlib import Path
 
 from ds_checkfree.testing import REPO as ROOT
-from ds_checkfree.testing import events_of, read_metrics, recovery_phases, standalone_env, steps_of, train_args
+from ds_checkfree.testing import events_of, read_metrics, recovery_phases, steps_of, train_args
+from ds_checkfree.testing.direct_job import member_env, member_pids, start_up_roles
 from ds_checkfree.testing.procs import dump_stacks, kill_group
 
 
@@ -39,33 +39,6 @@ def wait_for(what: str, cond, timeout: float, procs) -> None:
             raise RuntimeError(f"waiting for {what}: a process failed ({dead})")
         time.sleep(0.05)
     raise RuntimeError(f"{what}: not within {timeout:.0f} s")
-
-
-def member_pids(logs: list[Path]) -> dict[int, int]:
-    """member id -> pid, from each member's first line ("[member X] host pid P: member of ...")."""
-    found = {}
-    for log in logs:
-        m = re.search(r"\[member (\d+)\] \S+ pid (\d+): member of the job", log.read_text(errors="replace"))
-        if m:
-            found[int(m.group(1))] = int(m.group(2))
-    return found
-
-
-def start_up_roles(coordinator_log: Path) -> dict[int, int | None]:
-    """member id -> stage slot of the first generation, from the coordinator's plan line."""
-    m = re.search(r"generation 1: roles (\{[^}]*\})", coordinator_log.read_text(errors="replace"))
-    if not m:
-        return {}
-    return {int(k): (None if v == "None" else int(v)) for k, v in re.findall(r"(\d+): (\d+|None)", m.group(1))}
-
-
-def member_env(i: int, accelerator: str) -> dict:
-    """A process started by hand: no launcher's variables; on CUDA every member on GPU 0, each
-    its own host to NCCL."""
-    if accelerator == "cuda":
-        return standalone_env(accelerator, NCCL_HOSTID=f"host{i}", CUDA_VISIBLE_DEVICES="0", LOCAL_RANK="0",
-                              NCCL_SOCKET_IFNAME="lo")
-    return standalone_env(accelerator)
 
 
 def run(a) -> dict:

@@ -1,5 +1,7 @@
-"""``scripts/kill_check.py`` finds the victim from what the coordinator and the members print
-(the real run is in the slow CPU dry run of ``gpu_check.sh`` and on a GPU)."""
+"""A job without a launcher (``ds_checkfree.testing.direct_job``, which ``scripts/kill_check.py``
+and ``benchmarks/recovery_scaling.py --launcher direct`` use) finds who holds which slot from
+what the coordinator and the members print (the real runs: the slow CPU dry run of
+``gpu_check.sh``, and a GPU)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,6 +9,7 @@ import importlib.util
 import pytest
 
 from conftest import ROOT
+from ds_checkfree.testing.direct_job import launcher_ranks, member_pids, start_up_roles
 
 _spec = importlib.util.spec_from_file_location("kill_check", ROOT / "scripts" / "kill_check.py")
 kill_check = importlib.util.module_from_spec(_spec)
@@ -19,9 +22,9 @@ def test_roles_of_the_first_generation_are_read_from_the_coordinator_log(tmp_pat
                    "[coordinator] generation 1: roles {5: 0, 6: 1, 7: 2, 8: 3, 9: None}, dead [], evicted [], "
                    "lost stages [], replacements {0: 5}, resume at step 1 (fresh start) [start-up]\n"
                    "[coordinator] generation 2: roles {9: 1, 5: 0, 7: 2, 8: 3}, dead [6]\n")
-    assert kill_check.start_up_roles(log) == {5: 0, 6: 1, 7: 2, 8: 3, 9: None}
+    assert start_up_roles(log) == {5: 0, 6: 1, 7: 2, 8: 3, 9: None}
     log.write_text("[coordinator] listening\n")
-    assert kill_check.start_up_roles(log) == {}
+    assert start_up_roles(log) == {}
 
 
 def test_member_pids_come_from_each_members_first_line(tmp_path):
@@ -31,7 +34,15 @@ def test_member_pids_come_from_each_members_first_line(tmp_path):
         logs[-1].write_text(f"noise\n[member {mid}] vm pid {pid}: member of the job at 127.0.0.1:1 (advertising x)\n")
     logs.append(tmp_path / "member2.log")
     logs[-1].write_text("still importing\n")
-    assert kill_check.member_pids(logs) == {5: 8315, 6: 8320}
+    assert member_pids(logs) == {5: 8315, 6: 8320}
+
+
+def test_slots_come_first_then_the_spares_in_member_order():
+    roles = {5: 0, 6: 1, 7: 2, 8: 3, 9: None, 4: None}
+    pids = {4: 104, 5: 105, 6: 106, 7: 107, 8: 108, 9: 109}
+    assert launcher_ranks(roles, pids) == {0: 105, 1: 106, 2: 107, 3: 108, 4: 104, 5: 109}
+    # a member whose first line is not written yet is left out; the others keep their numbers
+    assert launcher_ranks(roles, {5: 105, 9: 109}) == {0: 105, 5: 109}
 
 
 def test_edge_victims_are_refused():
