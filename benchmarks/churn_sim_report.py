@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from benchmarks._runs import RESULTS
 from benchmarks.churn_sim import (DOWNTIME_PHASES, PhaseModel, SimConfig, monte_carlo, per_iteration_survival,
                                   predicted_recovery, step_failure_probability)
-from benchmarks.recovery_scaling import read_rows
+from benchmarks.recovery_scaling_report import read_rows
 
 #: the reference code's presets (``ds_checkfree.config.modes.RATE_PRESETS``): per-iteration p and
 #: the %/h it is labelled with imply its iteration time, t = 3600 ln(1 - p) / ln(1 - h)
