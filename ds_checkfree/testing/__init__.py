@@ -5,7 +5,9 @@
 - ``procs``: a job's processes through /proc (rank -> pid), signals, waiting for a pid to go;
 - ``records``: a run's metrics.jsonl (``ds_checkfree.metrics.read_metrics``, one rule for a
   half-written last line), its steps and events, where a recovery's time went;
-- ``job``: one job in the background (start, follow its steps, signal a rank, wait, stop).
+- ``job``: one job in the background (start, follow its steps, signal a rank, wait, stop);
+- ``direct_job``: a job without a launcher (a coordinator and every member started by hand),
+  where there is no MPI and for several ranks on one GPU.
 
 It needs the checkout the package is installed from (editable: ``pip install -e .``), whose
 ``launch/train.py`` and ``ds_configs/`` it runs.
