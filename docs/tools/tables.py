@@ -322,11 +322,13 @@ def _summary(path: str) -> str:
 
 
 def _package_modules() -> list[str]:
-    """The package's modules as a clone has them (git's tracked files; every file outside git)."""
+    """The package's modules as a clone will have them: git's tracked files and the new ones not
+    yet added (not ignored), so a map written before ``git add`` already names a new module;
+    every file outside git."""
     import subprocess
     try:
-        out = subprocess.run(["git", "ls-files", "ds_checkfree"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "ds_checkfree"],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         out = [os.path.relpath(os.path.join(root, f), REPO) for root, _, files in os.walk(os.path.join(REPO,
                "ds_checkfree")) for f in files]
