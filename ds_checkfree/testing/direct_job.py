@@ -66,7 +66,7 @@ class DirectJob:
                  timeout_s: float = 120.0):
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.python, self.accelerator, self.processes = python, accelerator, processes
+        self.python, self.accelerator_name, self.processes = python, accelerator, processes
         self.coordinator_log = self.out / "coordinator.log"
         self.logs: list[Path] = [self.coordinator_log]
         announce = self.out / "coordinator.json"
@@ -96,7 +96,7 @@ class DirectJob:
         the job runs."""
         log = self.out / f"member{i}.log"
         self.logs.append(log)
-        proc = self._start([self.python, *self.train_args], log, member_env(i, self.accelerator))
+        proc = self._start([self.python, *self.train_args], log, member_env(i, self.accelerator_name))
         self.members.append(proc)
         return proc
 
