@@ -18,15 +18,13 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ds_checkfree.testing import REPO as ROOT
-from ds_checkfree.testing import events_of, read_metrics, recovery_phases, steps_of, train_args
-from ds_checkfree.testing.direct_job import member_env, member_pids, start_up_roles
-from ds_checkfree.testing.procs import dump_stacks, kill_group
+from ds_checkfree.testing import events_of, read_metrics, recovery_phases, steps_of
+from ds_checkfree.testing.direct_job import DirectJob, member_pids, start_up_roles
 
 
 def wait_for(what: str, cond, timeout: float, procs) -> None:
@@ -48,31 +46,16 @@ def run(a) -> dict:
     cfg["checkfree"].update(num_stages=a.stages, heartbeat_timeout_s=a.heartbeat_timeout_s)
     cfg_path = out / "ds_config.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
-    announce = out / "coordinator.json"
-    announce.unlink(missing_ok=True)
-    procs, logs = [], []
-    coord_log = out / "coordinator.log"
-    coord = subprocess.Popen([a.python, "-m", "ds_checkfree.elastic.membership.coordinator", "--deepspeed_config",
-                              str(cfg_path), "--expect", str(a.stages + 1), "--host", "127.0.0.1", "--port", "0",
-                              "--announce", str(announce)], cwd=ROOT, env=member_env(0, "cpu"),
-                             stdout=open(coord_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    procs.append(coord)
+    job = DirectJob(cfg_path, out, a.steps, a.stages + 1, num_stages=a.stages, accelerator=a.accelerator,
+                    model=a.model, extra=["--num_layers", str(a.num_layers)] if a.num_layers else [],
+                    python=a.python, timeout_s=60)
+    procs, logs = [job.proc, *job.members], job.logs[1:]
     try:
-        wait_for("the coordinator's announcement", announce.exists, 60, procs)
-        address = f"127.0.0.1:{json.loads(announce.read_text())['port']}"
-        for i in range(a.stages + 1):
-            log = out / f"member{i}.log"
-            logs.append(log)
-            cmd = [a.python, *train_args(cfg_path, out, a.steps, model=a.model, extra=["--join", address])]
-            if a.num_layers:
-                cmd += ["--num_layers", str(a.num_layers)]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=member_env(i, a.accelerator), stdout=open(log, "w"),
-                                          stderr=subprocess.STDOUT, start_new_session=True))
         wait_for("every member to join", lambda: len(member_pids(logs)) == a.stages + 1, a.timeout, procs)
         wait_for(f"step {a.kill_step}", lambda: any(r["step"] >= a.kill_step
                                                      for r in steps_of(read_metrics(out, missing_ok=True))),
                  a.timeout, procs)
-        roles, pids = start_up_roles(coord_log), member_pids(logs)
+        roles, pids = start_up_roles(job.coordinator_log), member_pids(logs)
         victim = next((m for m, slot in roles.items() if slot == a.victim), None)
         if victim is None or victim not in pids:
             raise RuntimeError(f"no member holds stage {a.victim} (roles {roles}, pids {pids})")
@@ -85,11 +68,7 @@ def run(a) -> dict:
         by_pid = {p.pid: p for p in members}
         codes = {mid: by_pid[pid].poll() if pid in by_pid else "?" for mid, pid in pids.items()}
     finally:
-        # a member still running here is stuck: its threads' stacks go to its log
-        dump_stacks(p.pid for p in procs[1:] if p.poll() is None)
-        for p in procs:
-            if p.poll() is None:
-                kill_group(p)
+        job.stop(dump_stacks=True)  # a member still running here is stuck: its threads' stacks go to its log
     records = read_metrics(out, missing_ok=True)
     steps = steps_of(records)
     recoveries = events_of(records, "recovery")

@@ -62,8 +62,8 @@ class DirectJob:
     coordinator, which ends with the job)."""
 
     def __init__(self, config: str | Path, output_dir: str | Path, steps: int, processes: int, *, num_stages: int,
-                 dp: int = 1, accelerator: str = "cpu", extra: list | tuple = (), python: str = sys.executable,
-                 timeout_s: float = 120.0):
+                 dp: int = 1, accelerator: str = "cpu", model: str = "tiny", extra: list | tuple = (),
+                 python: str = sys.executable, timeout_s: float = 120.0):
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.python, self.accelerator_name, self.processes = python, accelerator, processes
@@ -83,7 +83,7 @@ class DirectJob:
                 raise RuntimeError(f"the coordinator did not announce itself (see {self.coordinator_log})")
             time.sleep(0.05)
         self.address = f"127.0.0.1:{json.loads(announce.read_text())['port']}"
-        self.train_args = [*train_args(config, self.out, steps, extra=extra), "--join", self.address]
+        self.train_args = [*train_args(config, self.out, steps, model=model, extra=extra), "--join", self.address]
         for i in range(processes):
             self.add_member(i)
 
