@@ -91,3 +91,20 @@ def test_forgotten_groups_are_not_shut_down_and_the_next_generation_forms(tmp_pa
 def test_a_missing_private_member_is_named(monkeypatch):
     monkeypatch.setattr(c10d_private, "PRIVATE_MEMBERS", {"_no_such_member": "test"})
     assert c10d_private.missing_members() == ["_no_such_member"]
+
+
+def test_gloo_default_group_connects_a_pair_only_when_it_talks(tmp_path):
+    """The elastic default group is formed without its N-1 connections per member (re-formed at
+    every recovery, mostly unused): only ranks that talk over it connect; subgroups stay eager."""
+    out = tmp_path / "lazy"
+    run_job("torchrun", 3, "tests/workers/lazy_default_group_worker.py", [str(out)], timeout=180)
+    r = [json.loads((tmp_path / f"lazy.{rank}.json").read_text()) for rank in range(3)]
+    for seen in r:
+        assert seen["env_before"] is None and seen["env_inside"] == "1" and seen["env_after"] is None
+        # the eager subgroup connects to both peers (and listens); the lazy default group only listens
+        assert seen["subgroup_sockets"] >= 2
+        assert seen["default_group_sockets"] < seen["subgroup_sockets"]
+        assert seen["default_all_reduce"] == 6.0 and seen["subgroup_all_reduce"] == 6.0
+    assert r[1]["received"] == 1.0
+    assert r[0]["p2p_new_sockets"] >= 1 and r[1]["p2p_new_sockets"] >= 1  # the pair connected when it talked
+    assert r[2]["p2p_new_sockets"] == 0  # rank 2 took no part: no connection made for it

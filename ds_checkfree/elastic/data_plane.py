@@ -64,6 +64,7 @@ would allow, but not yet what this plane does:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -71,6 +72,11 @@ import threading
 from ds_checkfree.pipe.devices import data_plane_backend
 from ds_checkfree.elastic.plane_sockets import shutdown_new_sockets, socket_inodes
 from ds_checkfree.elastic.plane_waits import WAITS, InterruptibleWaits
+
+
+#: torch's switch between a gloo group that connects every pair when it forms and one that
+#: connects a pair on its first use
+GLOO_LAZY_INIT = "TORCH_GLOO_LAZY_INIT"
 
 
 class DataPlaneAborted(RuntimeError):
@@ -102,6 +108,10 @@ class DataPlane:
     def prepare(self) -> None:
         pass
 
+    def forming_default_group(self):
+        """Context around ``init_process_group``: how the default group is formed."""
+        return contextlib.nullcontext()
+
     def wake(self) -> None:
         pass
 
@@ -123,6 +133,25 @@ class GlooPlane(DataPlane):
         self.waits.install()
         self.waits.arm()
         self._before = set(socket_inodes().values())
+
+    @contextlib.contextmanager
+    def forming_default_group(self):
+        """The default group connects each pair of members on the pair's first use
+        (``TORCH_GLOO_LAZY_INIT`` for this group only: torch reads it when a gloo group is
+        constructed). Eager, it is a mesh of N-1 connections per member, formed again at every
+        recovery, although a member only talks over it to its pipe neighbours (DeepSpeed's
+        point-to-point) and, with one replica, in the loss broadcast of its pipe. The other
+        groups stay eager: connecting a data-parallel ring lazily moves the wait into the
+        redone step and made recovery slower (``benchmarks/results/gloo_lazy_init_ab.csv``)."""
+        before = os.environ.get(GLOO_LAZY_INIT)
+        os.environ[GLOO_LAZY_INIT] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(GLOO_LAZY_INIT, None)
+            else:
+                os.environ[GLOO_LAZY_INIT] = before
 
     def wake(self) -> None:
         self.waits.interrupt()  # first: the member leaves its wait whatever gloo does with the op

@@ -49,8 +49,10 @@ class MemberPlane:
         set_default_group_timeout(timedelta(seconds=self.dp_timeout_s))
         store = ahead[0] if ahead is not None else self._open_store_client(host, port)
         prefixed = tdist.PrefixStore(f"gen{self.generation}/", store)
-        tdist.init_process_group(self.plane.backend, store=prefixed, rank=self.slot,
-                                 world_size=self.num_stages * self.dp, timeout=timedelta(seconds=self.dp_timeout_s))
+        with self.plane.forming_default_group():
+            tdist.init_process_group(self.plane.backend, store=prefixed, rank=self.slot,
+                                     world_size=self.num_stages * self.dp,
+                                     timeout=timedelta(seconds=self.dp_timeout_s))
 
     def _open_store_client(self, host: str, port: int):
         import torch.distributed as tdist
