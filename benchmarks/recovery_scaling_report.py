@@ -73,7 +73,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 #: what the runs of 2026-12-02 showed beyond the tables (kept with them; re-read when re-measuring)
-NOTES = """## Notes (runs of 2026-12-02, 16:51-17:08 UTC, commit 6e1a7fa)
+NOTES = """## Notes (runs of 2026-12-02, 20:31-20:47 UTC, commit 2a38949)
 
 - No kill reached a timeout (gloo's, the data plane's or the agreement's): before the waits were made
   interruptible (`ds_checkfree.elastic.plane_waits`), 2 of 3 kills at 4x3/4x4 waited out the 30 s data-plane
@@ -83,35 +83,45 @@ NOTES = """## Notes (runs of 2026-12-02, 16:51-17:08 UTC, commit 6e1a7fa)
   sequences: step 0.58 s at 4x3 and 0.78 s at 4x4, recoveries 1.40 / 1.66 s median, none under 1 s;
   that redone step alone took most of the second. The redone step is an ordinary step (the data
   resumes at the interrupted one), not a recovery cost.
-- The same VM ran these shapes faster than in the runs of 14:18-15:32 UTC (commit 7fc2a32's file: step
-  0.316 s and recovery 0.839 s median at 4x4, against 0.229 s and 0.575 s here): the VM's speed varies
-  between sessions by about that much; compare shapes within one file, not across files.
+- The VM's speed varies between sessions by up to a third (4x4's step: 0.316 s at 14:18-15:32 UTC on
+  commit 7fc2a32, 0.229 s at 16:51-17:08 on 6e1a7fa, 0.265 s here): compare shapes within one file, not
+  across files, and changes by A/B runs back to back.
 - On 2 cores every member's CPU work shares the same cores, so the step time itself grows with the
   process count, and so does every phase in which every member works (detection: the error surfaces at
   the member's next communication; teardown; re-materialisation). Their ratios to the step time stay
   roughly flat or fall.
-- Forming the groups (the engine rebuild's `new_group` calls, last table) costs each member 1-5 ms of CPU at
-  every size; the rest of its wall time is waiting: a gloo group forms once its last member called
+- The data plane (forming the default group) is flat: 3-9 ms up to 17 ranks, 15-21 ms at 33, 0.02-0.06 of a
+  step at every size. It used to be a full mesh, each member connecting to every other member, and grew
+  with the job (0.009 s at 5 ranks to 0.195 s at 33 on commit 6e1a7fa, 0.51 of a step at 32x1); it only
+  carries point-to-point between pipe neighbours (and one replica's loss broadcast), so gloo now connects
+  a pair of it on the pair's first use (`GlooPlane.forming_default_group`). A/B back to back
+  (`lazy_default_group_ab.csv`, 3-5 kills per shape and side): recovery 0.982 / 1.249 s against 1.198 /
+  1.464 s at 32x1 / 4x8, 0.479 against 0.564 s at 4x3; at 4x4 0.725 / 0.752 s against 0.642 / 0.801 s
+  in two rounds (no difference the noise lets through).
+- Forming the other groups (the engine rebuild's `new_group` calls, last table) costs each member 1-5 ms of
+  CPU at every size; the rest of its wall time is waiting: a gloo group forms once its last member called
   `new_group`, and members arrive as each finishes its own teardown, agreement and module build. With one
-  replica a member's only multi-member groups are its pipe (the default group, formed in the data-plane
-  phase) and its neighbour pairs: 2-23 ms up to 33 ranks. With R replicas each member also forms its
-  stage's data-parallel group of R members and waits for the last of them: a fifth of a step time from 9
-  to 17 ranks (25-41 ms), 0.155 s (0.28 of a step) at 4x8. That wait grows with R by construction (the
-  slowest of R arrivals) and with contention; only keeping groups across a recovery would remove it
+  replica a member's only multi-member groups are its neighbour pairs: 4-18 ms up to 33 ranks. With R
+  replicas each member also forms its stage's data-parallel group of R members and waits for the last of
+  them: 30-43 ms from 9 to 17 ranks, 0.114 s at 4x8, 0.16-0.25 of a step at every R (the wait for the
+  slowest of R arrivals grows with the step, i.e. with the contention, not faster). Since the default
+  group no longer lines the members up, the spread they arrive with is waited out here instead (the
+  A/B: 33-97 ms lazy against 8-97 ms eager). Only keeping groups across a recovery would remove the wait
   (issue #29, not done: `ds_checkfree/elastic/data_plane.py` says what each backend allows and why
   groups without the lost slot are usually mid-operation when a kill lands mid-step).
-- Where that time goes at 4x8 (`group_forming_trace_4x8.csv`: one traced recovery, every rank's `new_group`
-  calls): members start forming groups 0-98 ms apart (the spread the data-plane phase leaves them with),
+- Where that time went at 4x8 (`group_forming_trace_4x8.csv`: one traced recovery, every rank's `new_group`
+  calls, commit fa557b8, the default group still a full mesh): members start forming groups 0-98 ms apart
+  (the spread the data-plane phase left them with),
   wait in their pipe group (39 ms median per member) and in their data-parallel group of 8 (63 ms), then form
   their own group of one (DeepSpeed's model-parallel group with one rank per stage; 33 ms, round trips to the
   store) among 31 calls for other ranks' groups of one (43 ms in all: time the process was not scheduled);
   11 ms of CPU. Forming each group by its members alone (torch's `use_local_synchronization`, the other ranks
   skipping the call) made no difference that 3 kills per side could show (`group_forming_ab.csv`: 65 / 148 ms
-  at 4x4 / 4x8 against 49 / 196 ms, on a slower stretch of the VM than the table above): not used.
-- `TORCH_GLOO_LAZY_INIT=1` (connect each pair on first use, so a group forms without waiting for its
-  members), A/B on this VM on fa557b8's code, 3 kills per shape and side (`gloo_lazy_init_ab.csv`): forming the groups 4 / 18 ms (4x1 /
-  4x4) against 5 / 33 ms, the data plane 1 / 7 ms against 9 / 39 ms; but the connections then form in the
-  redone step (0.301 s against 0.212 s at 4x4) and the recovery was no faster (0.149 / 0.758 s against
+  at 4x4 / 4x8 against 49 / 196 ms, on a slower stretch of the VM than commit 6e1a7fa's table): not used.
+- `TORCH_GLOO_LAZY_INIT=1` for every group (connect each pair on first use, so a group forms without waiting
+  for its members; now used for the default group alone, above), A/B on this VM on fa557b8's code, 3 kills
+  per shape and side (`gloo_lazy_init_ab.csv`): forming the groups 4 / 18 ms (4x1 / 4x4) against 5 / 33 ms,
+  the data plane 1 / 7 ms against 9 / 39 ms; but the connections of every group then form in the redone step (0.301 s against 0.212 s at 4x4) and the recovery was no faster (0.149 / 0.758 s against
   0.160 / 0.616 s median). Not used.
 - At 33 ranks the data plane took 5.2 s in the first runs (commit 8160dac, both shapes): torch's TCPStore
   client handshake stalls exactly 5.0 s when ~30 clients connect at once (reproduced without this project:
@@ -122,8 +132,8 @@ NOTES = """## Notes (runs of 2026-12-02, 16:51-17:08 UTC, commit 6e1a7fa)
   the data plane takes 0.15-0.2 s there. A first try that opened all clients at the same step stalled in
   the background and, with a kill landing in that window, delayed detection by ~3 s in 2 of 8 kills;
   spreading them removed it.
-- 33 ranks stay over 1 s (4x8 1.66 s, 32x1 1.11 s median): every phase grows with the 33 processes'
-  contention for two cores (the step alone is 0.38-0.56 s).
+- 33 ranks are still around or over 1 s (32x1 0.944 s, 2 of 4 kills under 1 s; 4x8 1.446 s): every phase
+  grows with the 33 processes' contention for two cores (the step alone is 0.39-0.57 s).
 """
 
 
@@ -141,7 +151,8 @@ def markdown(rows: list[dict]) -> str:
                      f"{e['step_time_s']:.3f} | "
                      + " | ".join(cells) + f" | {e['no_timeout']}/{e['kills']} | {e['under_1s']}/{e['kills']} | "
                      f"{e['join_latency_s']:.1f} |")
-    lines += ["", "Each phase's median divided by the shape's median step time: on 2 cores every member's CPU "
+    lines += ["", "## Each phase against the step time", "",
+              "Each phase's median divided by the shape's median step time: on 2 cores every member's CPU "
               "work shares the same cores, so a phase whose ratio stays flat grows only with the step (CPU "
               "contention); a ratio that grows is growth of the protocol itself.", "",
               "| shape | ranks | " + " | ".join(l for k, l in PHASES if k != "total_s")
@@ -151,7 +162,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {e['shape']} | {e['ranks']} | " + " | ".join(
             f"{e[k][0] / e['step_time_s']:.2f}" for k, _ in PHASES if k != "total_s")
             + f" | {e['rebuild_groups_s'] / e['step_time_s']:.2f} |")
-    lines += ["", "The engine rebuild's parts (median s; blank: not recorded by that run): the pipeline module "
+    lines += ["", "## The engine rebuild's parts", "", "The engine rebuild's parts (median s; blank: not recorded by that run): the pipeline module "
               "with DeepSpeed's process groups (each set of members formed once, by its own members), and "
               "DeepSpeed's engine (config, optimizer; no start-up weight broadcast in a rebuild).", "",
               "| shape | ranks | engine rebuild | module + its groups | of which forming the groups "
