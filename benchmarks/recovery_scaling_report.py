@@ -121,7 +121,8 @@ NOTES = """## Notes (runs of 2026-12-02, 20:31-20:47 UTC, commit 2a38949)
 - `TORCH_GLOO_LAZY_INIT=1` for every group (connect each pair on first use, so a group forms without waiting
   for its members; now used for the default group alone, above), A/B on this VM on fa557b8's code, 3 kills
   per shape and side (`gloo_lazy_init_ab.csv`): forming the groups 4 / 18 ms (4x1 / 4x4) against 5 / 33 ms,
-  the data plane 1 / 7 ms against 9 / 39 ms; but the connections of every group then form in the redone step (0.301 s against 0.212 s at 4x4) and the recovery was no faster (0.149 / 0.758 s against
+  the data plane 1 / 7 ms against 9 / 39 ms; but the connections of every group then form in the redone
+  step (0.301 s against 0.212 s at 4x4) and the recovery was no faster (0.149 / 0.758 s against
   0.160 / 0.616 s median). Not used.
 - At 33 ranks the data plane took 5.2 s in the first runs (commit 8160dac, both shapes): torch's TCPStore
   client handshake stalls exactly 5.0 s when ~30 clients connect at once (reproduced without this project:
