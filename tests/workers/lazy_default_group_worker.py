@@ -19,6 +19,22 @@ def open_sockets() -> set[str]:
     return set(socket_inodes().values())
 
 
+def tcp_ports(inodes: set[str]) -> list[tuple[int, int]]:
+    """(local port, remote port) of each TCP socket among ``inodes`` (remote 0: listening)."""
+    wanted = {i[len("socket:["):-1] for i in inodes}
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[9] in wanted:
+                ports.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)))
+    return ports
+
+
 def main():
     out = sys.argv[1]
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -50,11 +66,14 @@ def main():
         "env_before": env_before, "env_inside": env_inside, "env_after": os.environ.get(GLOO_LAZY_INIT),
         "default_group_sockets": len(s1 - s0), "subgroup_sockets": len(s2 - s1),
         "p2p_new_sockets": len(s4 - s3), "received": t.item(),
+        # a connection between two ranks: one side's new socket whose remote port is a port of
+        # the other (another process connecting in, e.g. to a listener, is not one)
+        "p2p_new_tcp": tcp_ports(s4 - s3), "local_ports": [lp for lp, _ in tcp_ports(s4)],
         "default_all_reduce": total.item(), "subgroup_all_reduce": sub_total.item(),
     }
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(result, f)
-    tdist.barrier(sub)
+    tdist.barrier(sub)  # every rank's ports are read while all its connections are still open
     tdist.destroy_process_group()
 
 
