@@ -11,9 +11,11 @@ next kill comes. The job is stopped after the last recovery.
 
 Per kill, from the metrics writer's (last stage's) ``recovery`` and ``recovery_timeline``
 events: detection (kill -> error seen), teardown (snapshot + leave the plane), agreement
-(round -> plan), data plane (new gloo group), engine rebuild, re-materialisation, the redone
-step (-> next completed step), the total (kill -> next completed step); whether any log line
-says a gloo wait timed out; the join latency (joiner started -> admitted as the spare).
+(round -> plan), data plane (new gloo group), engine rebuild (with its groups kept and formed
+anew), re-materialisation, the redone step (-> next completed step), the total (kill -> next
+completed step); from every member's rebuild line in the logs, the slowest member's time in
+forming groups anew and how many members formed any; whether any log line says a gloo wait
+timed out; the join latency (joiner started -> admitted as the spare).
 
     flock /tmp/cpu.lock .venv/bin/python -m benchmarks.recovery_scaling --shapes 4x1,4x2,4x4,4x8 --kills 4
     .venv/bin/python -m benchmarks.recovery_scaling --report_only      # table + plot from the CSV
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -97,6 +100,28 @@ def phases_of(rec: dict, line: dict, killed_at: float) -> dict:
             "redo_step_s": line["next_step_done_at"] - rec["rematerialised_at"],
             "total_s": line["next_step_done_at"] - killed_at,
             **{k: rec.get(k, float("nan")) for k in REBUILD_PARTS}}
+
+
+#: every member's line after its engine rebuild (``recovery.process_loss``)
+REBUILD_LINE = re.compile(r"generation (\d+) \(slot (\d+)\): (\d+) groups kept from before, (\d+) formed anew "
+                          r"in ([\d.]+) s")
+
+
+def groups_across_members(paths) -> dict:
+    """The newest generation's rebuild as every member logged it: the slowest member's time in
+    forming groups anew (the recovery's critical path through them; the metrics writer's own
+    is ``rebuild_groups_s``) and how many members formed any group at all."""
+    found = []
+    for p in paths:
+        try:
+            found += REBUILD_LINE.findall(Path(p).read_text(errors="replace"))
+        except OSError:
+            pass
+    if not found:
+        return {"groups_slowest_s": float("nan"), "members_forming": float("nan")}
+    newest = max(int(g) for g, *_ in found)
+    mine = [(int(formed), float(sec)) for g, _, _, formed, sec in found if int(g) == newest]
+    return {"groups_slowest_s": max(sec for _, sec in mine), "members_forming": sum(f > 0 for f, _ in mine)}
 
 
 def timeouts_in(paths) -> int:
@@ -204,7 +229,8 @@ class ShapeRun:
                "micro_batches": self.micro_batches, "kill": k, "victim_slot": slot,
                "victim_stage": slot // self.replicas, "method": rec["method"], "after_step": after,
                "step_time_s": step_s, **phases_of(rec, lines[k - 1], killed_at),
-               "timeout_reached": timeouts_in(self.logs) > timeouts_before, "join_latency_s": join_latency}
+               "timeout_reached": timeouts_in(self.logs) > timeouts_before, "join_latency_s": join_latency,
+               **groups_across_members(self.logs)}
         return row
 
     def _replace_spare(self, k: int) -> tuple[int, float]:

@@ -19,9 +19,14 @@ PHASES = [("detection_s", "detection"), ("teardown_s", "snapshot + leave plane")
 #: groups, of which forming the groups (``new_group`` calls) alone and that member's CPU time in
 #: them (the rest: waiting for the groups' other members), and DeepSpeed's engine
 REBUILD_PARTS = ["rebuild_module_s", "rebuild_groups_s", "rebuild_groups_cpu_s", "rebuild_engine_s"]
+#: the groups across members: the writer's groups kept from before the loss (idle copies), the
+#: slowest member's time in forming groups anew, and how many members formed any (every
+#: member's rebuild line; blank in runs from before these were recorded)
+GROUP_COUNTS = ["rebuild_groups_kept", "groups_slowest_s", "members_forming"]
 ROW_KEYS = ["shape", "stages", "replicas", "ranks", "micro_batch", "micro_batches", "kill", "victim_slot",
             "victim_stage", "method", "after_step",
-            "step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "timeout_reached", "join_latency_s"]
+            "step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "timeout_reached", "join_latency_s",
+            *GROUP_COUNTS]
 META_KEYS = ["commit", "date", "machine", "protocol"]
 
 
@@ -35,7 +40,7 @@ def read_rows(path: str) -> list[dict]:
             r[key] = int(r[key])
         for key, before in (("micro_batch", 4), ("micro_batches", 4)):  # rows from before the option: 4 x 4
             r[key] = int(r[key]) if r.get(key) not in ("", None) else before
-        for key in ["step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "join_latency_s"]:
+        for key in ["step_time_s", *[k for k, _ in PHASES], *REBUILD_PARTS, "join_latency_s", *GROUP_COUNTS]:
             r[key] = float(r[key]) if r.get(key) not in ("", "None", None) else float("nan")
         r["timeout_reached"] = r["timeout_reached"] == "True"
     return rows
@@ -65,7 +70,7 @@ def summary(rows: list[dict]) -> list[dict]:
         for key, _ in PHASES:
             vals = [r[key] for r in mine]
             entry[key] = (statistics.median(vals), min(vals), max(vals))
-        for key in [*REBUILD_PARTS, "join_latency_s"]:
+        for key in [*REBUILD_PARTS, "join_latency_s", *GROUP_COUNTS]:
             known = [r[key] for r in mine if r[key] == r[key]]
             entry[key] = statistics.median(known) if known else float("nan")
         out.append(entry)
@@ -172,6 +177,20 @@ def markdown(rows: list[dict]) -> str:
     for e in summary(rows):
         parts = " | ".join("" if e[k] != e[k] else f"{e[k]:.3f}" for k in REBUILD_PARTS)
         lines.append(f"| {e['shape']} | {e['ranks']} | {e['engine_rebuild_s'][0]:.3f} | {parts} |")
+    lines += ["", "## Groups kept and formed across members", "",
+              "Groups kept from before the loss (idle copies, `ds_checkfree.elastic.standby_groups`) by the "
+              "metrics writer, and, from every member's rebuild line, the slowest member's time in forming "
+              "groups anew and how many members formed any (median over the kills; blank: not recorded by "
+              "that run).", "",
+              "| shape | ranks | members | writer's groups kept | members forming any group | "
+              "slowest member forming groups s |",
+              "|---|---|---|---|---|---|"]
+    for e in summary(rows):
+        kept, slowest, forming = (e[k] for k in GROUP_COUNTS)
+        members = e["ranks"] - 1
+        lines.append(f"| {e['shape']} | {e['ranks']} | {members} | {'' if kept != kept else f'{kept:.0f}'} | "
+                     f"{'' if forming != forming else f'{forming:.0f}'} | "
+                     f"{'' if slowest != slowest else f'{slowest:.3f}'} |")
     return "\n".join(lines) + "\n\n" + NOTES
 
 
@@ -188,7 +207,7 @@ def plot(rows: list[dict], path: str) -> None:
               for r in sorted(set(replicas.values()))]
     series = [(name, es) for name, es in series if len(es) >= 2] or [("median", entries)]
     # the phases, then the engine rebuild's group forming on its own (the part issue #29 asks to stay flat)
-    panels = [*PHASES, ("rebuild_groups_s", "engine rebuild: forming the groups")]
+    panels = [*PHASES, ("rebuild_groups_s", "engine rebuild: forming the groups (writer)")]
     fig, axes = plt.subplots(3, 3, figsize=(14, 10), sharex=True)
     for ax, (key, label) in zip(axes.flat, panels):
         for r in rows:
@@ -199,6 +218,9 @@ def plot(rows: list[dict], path: str) -> None:
             if key == "rebuild_groups_s":
                 cpu = [e["rebuild_groups_cpu_s"] for e in es]
                 ax.plot([e["ranks"] for e in es], cpu, ":", color=f"C{i}", label=f"CPU time in them, {name}")
+                slowest = [(e["ranks"], e["groups_slowest_s"]) for e in es if e["groups_slowest_s"] == e["groups_slowest_s"]]
+                if slowest:
+                    ax.plot(*zip(*slowest), "--", color=f"C{i}", label=f"slowest member, {name}")
             if key == "redo_step_s":
                 ax.plot([e["ranks"] for e in es], [e["step_time_s"] for e in es], "--", color=f"C{i}",
                         label=f"step time, {name}")

@@ -148,7 +148,7 @@ def warm_up_first_build() -> None:
 
 def build(config, model="tiny", model_overrides: dict | None = None,
           base_seed: int = 1234, dist_timeout_s: float = 120.0, engine_class=None, elastic: bool = False,
-          rebuilt: bool = False):
+          rebuilt: bool = False, kept_groups=None):
     """Build the CheckFree pipeline engine; returns ``(engine, setup)``.
 
     ``config`` is a ``Setup`` already validated by ``prepare`` (what ``launch/train.py``
@@ -157,6 +157,8 @@ def build(config, model="tiny", model_overrides: dict | None = None,
     ``elastic``: torch.distributed already holds the stage ranks only (``ds_checkfree.elastic.world``).
     ``rebuilt``: a recovery's engine, whose every parameter is replaced right after (no start-up
     broadcast of replica 0's weights).
+    ``kept_groups(members)``: (elastic) a group kept from before a recovery for that member set,
+    or None to form it (``ds_private.one_group_per_member_set``).
     """
     if isinstance(config, Setup):
         setup = config
@@ -189,7 +191,7 @@ def build(config, model="tiny", model_overrides: dict | None = None,
     t0 = time.perf_counter()
     # elastic: a group of every rank is the default group, not a new one (fewer connections to
     # form on each rebuild; the default group is the one a recovery tears down anyway)
-    with (one_group_per_member_set() if elastic else nullcontext()) as groups:
+    with (one_group_per_member_set(kept_groups) if elastic else nullcontext()) as groups:
         module = CheckFreePipelineModule(setup.model.parts(base_seed), setup.checkfree.num_stages,
                                          setup.checkfree.mode, layout=setup.checkfree.layout, checked=True)
         if elastic:
@@ -213,7 +215,10 @@ def build(config, model="tiny", model_overrides: dict | None = None,
     engine.build_seconds = {"module_s": round(t_module - t0, 4), "engine_s": round(time.perf_counter() - t_module, 4)}
     if groups is not None:  # of the module's part: forming its process groups (elastic)
         engine.build_seconds.update(groups_s=round(groups["groups_s"], 4), groups_cpu_s=round(groups["groups_cpu_s"], 4),
-                                    groups=groups["groups"])
+                                    groups=groups["groups"], groups_kept=groups["kept"])
+        #: the member sets this rank shares a group with (their idle copies form while it trains),
+        #: and those this build formed anew
+        engine.group_member_sets, engine.formed_member_sets = groups["own_sets"], groups["formed_sets"]
     engine.setup = setup
     return engine, setup
 

@@ -124,7 +124,12 @@ class Manager:
         from ds_checkfree.initialize import build
         timeout = self.world.dp_timeout_s if self.world is not None else 120.0
         return build(self.setup, base_seed=self.base_seed, elastic=self.world is not None, dist_timeout_s=timeout,
-                     rebuilt=rebuilt)[0]
+                     rebuilt=rebuilt, kept_groups=self._kept_groups())[0]
+
+    def _kept_groups(self):
+        """(elastic, a plane that keeps idle copies of groups) where a build finds them."""
+        world = self.world
+        return world.kept_group if world is not None and world.plane.keeps_standby_groups else None
 
     def report_start(self) -> None:
         """Log how this member came in (a spare that took a lost slot reports that recovery)."""
@@ -185,7 +190,8 @@ class Manager:
             self.metrics.write({"step": step, "loss": loss, "lr": e.effective_lr(), "time": time.time(),
                                 "grad_norms": [n[1] for n in e.stage_grad_norms]})
         if self.world is not None:  # the next recovery finds its store client open (``store_clients``)
-            self.world.open_next_store_client()
+            self.world.open_next_store_client()  # and the groups it keeps formed (``standby_groups``)
+            self.world.form_standby_groups(getattr(self.engine, "group_member_sets", []))
         if self._timeline is not None:
             self.metrics.event("recovery_timeline", step, None, **self._timeline, next_step_done_at=time.time(),
                                total_s=round(time.time() - self._timeline["failed_at"], 4))

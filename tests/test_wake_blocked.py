@@ -7,7 +7,10 @@ plane's sockets down (all the gloo plane did before) left the member waiting for
 data-plane timeout (``Timed out waiting ...ms for send operation to complete``)."""
 from __future__ import annotations
 
+import ast
 import json
+import re
+import time
 import threading
 
 import pytest
@@ -126,6 +129,7 @@ def test_4_stages_x_4_replicas_recover_from_a_sigkill_without_reaching_a_timeout
     try:
         if job.wait_for_step(kill_after, timeout=600) is None:
             pytest.fail(f"the job ended before step {kill_after}:\n{job.log()[-6000:]}")
+        _wait_for_idle_copies(job, stages * dp, timeout=60)
         job.signal_rank(1)
         rc = job.wait(timeout=600)
     except BaseException:
@@ -143,3 +147,33 @@ def test_4_stages_x_4_replicas_recover_from_a_sigkill_without_reaching_a_timeout
     cf = CheckFreeConfig.__dataclass_fields__
     # the round closed long before any member could have waited out the data-plane timeout
     assert recovery["agreement_s"] < cf["data_plane_timeout_s"].default / 2, recovery
+    _check_only_the_lost_slots_groups_formed(log, stages, dp, lost_slot=1)
+
+
+def _wait_for_idle_copies(job, members: int, timeout: float) -> None:
+    """Every stage holder formed its idle copies of generation 1 (``standby_groups``): a kill
+    before that would form every group anew, which is not what the test is about."""
+    deadline = time.monotonic() + timeout
+    while len(re.findall(r"generation 1: idle copies of its \d+ groups formed", job.log())) < members:
+        if time.monotonic() > deadline:
+            pytest.fail(f"not every member formed its idle copies in {timeout} s:\n{job.log()[-6000:]}")
+        time.sleep(0.2)
+
+
+def _check_only_the_lost_slots_groups_formed(log: str, stages: int, dp: int, lost_slot: int) -> None:
+    """Issue #29, "rebuild only what changed": after the loss of ``lost_slot``, the groups formed
+    anew are exactly those that hold it (its pipe, its data-parallel column, its group of one);
+    every other group of every member was kept (its idle copy), so a member outside the lost
+    slot's pipe and column formed none."""
+    rebuilt = {int(slot): (int(kept), {tuple(m) for m in ast.literal_eval(formed)}) for slot, kept, formed in
+               re.findall(r"generation 2 \(slot (\d+)\): (\d+) groups kept from before, \d+ formed anew in "
+                          r"[\d.]+ s: (\[.*\])", log)}
+    assert sorted(rebuilt) == list(range(stages * dp)), sorted(rebuilt)
+    stage, replica = divmod(lost_slot, dp)
+    pipe = tuple(s * dp + replica for s in range(stages))
+    column = tuple(stage * dp + r for r in range(dp))
+    for slot, (kept, formed) in rebuilt.items():
+        mine = {m for m in (pipe, column, (lost_slot,)) if slot in m}
+        assert formed == mine, (slot, formed, mine)
+        if slot != lost_slot:  # the replacement keeps nothing: it had no copies
+            assert kept >= 3 - len(mine), (slot, kept)  # pipe, column and group of one, less those formed

@@ -8,7 +8,9 @@ gracefully. ``forget_groups``
 does the same bookkeeping as ``destroy_process_group`` (so ``init_process_group`` can form the
 next generation) but shuts nothing down: the caller aborts the groups first and keeps the
 objects alive, so no destructor ever waits on the dead peer either (torchft's approach).
-``work_class`` is the class whose ``wait`` the gloo plane routes through a waiter thread
+``form_gloo_group`` and ``register_group`` build a gloo group outside the registry (an idle
+copy formed in the background, ``standby_groups``) and register it when a recovery keeps it,
+as ``new_group`` would have. ``work_class`` is the class whose ``wait`` the gloo plane routes through a waiter thread
 (``plane_waits``: a wait gloo leaves stranded must not hold the member).
 ``tests/test_data_plane.py`` fails when a member used here disappears.
 """
@@ -19,7 +21,11 @@ PRIVATE_MEMBERS: dict[str, str] = {
     "_world": "the registry of every process group (default group, names, ranks, tags)",
     "_update_default_pg": "unset the default group without shutting it down",
     "_unregister_all_process_groups": "free the group names for the next generation",
+    "_register_pg_in_world": "register an idle group formed outside the registry when a recovery keeps it",
+    "BackendConfig": "the devices a gloo group serves (as torch registers them)",
 }
+#: ``ProcessGroup`` members used to assemble a group outside torch's registry (``form_gloo_group``)
+PROCESS_GROUP_MEMBERS = ("_set_default_backend", "_register_backend", "_set_group_name")
 #: attributes of ``_world`` cleared, as ``destroy_process_group`` clears them (each optional:
 #: a torch that lacks one has nothing to clear)
 _WORLD_MAPS = ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "pg_to_tag", "tags_to_pg",
@@ -33,6 +39,9 @@ def missing_members() -> list[str]:
     missing = [name for name in PRIVATE_MEMBERS if not hasattr(c10d, name)]
     if not hasattr(dist.ProcessGroup, "abort"):  # public since torch 2.6; ``abort_groups`` calls it
         missing.append("ProcessGroup.abort")
+    missing += [f"ProcessGroup.{name}" for name in PROCESS_GROUP_MEMBERS if not hasattr(dist.ProcessGroup, name)]
+    if not hasattr(getattr(dist, "ProcessGroupGloo", None), "_set_sequence_number_for_group"):
+        missing.append("ProcessGroupGloo._set_sequence_number_for_group")
     if not callable(getattr(work_class(), "wait", None)):  # what every blocking call ends in
         missing.append("Work.wait")
     return missing
@@ -84,3 +93,31 @@ def forget_groups(keep_alive: list) -> int:
     c10d._unregister_all_process_groups()
     world.group_count = 0  # group names restart at 0, as after destroy_process_group
     return len(groups)
+
+
+def form_gloo_group(store, rank: int, size: int, timeout, name: str):
+    """A gloo group of ``size`` members formed through ``store`` (connected when this returns)
+    the way ``new_group`` forms one, but not registered: torch's registry, its group counter and
+    the current default group are left alone (safe on a thread other than the main one)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+    pg = dist.ProcessGroup(store, rank, size)
+    pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    backend = dist.ProcessGroupGloo(dist.PrefixStore("cpu/", store), rank, size, timeout)
+    backend._set_sequence_number_for_group()
+    for device in c10d.BackendConfig(dist.Backend.GLOO).get_device_backend_map():
+        pg._register_backend(torch.device(device), dist.ProcessGroup.BackendType.GLOO, backend)
+    pg._set_group_name(name)
+    return pg
+
+
+def register_group(pg, store, name: str, ranks) -> None:
+    """Register ``pg`` (from ``form_gloo_group``) in the current generation's registry as the
+    group of ``ranks`` (global ranks, in group-rank order): collectives, ``get_rank(group)`` and
+    the generation's teardown then treat it as any group ``new_group`` formed."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+    c10d._register_pg_in_world(pg, backend_name=dist.Backend.GLOO, store=store, group_name=name,
+                               backend_config=str(c10d.BackendConfig(dist.Backend.GLOO)),
+                               rank_mapping={g: i for i, g in enumerate(ranks)})

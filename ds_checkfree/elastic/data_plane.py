@@ -23,48 +23,40 @@ the next generation can form:
   The NCCL wake needs no waiter thread: an aborted communicator ends its kernels, so every
   wait on them (a stream sync, ``.item()``) returns, and ``check_not_aborted`` stops the step.
 
-Every recovery re-forms the groups of every member (issue #29 measured its cost against job
-size: ``benchmarks/recovery_scaling.py``), but only what a member needs: each distinct set of
-members once (``ds_private.one_group_per_member_set``; DeepSpeed's grid asks for every pipe
-twice), a group only by its own members (torch forms a gloo group by a rendezvous of its
-members over the store, without a barrier over the default group), and no start-up broadcast
-of replica 0's weights into a rebuilt engine. A member's share of the rebuild is then its own
-groups: its pipe, its data-parallel column and two neighbour pairs, fixed by the shape's
-neighbourhood, and the default group. Formed eagerly, the default group would be a mesh
-that grows with the job (a connection to every other member, 0.19 s at 33 ranks); it only
-carries DeepSpeed's point-to-point between pipe neighbours (and, with one replica, the pipe's
-loss broadcast), so gloo forms it lazily: a pair connects on its first use
+A recovery re-forms only what a member needs: each distinct set of members once
+(``ds_private.one_group_per_member_set``; DeepSpeed's grid asks for every pipe twice), a group
+only by its own members (torch forms a gloo group by a rendezvous of its members over the
+store, without a barrier over the default group), and no start-up broadcast of replica 0's
+weights into a rebuilt engine. The default group carries only DeepSpeed's point-to-point
+between pipe neighbours (and, with one replica, the pipe's loss broadcast); formed eagerly it
+would be a mesh that grows with the job (a connection to every other member, 0.19 s at 33
+ranks), so gloo forms it lazily: a pair connects on its first use
 (``GlooPlane.forming_default_group``; NCCL creates its communicators on first use anyway).
-Keeping the groups that do not contain the lost slot is what the backends would allow, but
-not yet what this plane does:
+Issue #29 measured each phase against job size (``benchmarks/recovery_scaling.py``).
+
+On gloo a recovery also keeps every group without the lost slot (``standby_groups``): not the
+group the engine used, which a kill mid-step leaves mid-operation even where the lost slot is
+not a member (the lost replica's pipe never reaches the step's data-parallel all-reduces, so
+every other replica's member waits in one, and the wake strands it; its members' operation
+counts then differ), but an idle copy of it, formed in the background two steps into each
+generation. The groups that hold the lost slot (its pipe, its data-parallel column, its group
+of one) are formed anew, by their members alone; a member outside them forms none. What each
+backend allows, for the record:
 
 * NCCL: one communicator can be aborted alone (``ncclCommAbort``; torch: the group's backend
   ``abort``), and since NCCL 2.27 shrunk without a full re-initialisation (``ncclCommShrink``,
   torch ``shrink_group``; it raised the peer's remote error in our one try on an H200);
   ``ncclCommRevoke`` (2.28.7) stops one communicator without ending it. A replacement still
-  needs a new communicator for each group that holds its slot (no "grow").
+  needs a new communicator for each group that holds its slot (no "grow"). Idle copies are not
+  formed on NCCL (``keeps_standby_groups``): each would hold GPU memory and its set-up would
+  contend with training, and this plane has not run on a GPU since it was written.
 * gloo (torch 2.13): no shrink (``supports_shrinking`` is False), and ``abort``/``shutdown``
-  do not cancel an operation in flight (measured); but a group is one rendezvous of its own
-  members over a store prefix, so a group can be formed among its members alone. That
-  rendezvous waits for the group's last member to arrive. ``TORCH_GLOO_LAZY_INIT=1`` returns
-  at once and connects each pair on first use: measured at 4x4 (``benchmarks/recovery_scaling``
-  notes) it halved forming the groups and the default group, but the connections then formed
-  inside the redone step and the recovery was no faster; and a connection made inside a send
-  is one more wait a round's wake would have to reach. Not used.
-* What blocks it here: DeepSpeed's grid creates every group through ``dist.new_group``, which
-  every rank of the default group calls in one order (torch names groups by that order); the
-  default group always holds the lost slot; and a kept group must be quiescent (no member
-  interrupted with an operation in flight on it, or the members' operation sequences on it
-  no longer match), which the round would have to establish. A grid fed from a registry of
-  kept groups, the default group used only to form the others, and the round reporting each
-  member's in-flight groups would make the cost depend on the lost slot's neighbourhood.
-* Why "without the lost slot" is not enough: a kill mid-step stalls every group downstream of
-  it. The lost replica's pipe never reaches the step's data-parallel all-reduces, so every
-  other replica's member of every stage waits in an all-reduce on a group that does not hold
-  the lost slot, and the wake strands that operation; a group so interrupted has members whose
-  operation counts (gloo's tags) differ, and must be formed again. A kept group needs every
-  member to report the same completed operations on it and none in flight, i.e. the round
-  must compare per-group operation counts; only then can the rest be kept.
+  do not cancel an operation in flight (measured), so a group once interrupted is not reused;
+  a group is one rendezvous of its own members over a store prefix, so its idle copy can form
+  among them alone, on a thread, outside torch's registry (``c10d_private.form_gloo_group``).
+  ``TORCH_GLOO_LAZY_INIT=1`` for every group (connect each pair on first use) halved forming
+  the groups at 4x4 but moved the connections into the redone step, and the recovery was no
+  faster (``benchmarks/recovery_scaling`` notes): used for the default group only.
 """
 from __future__ import annotations
 
@@ -108,6 +100,9 @@ class DataPlane:
     ``wake`` on the membership reader thread when a round opens, ``leave`` on the main thread
     after the engine was dropped."""
     backend = ""
+    #: whether idle copies of a member's groups form while it trains, so that a recovery keeps
+    #: those without a lost slot (``standby_groups``)
+    keeps_standby_groups = False
 
     def prepare(self) -> None:
         pass
@@ -125,6 +120,7 @@ class DataPlane:
 
 class GlooPlane(DataPlane):
     backend = "gloo"
+    keeps_standby_groups = True
 
     def __init__(self, waits: InterruptibleWaits = WAITS):
         self.waits = waits

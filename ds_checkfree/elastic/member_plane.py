@@ -14,6 +14,7 @@ import socket
 from datetime import timedelta
 
 from ds_checkfree.elastic.plane_sockets import socket_inodes
+from ds_checkfree.elastic.standby_groups import STEPS_BEFORE_FORMING, ready_key
 
 #: members open their next store client over this many steps of a generation (``open_next_store_client``)
 STORE_CLIENT_SPREAD = 8
@@ -80,6 +81,58 @@ class MemberPlane:
                 return False
             self._exempt_locked(inodes)
             return True
+
+    def _holders(self) -> dict[int, int]:
+        """slot -> the member holding it, in the current generation."""
+        return {slot: member for member, slot in self.roles.items() if slot is not None}
+
+    def form_standby_groups(self, member_sets) -> bool:
+        """(between steps) Form idle copies of this member's groups (``member_sets``: the
+        engine's, ``standby_groups``) in the background, once per generation and
+        ``STEPS_BEFORE_FORMING`` steps into it; returns whether the forming started."""
+        if not self.plane.keeps_standby_groups or not self._plane_formed or self.slot is None:
+            return False
+        if self.progress() - self._plan_steps < STEPS_BEFORE_FORMING:
+            return False
+        where = (self.client.address[0], self.client.store_port)
+        return self._standby_groups.prepare(where, self.generation, self.slot, self._holders(),
+                                            member_sets) is not None
+
+    def _keep_standby_copies(self, copies, client) -> bool:
+        """(the forming thread) Exempt the copies' sockets from this generation's wake and write
+        this member's ready mark, unless a round for a newer generation was announced (its wake
+        may have shut some of them) or the generation changed: one atomic step with the wake."""
+        with self._lock:
+            if copies.generation != self.generation or not self._plane_formed \
+                    or self._round_announced > self.generation:
+                return False
+            self._exempt_locked(copies.inodes)
+            client.set(ready_key(copies.generation, copies.slot), "1")
+        print(f"[member {self.rank}] generation {copies.generation}: idle copies of its {len(copies.made)} "
+              "groups formed (a recovery keeps those without a lost slot)", flush=True)
+        return True
+
+    def kept_group(self, members: tuple[int, ...]):
+        """(engine build) The idle copy of ``members``' group from the generation before, when
+        every member of it can use its own (``standby_groups.promotable``), registered as this
+        generation's group of ``members``; None: form it anew."""
+        from ds_checkfree.elastic.c10d_private import register_group
+        from ds_checkfree.elastic.standby_groups import set_key
+
+        def ready_slots(generation: int, slots: list[int]) -> list[int]:
+            try:
+                return self.with_shared_store(lambda st: [s for s in slots if st.check([ready_key(generation, s)])])
+            except (RuntimeError, OSError):  # no store to ask (a coordinator being replaced): form it
+                return []
+
+        taken = self._standby_groups.take(tuple(members), self.generation, self._holders(), ready_slots)
+        if taken is None:
+            return None
+        group, store, inodes = taken
+        register_group(group, store, f"standby{self.generation - 1}-{set_key(members)}", members)
+        with self._lock:  # the group is this generation's now: its wake and teardown shut its sockets
+            self._include_in_wake(inodes)
+        return group
 
     def shared_store(self):
         """The coordinator's store outside every generation's prefix (where a preempted member

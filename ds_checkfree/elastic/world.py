@@ -38,6 +38,7 @@ from ds_checkfree.elastic.membership.discovery import locate
 from ds_checkfree.elastic.membership.rebuild import Report
 from ds_checkfree.elastic.membership.roster import CheckIn, Plan
 from ds_checkfree.elastic.member_plane import MemberPlane
+from ds_checkfree.elastic.standby_groups import StandbyGroups
 from ds_checkfree.elastic.store_clients import NextStoreClient
 
 
@@ -104,6 +105,7 @@ class ElasticWorld(MemberPlane):
         self.addr = addr
         self._shared_store, self._shared_store_at = None, None
         self._next_store = NextStoreClient(self._open_store_client, self._keep_for_next_generation)
+        self._standby_groups = StandbyGroups(self._open_store_client, self._keep_standby_copies, dp_timeout_s)
         # the port this member offers for a standby coordinator, held for the process's life
         self._standby, why_no_standby = standby.reserve(addr) if cf is not None else (None, "no configuration")
         self.client = MemberClient(address, id_hint=id_hint, num_stages=num_stages, addr=addr, dp=dp,
@@ -295,6 +297,7 @@ class ElasticWorld(MemberPlane):
                     pass
 
     def close(self) -> None:
+        self._standby_groups.close()
         self._next_store.close()
         self.client.close()
 

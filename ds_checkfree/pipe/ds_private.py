@@ -257,7 +257,7 @@ def set_default_group_timeout(timeout) -> None:
 
 
 @contextmanager
-def one_group_per_member_set():
+def one_group_per_member_set(kept=None):
     """While a pipeline module and engine are built, ``deepspeed.comm.new_group`` forms one
     group per set of members: a group of every rank is the default group, and a set of
     members already asked for gets the group formed for it the first time.
@@ -271,24 +271,46 @@ def one_group_per_member_set():
     issues its collectives on them in the same program order, so sharing changes no result.
     It is also what keeps the elastic launch's blocking pipe collectives on the default group,
     the one a recovery's teardown closes (``CheckFreePipelineModule.route_collectives_over_world``).
+
+    ``kept(members)``: a group kept for that member set (a recovery's idle copy,
+    ``elastic.standby_groups``) or None. With it, a set is formed by its own members alone
+    (``use_local_synchronization``: torch then names it by its members, not by a count that a
+    member keeping a group would no longer keep in step) and the other ranks skip the call.
     """
     import deepspeed.comm as ds_comm
     import torch.distributed as tdist
 
     original = ds_comm.new_group
+    me = tdist.get_rank()
     formed: dict[tuple[int, ...], object] = {tuple(range(tdist.get_world_size())): tdist.group.WORLD}
     #: seconds spent forming groups (wall, and this process's CPU: the rest is waiting for the
-    #: groups' other members), and how many (a recovery's phase table reports them)
-    spent = {"groups_s": 0.0, "groups_cpu_s": 0.0, "groups": 0}
+    #: groups' other members), how many were formed and kept, and the member sets this rank is in
+    spent = {"groups_s": 0.0, "groups_cpu_s": 0.0, "groups": 0, "kept": 0, "own_sets": [], "formed_sets": []}
+
+    def form(members: tuple[int, ...]):
+        if kept is None:
+            return original(list(members))
+        if me not in members:
+            return tdist.GroupMember.NON_GROUP_MEMBER
+        group = kept(members)
+        if group is not None:
+            spent["kept"] += 1
+            return group
+        spent["formed_sets"].append(members)
+        return tdist.new_group(list(members), use_local_synchronization=True)
 
     def new_group(ranks):
         members = tuple(sorted(int(r) for r in ranks))
         if members not in formed:
             t0, c0 = time.perf_counter(), time.process_time()
-            formed[members] = original(list(members))
-            spent["groups_s"] += time.perf_counter() - t0
-            spent["groups_cpu_s"] += time.process_time() - c0
-            spent["groups"] += 1
+            kept_before = spent["kept"]
+            formed[members] = form(members)
+            if spent["kept"] == kept_before:
+                spent["groups_s"] += time.perf_counter() - t0
+                spent["groups_cpu_s"] += time.process_time() - c0
+                spent["groups"] += me in members or kept is None
+            if me in members:
+                spent["own_sets"].append(members)
         return formed[members]
 
     ds_comm.new_group = new_group

@@ -189,6 +189,9 @@ class ProcessLossRecovery:
         self.world.init_data_plane()
         t_plane = time.time()
         engine = self.build_engine(rebuilt=True)
+        formed, built = [list(m) for m in getattr(engine, "formed_member_sets", [])], getattr(engine, "build_seconds", {})
+        self.warn(f"generation {agreement.generation} (slot {self.world.slot}): {built.get('groups_kept', 0)} groups "
+                  f"kept from before, {len(formed)} formed anew in {built.get('groups_s', 0.0):.4f} s: {formed}")
         try:
             return self._rematerialise(engine, agreement, kept, failed_at, reason, t0, t_plane)
         except Exception:
