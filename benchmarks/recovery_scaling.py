@@ -99,7 +99,8 @@ def phases_of(rec: dict, line: dict, killed_at: float) -> dict:
             "engine_rebuild_s": rec["engine_rebuild_s"], "rematerialise_s": rec["rematerialise_s"],
             "redo_step_s": line["next_step_done_at"] - rec["rematerialised_at"],
             "total_s": line["next_step_done_at"] - killed_at,
-            **{k: rec.get(k, float("nan")) for k in REBUILD_PARTS}}
+            **{k: rec.get(k, float("nan")) for k in REBUILD_PARTS},
+            "rebuild_groups_kept": rec.get("rebuild_groups_kept", float("nan"))}
 
 
 #: every member's line after its engine rebuild (``recovery.process_loss``)
