@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from pathlib import Path
 from benchmarks._runs import RESULTS, base_config
 from benchmarks.kill_campaign_report import machine
 from benchmarks.recovery_scaling_report import PHASES, REBUILD_PARTS, read_rows, report, write_rows
+from ds_checkfree.elastic.standby_groups import read_rebuild_lines
 from ds_checkfree.testing import Job, events_of, job_env, mpirun_cmd, standalone_env, steps_of, train_args
 from ds_checkfree.testing.direct_job import DirectJob
 from ds_checkfree.testing.procs import kill_group
@@ -103,26 +103,22 @@ def phases_of(rec: dict, line: dict, killed_at: float) -> dict:
             "rebuild_groups_kept": rec.get("rebuild_groups_kept", float("nan"))}
 
 
-#: every member's line after its engine rebuild (``recovery.process_loss``)
-REBUILD_LINE = re.compile(r"generation (\d+) \(slot (\d+)\): (\d+) groups kept from before, (\d+) formed anew "
-                          r"in ([\d.]+) s")
-
-
 def groups_across_members(paths) -> dict:
-    """The newest generation's rebuild as every member logged it: the slowest member's time in
-    forming groups anew (the recovery's critical path through them; the metrics writer's own
-    is ``rebuild_groups_s``) and how many members formed any group at all."""
+    """The newest generation's rebuild as every member logged it (``standby_groups.rebuild_line``):
+    the slowest member's time in forming groups anew (the recovery's critical path through them;
+    the metrics writer's own is ``rebuild_groups_s``) and how many members formed any group."""
     found = []
     for p in paths:
         try:
-            found += REBUILD_LINE.findall(Path(p).read_text(errors="replace"))
+            found += read_rebuild_lines(Path(p).read_text(errors="replace"))
         except OSError:
             pass
     if not found:
         return {"groups_slowest_s": float("nan"), "members_forming": float("nan")}
-    newest = max(int(g) for g, *_ in found)
-    mine = [(int(formed), float(sec)) for g, _, _, formed, sec in found if int(g) == newest]
-    return {"groups_slowest_s": max(sec for _, sec in mine), "members_forming": sum(f > 0 for f, _ in mine)}
+    newest = max(line["generation"] for line in found)
+    mine = [line for line in found if line["generation"] == newest]
+    return {"groups_slowest_s": max(line["seconds"] for line in mine),
+            "members_forming": sum(bool(line["formed"]) for line in mine)}
 
 
 def timeouts_in(paths) -> int:

@@ -9,7 +9,8 @@ import json
 
 from conftest import run_job
 
-from ds_checkfree.elastic.standby_groups import Copies, StandbyGroups, promotable, ready_key, set_key
+from ds_checkfree.elastic.standby_groups import (Copies, StandbyGroups, promotable, read_rebuild_lines, ready_key,
+                                                 rebuild_line, set_key)
 
 HOLDERS = {0: 10, 1: 11, 2: 12, 3: 13}  # slot -> member id
 
@@ -26,6 +27,18 @@ def test_a_copy_serves_the_next_generation_when_its_members_stayed_and_all_marke
 def test_keys_name_the_set_and_the_generation():
     assert set_key((1, 5, 9)) == "1-5-9"
     assert ready_key(3, 7) == "standby/gen3/ready/7"
+
+
+def test_a_members_rebuild_line_reads_back_among_other_log_lines():
+    log = "\n".join([
+        "[rank 3 stage 0] " + rebuild_line(2, 1, 2, [(1, 5, 9, 13)], 0.03125),
+        "[rank 9 stage 2] step 7: data plane error (Connection reset by peer); agreeing on the survivors",
+        "[rank 16 stage 0] " + rebuild_line(2, 0, 0, [(0, 1), (0,)], 0.5),
+        "[rank 4 stage 1] " + rebuild_line(3, 4, 3, [], 0.0)])
+    assert read_rebuild_lines(log) == [
+        {"generation": 2, "slot": 1, "kept": 2, "formed": [(1, 5, 9, 13)], "seconds": 0.0312},
+        {"generation": 2, "slot": 0, "kept": 0, "formed": [(0, 1), (0,)], "seconds": 0.5},
+        {"generation": 3, "slot": 4, "kept": 3, "formed": [], "seconds": 0.0}]
 
 
 def test_take_hands_each_copy_over_once_and_only_to_the_next_generation():

@@ -88,11 +88,14 @@ class MemberPlane:
 
     def form_standby_groups(self, member_sets) -> bool:
         """(between steps) Form idle copies of this member's groups (``member_sets``: the
-        engine's, ``standby_groups``) in the background, once per generation and
-        ``STEPS_BEFORE_FORMING`` steps into it; returns whether the forming started."""
+        engine's, ``standby_groups``) in the background, once per generation; returns whether
+        the forming started. Each member starts ``STEPS_BEFORE_FORMING + slot % 8`` steps into
+        the generation: the forming opens a store client, and tens of clients connecting at one
+        moment stall torch's handshake for seconds, with the process's other threads (a round's
+        wake among them) held up behind it (measured: a kill's detection 3 s late at 4x8)."""
         if not self.plane.keeps_standby_groups or not self._plane_formed or self.slot is None:
             return False
-        if self.progress() - self._plan_steps < STEPS_BEFORE_FORMING:
+        if self.progress() - self._plan_steps < STEPS_BEFORE_FORMING + self.slot % STORE_CLIENT_SPREAD:
             return False
         where = (self.client.address[0], self.client.store_port)
         return self._standby_groups.prepare(where, self.generation, self.slot, self._holders(),

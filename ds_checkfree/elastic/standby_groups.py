@@ -6,7 +6,8 @@ lost slot mid-operation too (the lost replica's pipe never reaches the step's da
 all-reduces, so every other replica waits in one, and the wake strands it), and a group so
 interrupted has members whose operation sequences differ. A copy that was never used has no
 such history. So, two steps into each generation (the default group's lazy pairs, between pipe
-neighbours, have connected by then), each member forms in a background thread a second gloo
+neighbours, have connected by then; and spread over 8 steps by slot, like the next store
+client, ``member_plane.form_standby_groups``), each member forms in a background thread a second gloo
 group for every set of members it shares a group with (its pipe, its data-parallel column,
 its neighbour pairs, its group of one), outside torch's registry, through its own store
 client, in one global order (sorted member sets: the smallest set nobody finished has all its
@@ -30,6 +31,8 @@ memory and its set-up contends with training, and it has never run on a GPU.
 """
 from __future__ import annotations
 
+import ast
+import re
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -39,6 +42,25 @@ from ds_checkfree.elastic.plane_sockets import socket_inodes
 #: a generation's copies form once this many of its steps completed (the default group's pairs
 #: connect on their first use, in the first step: sockets opened meanwhile are the plane's)
 STEPS_BEFORE_FORMING = 2
+
+
+#: the line every member logs after a recovery's engine rebuild (``rebuild_line``)
+_REBUILD_LINE = re.compile(r"generation (\d+) \(slot (\d+)\): (\d+) groups kept from before, (\d+) formed anew in "
+                           r"([\d.]+) s: (\[[\d, \[\]]*\])")
+
+
+def rebuild_line(generation: int, slot: int, kept: int, formed: list, seconds: float) -> str:
+    """What a member kept and formed in a recovery's engine rebuild, in one line (read back by
+    ``read_rebuild_lines``: the benchmarks and tests take every member's from the logs)."""
+    return (f"generation {generation} (slot {slot}): {kept} groups kept from before, {len(formed)} formed anew "
+            f"in {seconds:.4f} s: {[list(m) for m in formed]}")
+
+
+def read_rebuild_lines(text: str) -> list[dict]:
+    """Every ``rebuild_line`` in ``text``: generation, slot, kept, formed (member sets), seconds."""
+    return [{"generation": int(g), "slot": int(slot), "kept": int(kept),
+             "formed": [tuple(m) for m in ast.literal_eval(sets)], "seconds": float(sec)}
+            for g, slot, kept, _, sec, sets in _REBUILD_LINE.findall(text)]
 
 
 def set_key(members) -> str:

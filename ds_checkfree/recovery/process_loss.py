@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from ds_checkfree.pipe.ds_private import release_engine
+from ds_checkfree.elastic.standby_groups import rebuild_line
 from ds_checkfree.elastic.world import Agreement, NoSpareLeft
 from ds_checkfree.elastic.membership.client import CoordinatorLost
 from ds_checkfree.recovery.apply import RecoveryRecord, share_record
@@ -189,9 +190,9 @@ class ProcessLossRecovery:
         self.world.init_data_plane()
         t_plane = time.time()
         engine = self.build_engine(rebuilt=True)
-        formed, built = [list(m) for m in getattr(engine, "formed_member_sets", [])], getattr(engine, "build_seconds", {})
-        self.warn(f"generation {agreement.generation} (slot {self.world.slot}): {built.get('groups_kept', 0)} groups "
-                  f"kept from before, {len(formed)} formed anew in {built.get('groups_s', 0.0):.4f} s: {formed}")
+        built = getattr(engine, "build_seconds", {})
+        self.warn(rebuild_line(agreement.generation, self.world.slot, built.get("groups_kept", 0),
+                               getattr(engine, "formed_member_sets", []), built.get("groups_s", 0.0)))
         try:
             return self._rematerialise(engine, agreement, kept, failed_at, reason, t0, t_plane)
         except Exception:
