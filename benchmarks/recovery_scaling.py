@@ -60,6 +60,12 @@ OUT = os.path.join(RESULTS, "recovery_scaling.csv")
 MICRO_BATCH, MICRO_BATCHES = 1, 2
 
 
+#: the first kill comes after this step: every member's idle copies of its groups have formed
+#: (2-9 steps into a generation, ``standby_groups``), as they have before every later kill (a
+#: join and three steps come between kills)
+FIRST_KILL_AFTER = 12
+
+
 def protocol(micro_batch: int, micro_batches: int, launcher: str = "mpirun", accelerator: str = "cpu") -> str:
     how = ("mpirun --with-ft ulfm" if launcher == "mpirun" else
            "no launcher (a coordinator and every member started by hand with --join)")
@@ -67,8 +73,10 @@ def protocol(micro_batch: int, micro_batches: int, launcher: str = "mpirun", acc
              "CUDA NCCL, every member on GPU 0 as its own NCCL host")
     return (f"{how}, S stages x R replicas + 1 spare, tiny LLaMA (8 layers, or S if more), "
             f"{micro_batches} micro-batches of {micro_batch} sequence{'s' if micro_batch > 1 else ''} (64 tokens) "
-            f"per replica and step, {plane}, one kill at a time, each spare replaced by a "
-            "--join process before the next kill; phases from the metrics writer's recovery_timeline")
+            f"per replica and step, {plane}, one kill at a time (the first after step {FIRST_KILL_AFTER}), each spare "
+            "replaced by a "
+            "--join process before the next kill; phases from the metrics writer's recovery_timeline, groups "
+            "formed from every member's rebuild line")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -171,7 +179,8 @@ class ShapeRun:
                            env=job_env(self.accelerator))
         rows = []
         try:
-            self._wait(lambda: self.job.last_step() and self.job.last_step()["step"] >= 5, "step 5")
+            self._wait(lambda: self.job.last_step() and self.job.last_step()["step"] >= FIRST_KILL_AFTER,
+                       f"step {FIRST_KILL_AFTER}")
             ranks = self.job.rank_pids()
             holder = {slot: ranks[slot] for slot in range(n - 1)}  # slot -> pid; MPI rank = slot at launch
             spare = ranks[n - 1]
