@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="ds-checkfree",
-    version="0.3.2",
+    version="0.3.3",
     description="DeepSpeed pipeline training that survives lost stages without checkpoints (CheckFree / CheckFree+)",
     packages=find_packages(include=["ds_checkfree", "ds_checkfree.*"]),
     package_data={"ds_checkfree.models": ["presets/*.yaml"]},

@@ -78,7 +78,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 #: what the runs of 2026-12-02 showed beyond the tables (kept with them; re-read when re-measuring)
-NOTES = """## Notes (runs of 2026-12-02, 20:31-20:47 UTC, commit 2a38949)
+NOTES = """## Notes (runs of 2026-12-03, 01:59-02:14 UTC, commit b991d68)
 
 - No kill reached a timeout (gloo's, the data plane's or the agreement's): before the waits were made
   interruptible (`ds_checkfree.elastic.plane_waits`), 2 of 3 kills at 4x3/4x4 waited out the 30 s data-plane
@@ -95,7 +95,7 @@ NOTES = """## Notes (runs of 2026-12-02, 20:31-20:47 UTC, commit 2a38949)
   process count, and so does every phase in which every member works (detection: the error surfaces at
   the member's next communication; teardown; re-materialisation). Their ratios to the step time stay
   roughly flat or fall.
-- The data plane (forming the default group) is flat: 3-9 ms up to 17 ranks, 15-21 ms at 33, 0.02-0.06 of a
+- The data plane (forming the default group) is flat: 2-14 ms up to 17 ranks, 16-33 ms at 33, 0.02-0.09 of a
   step at every size. It used to be a full mesh, each member connecting to every other member, and grew
   with the job (0.009 s at 5 ranks to 0.195 s at 33 on commit 6e1a7fa, 0.51 of a step at 32x1); it only
   carries point-to-point between pipe neighbours (and one replica's loss broadcast), so gloo now connects
@@ -103,17 +103,19 @@ NOTES = """## Notes (runs of 2026-12-02, 20:31-20:47 UTC, commit 2a38949)
   (`lazy_default_group_ab.csv`, 3-5 kills per shape and side): recovery 0.982 / 1.249 s against 1.198 /
   1.464 s at 32x1 / 4x8, 0.479 against 0.564 s at 4x3; at 4x4 0.725 / 0.752 s against 0.642 / 0.801 s
   in two rounds (no difference the noise lets through).
-- Forming the other groups (the engine rebuild's `new_group` calls, last table) costs each member 1-5 ms of
-  CPU at every size; the rest of its wall time is waiting: a gloo group forms once its last member called
-  `new_group`, and members arrive as each finishes its own teardown, agreement and module build. With one
-  replica a member's only multi-member groups are its neighbour pairs: 4-18 ms up to 33 ranks. With R
-  replicas each member also forms its stage's data-parallel group of R members and waits for the last of
-  them: 30-43 ms from 9 to 17 ranks, 0.114 s at 4x8, 0.16-0.25 of a step at every R (the wait for the
-  slowest of R arrivals grows with the step, i.e. with the contention, not faster). Since the default
-  group no longer lines the members up, the spread they arrive with is waited out here instead (the
-  A/B: 33-97 ms lazy against 8-97 ms eager). Only keeping groups across a recovery would remove the wait
-  (issue #29, not done: `ds_checkfree/elastic/data_plane.py` says what each backend allows and why
-  groups without the lost slot are usually mid-operation when a kill lands mid-step).
+- Groups kept (issue #29, "rebuild only what changed"; `ds_checkfree.elastic.standby_groups`): every member
+  forms idle copies of its groups in the background, 2-9 steps into each generation, and a recovery takes
+  the copy of every group without the lost slot. Only the members of the lost slot's pipe and data-parallel
+  column form any group (last table: 7 of 16 at 4x4, 11 of 32 at 4x8; with one replica only the
+  replacement, whose pipe is the default group). Each member's CPU time in forming groups stays at 1-5 ms.
+  The slowest member's wall time in them still grows with the process count (0.053 s at 4x4, 0.153 s at
+  4x8): the groups formed anew wait for their last member, most often the replacement, and the members'
+  arrival spread grows with the contention for two cores. A/B back to back (`kept_groups_ab.csv`, 10 kills
+  per shape and side, medians in its meta file): the slowest member's forming falls by about a fifth at 4x4
+  and 4x8, the recovery is no faster within the noise: the kept groups' members wait out the same spread in
+  the redone step's first collective. Before the copies, a member with R replicas waited in its
+  data-parallel group of R for the slowest of them whatever slot was lost (30-43 ms from 9 to 17 ranks,
+  0.114 s at 4x8 on commit 2a38949).
 - Where that time went at 4x8 (`group_forming_trace_4x8.csv`: one traced recovery, every rank's `new_group`
   calls, commit fa557b8, the default group still a full mesh): members start forming groups 0-98 ms apart
   (the spread the data-plane phase left them with),
@@ -138,8 +140,8 @@ NOTES = """## Notes (runs of 2026-12-02, 20:31-20:47 UTC, commit 2a38949)
   the data plane takes 0.15-0.2 s there. A first try that opened all clients at the same step stalled in
   the background and, with a kill landing in that window, delayed detection by ~3 s in 2 of 8 kills;
   spreading them removed it.
-- 33 ranks are still around or over 1 s (32x1 0.944 s, 2 of 4 kills under 1 s; 4x8 1.446 s): every phase
-  grows with the 33 processes' contention for two cores (the step alone is 0.39-0.57 s).
+- 33 ranks are still around or over 1 s (32x1 1.051 s, 2 of 4 kills under 1 s; 4x8 1.269 s): every phase
+  grows with the 33 processes' contention for two cores (the step alone is 0.47-0.51 s).
 """
 
 

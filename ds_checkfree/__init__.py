@@ -13,7 +13,7 @@ subclasses.
 
 from ds_checkfree.pipe.ds_private import check_deepspeed_version as _check_deepspeed_version
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"
 
 _check_deepspeed_version()  # warns outside the DeepSpeed versions the private members were tested on
 

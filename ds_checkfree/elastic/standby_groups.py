@@ -45,8 +45,8 @@ STEPS_BEFORE_FORMING = 2
 
 
 #: the line every member logs after a recovery's engine rebuild (``rebuild_line``)
-_REBUILD_LINE = re.compile(r"generation (\d+) \(slot (\d+)\): (\d+) groups kept from before, (\d+) formed anew in "
-                           r"([\d.]+) s: (\[[\d, \[\]]*\])")
+_REBUILD_LINE = (r"generation (\d+) \(slot (\d+)\): (\d+) groups kept from before, (\d+) formed anew in "
+                 r"([\d.]+) s: (\[[\d, \[\]]*\])")
 
 
 def rebuild_line(generation: int, slot: int, kept: int, formed: list, seconds: float) -> str:
@@ -60,7 +60,7 @@ def read_rebuild_lines(text: str) -> list[dict]:
     """Every ``rebuild_line`` in ``text``: generation, slot, kept, formed (member sets), seconds."""
     return [{"generation": int(g), "slot": int(slot), "kept": int(kept),
              "formed": [tuple(m) for m in ast.literal_eval(sets)], "seconds": float(sec)}
-            for g, slot, kept, _, sec, sets in _REBUILD_LINE.findall(text)]
+            for g, slot, kept, _, sec, sets in re.findall(_REBUILD_LINE, text)]
 
 
 def set_key(members) -> str:
