@@ -38,8 +38,8 @@ On gloo a recovery also keeps every group without the lost slot (``standby_group
 group the engine used, which a kill mid-step leaves mid-operation even where the lost slot is
 not a member (the lost replica's pipe never reaches the step's data-parallel all-reduces, so
 every other replica's member waits in one, and the wake strands it; its members' operation
-counts then differ), but an idle copy of it, formed in the background two steps into each
-generation. The groups that hold the lost slot (its pipe, its data-parallel column, its group
+counts then differ), but an idle copy of it, formed in the background 2-9 steps into each
+generation (by slot). The groups that hold the lost slot (its pipe, its data-parallel column, its group
 of one) are formed anew, by their members alone; a member outside them forms none. What each
 backend allows, for the record:
 

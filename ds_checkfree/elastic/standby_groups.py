@@ -114,12 +114,14 @@ class StandbyGroups:
                 member_sets) -> threading.Thread | None:
         """Start forming ``generation``'s copies of ``member_sets`` (those holding ``slot``) in
         the background, once per generation; returns the thread, or None when none started."""
-        sets = sorted({tuple(m) for m in member_sets if slot in m})
-        with self._lock:
-            if self._started_for == generation or not sets:
+        with self._lock:  # called between every two steps: the common answer first, at no cost
+            if self._started_for == generation:
                 return None
             self._started_for = generation
             self._copies = None  # the previous generation's: past their one use
+        sets = sorted({tuple(m) for m in member_sets if slot in m})
+        if not sets:
+            return None
         copies = Copies(generation, slot, dict(holders))
         thread = threading.Thread(target=self._form, args=(where, copies, sets), daemon=True,
                                   name="standby-groups")
